@@ -1,0 +1,538 @@
+"""
+spot.py -- Subpixel Placement of Tokens (SPoT) in a small Vision Transformer.
+
+Everything the paper's method needs, in one file (read beside PAPER.md):
+
+    extract_patches      PAPER §2   read a k x k window at any subpixel position (bilinear)
+    sincos_pos_embed     PAPER §2   continuous 2D sin-cos position embedding
+    sample_positions     PAPER §3   spatial priors: where tokens go before any search
+    SPoTViT              PAPER §2/§5 a pre-norm ViT that reads an image through a set of positions
+    load_checkpoint                 rebuild a model from a checkpoint written by train.py
+
+Try it:  python spot.py      (a tiny demo: samples every prior and runs a forward pass)
+
+Coordinates (used everywhere in this project)
+---------------------------------------------
+A token position is a pair (y, x) normalized to the image: 0 is the top/left image *edge*,
+1 the bottom/right *edge*, and the pair is the *centre* of the token's k x k window. A set of
+positions for a batch is a tensor of shape (B, N, 2).
+
+In pixel units pixel i spans [i, i+1) and its centre is i + 0.5 (PyTorch's
+`align_corners=False` convention). A window centred at P = y*H covers [P - k/2, P + k/2] and
+its k samples sit at P - k/2 + j + 0.5, j = 0..k-1. Samples that fall outside the image read
+zero (after the model's normalization, i.e. the dataset's mean colour).
+
+    x = 0        x = 0.5 (centre)          x = 1
+    +----+----+----+----+----+----+----+----+      one row of a W = 8 image, k = 2
+    | 0  | 1  | 2  | 3  | 4  | 5  | 6  | 7  |      pixel i covers [i, i+1)
+    +----+----+----+----+----+----+----+----+
+                  [====|====]                      window at x = 0.375 (P = 3.0):
+                     ^    ^                        samples at 2.5, 3.5 = centres of px 2, 3
+                     [====|====]                   window at x = 0.4375 (P = 3.5):
+                        ^    ^                     samples at 3.0, 4.0 = halfway between
+                                                   pixel centres -> 50/50 blends
+
+The patch grid is the special case P = (i + 0.5) k: every sample lands on a pixel centre and
+the window is exactly the i-th non-overlapping k x k patch (PAPER §2, "Ω_grid ⊆ Ω_subpix").
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "PRIORS", "extract_patches", "grid_positions", "sincos_pos_embed", "saliency_map",
+    "sample_positions", "SPoTConfig", "SPoTViT", "load_checkpoint",
+]
+
+
+# -----------------------------------------------------------------------------
+# Input checks shared by the public functions (every error names the argument)
+
+def _pair(size, name):
+    """An int or (H, W) pair -> (H, W) of positive ints."""
+    if isinstance(size, int):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and s >= 1 for s in size)):
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair of "
+                         f"positive ints, got {size!r}")
+    return tuple(size)
+
+
+def _check_window(window, image_hw):
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if window > min(image_hw):
+        raise ValueError(f"window={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
+                         f"use a window <= {min(image_hw)}")
+
+
+def _check_images(images):
+    if not torch.is_tensor(images) or images.dim() != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a 4-D tensor (B, C, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point (e.g. uint8 / 255), got {images.dtype}")
+
+
+def _check_positions(positions, batch_size):
+    if not torch.is_tensor(positions) or positions.dim() != 3 or positions.shape[-1] != 2:
+        shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
+        raise ValueError(f"positions must be a tensor of shape (B, N, 2) holding (y, x) in [0, 1], "
+                         f"got {shape}")
+    if positions.shape[0] != batch_size:
+        raise ValueError(f"positions has batch size {positions.shape[0]} but images has "
+                         f"{batch_size}; pass one set of positions per image")
+    if positions.shape[1] < 1:
+        raise ValueError("positions must hold at least one token (N >= 1), got N = 0")
+    if not torch.isfinite(positions).all():
+        raise ValueError("positions contain NaN or inf; positions are (y, x) in [0, 1]")
+
+
+# -----------------------------------------------------------------------------
+# PAPER §2: reading a k x k window at a subpixel position
+
+def grid_positions(image_size, window):
+    """Centres of the non-overlapping patch grid, row-major: (G, 2), G = (H//k) * (W//k).
+
+    Cell (i, j) has centre ((i + 0.5) k / H, (j + 0.5) k / W). When k does not divide the
+    image, the grid covers the top-left (H//k)k x (W//k)k pixels, like a strided convolution.
+    """
+    height, width = _pair(image_size, "image_size")
+    _check_window(window, (height, width))
+    rows = (torch.arange(height // window) + 0.5) * window / height
+    cols = (torch.arange(width // window) + 0.5) * window / width
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def _window_start(positions, image_hw, window):
+    """Continuous coordinate of each window's first sample, minus the half-pixel offset.
+
+    Sample j of the window sits at u_j = P - k/2 + j + 0.5 (pixel units). Bilinear interpolation
+    between pixel centres works on t = u - 0.5, so t_j = (P - k/2) + j: every sample of one
+    window shares the same fractional part. Returns t_0 of shape (B, N, 2).
+    """
+    scale = positions.new_tensor(image_hw)  # (2,) = (H, W)
+    return positions * scale - window / 2
+
+
+def _extract_patches_manual(images, positions, window):
+    """Bilinear window reading written out by hand (the math of PAPER §2).
+
+    Because all k samples along one axis share the same fractional offset (see _window_start),
+    the whole window is a blend of ONE (k+1) x (k+1) block of pixels:
+
+        block  = I[r0 : r0+k+1, c0 : c0+k+1]              r0 = floor(t_y), c0 = floor(t_x)
+        rows   = (1 - fy) * block[:-1, :] + fy * block[1:, :]     fy = t_y - r0   -> (k, k+1)
+        window = (1 - fx) * rows[:, :-1] + fx * rows[:, 1:]       fx = t_x - c0   -> (k, k)
+
+    Gradients reach the positions through fy and fx (floor() has zero gradient), which is why
+    bilinear sampling is differentiable almost everywhere (not on pixel-centre boundaries).
+    """
+    B, C, H, W = images.shape
+    N = positions.shape[1]
+    k = window
+    start = _window_start(positions, (H, W), k)          # (B, N, 2) = t_0 for (y, x)
+    corner = start.detach().floor()                      # (B, N, 2) top-left pixel of the block
+    frac = start - corner                                # (B, N, 2) shared fractional offset
+    corner = corner.long()
+
+    offsets = torch.arange(k + 1, device=images.device)
+    rows = corner[..., 0, None] + offsets                # (B, N, k+1) pixel rows of the block
+    cols = corner[..., 1, None] + offsets                # (B, N, k+1) pixel columns
+    # Pixels outside the image read zero: gather a clamped (valid) index, then mask it out.
+    row_ok = (rows >= 0) & (rows < H)
+    col_ok = (cols >= 0) & (cols < W)
+    inside = (row_ok[..., :, None] & col_ok[..., None, :]).unsqueeze(-1)   # (B, N, k+1, k+1, 1)
+
+    # Gather from a channels-last copy so that one index fetches all C channels of a pixel.
+    pixels = images.permute(0, 2, 3, 1).reshape(B * H * W, C)             # (B*H*W, C)
+    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1) * (H * W)
+    index = batch + rows.clamp(0, H - 1)[..., :, None] * W + cols.clamp(0, W - 1)[..., None, :]
+    block = pixels[index] * inside                       # (B, N, k+1, k+1, C)
+
+    fy = frac[..., 0].view(B, N, 1, 1, 1).to(images.dtype)
+    fx = frac[..., 1].view(B, N, 1, 1, 1).to(images.dtype)
+    block = torch.lerp(block[:, :, :-1], block[:, :, 1:], fy)         # (B, N, k, k+1, C)
+    block = torch.lerp(block[:, :, :, :-1], block[:, :, :, 1:], fx)   # (B, N, k, k, C)
+    return block.permute(0, 1, 4, 2, 3)                  # (B, N, C, k, k)
+
+
+def _extract_patches_grid_sample(images, positions, window):
+    """The same reading with F.grid_sample: one (N*k) x k output 'image' per batch element."""
+    B, C, H, W = images.shape
+    N = positions.shape[1]
+    k = window
+    # Sample coordinates in pixel units: u_j = P - k/2 + j + 0.5, for each axis.
+    offsets = torch.arange(k, device=images.device, dtype=positions.dtype) + 0.5 - k / 2   # (k,)
+    size = positions.new_tensor((H, W))
+    centre = positions * size                                                 # (B, N, 2) = P
+    # grid_sample wants (x, y) in [-1, 1] with align_corners=False: g = 2 u / size - 1.
+    ys = (centre[..., 0, None] + offsets) * (2 / H) - 1                      # (B, N, k)
+    xs = (centre[..., 1, None] + offsets) * (2 / W) - 1                      # (B, N, k)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)
+    grid = grid.reshape(B, N * k, k, 2).to(images.dtype)                     # (B, N*k, k, 2)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view(B, C, N, k, k).permute(0, 2, 1, 3, 4)                   # (B, N, C, k, k)
+
+
+_EXTRACT = {"manual": _extract_patches_manual, "grid_sample": _extract_patches_grid_sample}
+# The default is the faster one, measured with bench.py on this project's CPU (see README).
+DEFAULT_EXTRACT_METHOD = "grid_sample"
+
+
+def extract_patches(images, positions, window, method=DEFAULT_EXTRACT_METHOD):
+    """Read a window x window patch centred at each subpixel position by bilinear interpolation.
+
+    images:    (B, C, H, W) float
+    positions: (B, N, 2) (y, x) window centres, normalized to [0, 1] (see the module docstring;
+               values outside [0, 1] are allowed and read zeros where they leave the image)
+    window:    k, the side of the square window in pixels
+    method:    "manual" (hand-written (k+1)x(k+1) block blend) or "grid_sample" (F.grid_sample);
+               both give the same numbers and gradients (tests/test_spot.py proves it)
+    returns    (B, N, C, k, k)
+    """
+    _check_images(images)
+    _check_positions(positions, images.shape[0])
+    _check_window(window, images.shape[-2:])
+    if method not in _EXTRACT:
+        raise ValueError(f"method must be one of {tuple(_EXTRACT)}, got {method!r}")
+    return _EXTRACT[method](images, positions, window)
+
+
+# -----------------------------------------------------------------------------
+# PAPER §2: continuous position embedding
+
+def sincos_pos_embed(positions, dim, image_size, window, temperature=10000.0):
+    """Continuous 2D sin-cos embedding of (B, N, 2) positions -> (B, N, dim).
+
+    Positions are first expressed in units of windows, shifted so that grid cell (i, j) sits at
+    exactly (i, j):   p_y = y H / k - 0.5,   p_x = x W / k - 0.5.
+    Each axis gets dim/2 channels, [sin(p w_0..), cos(p w_0..)] with w_m = temperature^(-m / (dim/4)).
+    The highest frequency is 1 radian per window, so a quarter-window shift moves the fastest
+    channels by about 0.25: subpixel moves are visible to the model, unlike an embedding in
+    [0, 1] image units, where a quarter window of a 224 px image is only 0.018.
+
+    Channel order is [x half, y half], exactly MAE's `get_2d_sincos_pos_embed`, so on the grid
+    centres this IS the fixed sin-cos table of a standard ViT (tests/test_spot.py checks it), and
+    a grid-placed SPoTViT is a standard ViT with fixed sin-cos embeddings.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"dim must be divisible by 4 for a 2D sin-cos embedding, got {dim}")
+    height, width = _pair(image_size, "image_size")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, device=positions.device,
+                                               dtype=torch.float32) / quarter)      # (dim/4,)
+    p_y = positions[..., 0].float() * (height / window) - 0.5                        # (B, N)
+    p_x = positions[..., 1].float() * (width / window) - 0.5
+    angle_y = p_y[..., None] * omega                                                 # (B, N, dim/4)
+    angle_x = p_x[..., None] * omega
+    return torch.cat([angle_x.sin(), angle_x.cos(), angle_y.sin(), angle_y.cos()], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# PAPER §3: spatial priors
+
+PRIORS = ("uniform", "gaussian", "sobol", "isotropic", "center", "salient", "grid")
+_RANDOM_PRIORS = {"uniform", "gaussian", "sobol", "salient", "grid"}
+
+
+def isotropic_positions(n_tokens):
+    """Exactly n evenly spread points: r = round(sqrt(n)) rows of cell centres.
+
+    The n points are split over the r rows as evenly as possible (row sizes differ by at most
+    one), and each row places its points at the centres of equal cells. For n = m^2 this is the
+    m x m lattice ((i + 0.5)/m, (j + 0.5)/m), e.g. the paper's 5 x 5 for 25 tokens.  -> (n, 2)
+    """
+    rows = max(1, round(math.sqrt(n_tokens)))
+    counts = [n_tokens // rows + (1 if r < n_tokens % rows else 0) for r in range(rows)]
+    points = [((r + 0.5) / rows, (c + 0.5) / count)
+              for r, count in enumerate(counts) for c in range(count)]
+    return torch.tensor(points, dtype=torch.float32)
+
+
+def center_warp(positions, scale=0.25):
+    """The centre prior's warp (official code): c -> 0.5 + d (1 - exp(-(d/s)^2)), d = c - 0.5.
+
+    Points near the centre move almost onto it, points near the border barely move, so an even
+    lattice becomes dense in the middle of the image.
+    """
+    offset = positions - 0.5
+    return 0.5 + offset * (1 - torch.exp(-(offset / scale) ** 2))
+
+
+def saliency_map(images, size=64):
+    """Spectral-residual saliency (Hou & Zhang, CVPR 2007) of (B, C, H, W) images -> (B, H, W).
+
+    The paper's salient prior uses a *pretrained* saliency network; this project has no
+    pretrained weights, so this classic training-free detector stands in: the log amplitude
+    spectrum minus its local average (the "spectral residual") is transformed back with the
+    original phase; what survives marks the unexpected, i.e. salient, parts of the image.
+    The map is non-negative and sums to 1 over each image.
+    """
+    _check_images(images)
+    B, _, H, W = images.shape
+    gray = images.float().mean(dim=1, keepdim=True)                               # (B, 1, H, W)
+    small = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    spectrum = torch.fft.fft2(small)
+    log_amplitude = torch.log(spectrum.abs() + 1e-8)
+    phase = torch.angle(spectrum)
+    local_mean = F.avg_pool2d(log_amplitude[:, None], 3, stride=1, padding=1,
+                              count_include_pad=False)[:, 0]
+    residual = log_amplitude - local_mean
+    saliency = torch.fft.ifft2(torch.exp(residual + 1j * phase)).abs() ** 2       # (B, s, s)
+    # Smooth with a Gaussian (sigma = 2.5% of the side, as in the original recipe's blur).
+    sigma = max(size * 0.025, 0.5)
+    radius = int(3 * sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(saliency.device)
+    saliency = F.conv2d(saliency[:, None], taps.view(1, 1, 1, -1), padding=(0, radius))
+    saliency = F.conv2d(saliency, taps.view(1, 1, -1, 1), padding=(radius, 0))
+    saliency = F.interpolate(saliency, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    saliency = saliency.clamp_min(0)
+    return saliency / saliency.flatten(1).sum(1).clamp_min(1e-12).view(B, 1, 1)
+
+
+def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=None, images=None):
+    """Draw token positions from a spatial prior (PAPER §3) -> (batch_size, n_tokens, 2) in [0, 1].
+
+    prior:      one of PRIORS
+                "uniform"   i.i.d. uniform over the image
+                "gaussian"  i.i.d. N(0.5, (1/pi)^2) per axis, clamped to the image (official code)
+                "sobol"     scrambled Sobol points (even coverage, little overlap), a fresh
+                            scramble per image
+                "isotropic" deterministic, exactly n evenly spread points (isotropic_positions)
+                "center"    the isotropic lattice warped toward the centre (center_warp)
+                "salient"   drawn in proportion to each image's saliency_map (needs images=)
+                "grid"      n distinct patch-grid centres chosen at random per image: patch
+                            dropout, what a standard ViT can do with n tokens (the baseline)
+    image_size: int or (H, W); window: the token window k (used by "grid")
+    generator:  a torch.Generator; random priors draw every image independently from it, so a
+                seeded generator reproduces the positions. Deterministic priors ignore it and
+                return the same positions for every image.
+    images:     (B, C, H, W) in [0, 1], required by "salient" only
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
+    height, width = _pair(image_size, "image_size")
+    _check_window(window, (height, width))
+    B, N = batch_size, n_tokens
+    device = generator.device if generator is not None else torch.device("cpu")
+
+    if prior == "uniform":
+        return torch.rand(B, N, 2, generator=generator, device=device)
+    if prior == "gaussian":
+        return (0.5 + torch.randn(B, N, 2, generator=generator, device=device) / math.pi).clamp(0, 1)
+    if prior == "sobol":
+        # One scrambled engine per image, seeded from the generator: independent across images,
+        # reproducible from the seed, and each image's N points are a low-discrepancy set.
+        seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator, device=device).tolist()
+        return torch.stack([torch.quasirandom.SobolEngine(2, scramble=True, seed=s).draw(N)
+                            for s in seeds]).to(device)
+    if prior == "isotropic":
+        return isotropic_positions(N).to(device).expand(B, N, 2).clone()
+    if prior == "center":
+        return center_warp(isotropic_positions(N)).to(device).expand(B, N, 2).clone()
+    if prior == "grid":
+        cells = grid_positions((height, width), window).to(device)             # (G, 2)
+        if N > len(cells):
+            raise ValueError(f"n_tokens={N} exceeds the {len(cells)} cells of the "
+                             f"{height // window}x{width // window} patch grid (prior 'grid')")
+        # A random permutation per image (argsort of uniform noise), keep the first N cells.
+        chosen = torch.rand(B, len(cells), generator=generator, device=device).argsort(dim=1)[:, :N]
+        return cells[chosen]
+    # prior == "salient"
+    if images is None:
+        raise ValueError("prior 'salient' needs images=(B, C, H, W) to compute saliency from")
+    _check_images(images)
+    if images.shape[0] != B or tuple(images.shape[-2:]) != (height, width):
+        raise ValueError(f"images must have shape ({B}, C, {height}, {width}) for prior "
+                         f"'salient', got {tuple(images.shape)}")
+    saliency = saliency_map(images.to(device)).flatten(1)                     # (B, H*W)
+    pixel = torch.multinomial(saliency, N, replacement=True, generator=generator)  # (B, N)
+    jitter = torch.rand(B, N, 2, generator=generator, device=device)          # subpixel offset
+    row, col = pixel // width, pixel % width
+    return torch.stack([(row + jitter[..., 0]) / height, (col + jitter[..., 1]) / width], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# PAPER §2 and §5: the model
+
+@dataclass
+class SPoTConfig:
+    image_size: int = 32          # int or (H, W)
+    window: int = 4               # k: each token reads a k x k window
+    num_classes: int = 10
+    dim: int = 192                # token width (divisible by 4 and by heads)
+    depth: int = 6                # transformer blocks
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    in_chans: int = 3
+    image_mean: tuple = (0.5, 0.5, 0.5)   # the model normalizes its [0, 1] input itself, so
+    image_std: tuple = (0.5, 0.5, 0.5)    # callers (oracle, plots) always pass raw images
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                                    # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)                          # (B, h, T, D/h)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SPoTViT(nn.Module):
+    """A ViT that reads an image through a *set* of subpixel token positions (PAPER §2).
+
+        model(images, positions) -> logits (B, num_classes)
+
+    images are (B, C, H, W) in [0, 1] (normalized inside with image_mean/std); positions are
+    (B, N, 2) (y, x) window centres in [0, 1], any N per call. Token i is
+        patch_embed(flatten(window at positions[i])) + sincos_pos_embed(positions[i]),
+    a class token is prepended, and the sequence goes through pre-norm blocks. There is no
+    token order anywhere, so the logits do not depend on the order of the positions.
+    With positions = grid_positions(...) this is exactly a standard ViT with fixed sin-cos
+    position embeddings.
+    """
+
+    def __init__(self, image_size=32, window=4, num_classes=10, dim=192, depth=6, heads=3,
+                 mlp_ratio=4.0, in_chans=3, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        image_hw = _pair(image_size, "image_size")
+        _check_window(window, image_hw)
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth),
+                            ("heads", heads), ("in_chans", in_chans)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if dim % 4 or dim % heads:
+            raise ValueError(f"dim must be divisible by 4 and by heads={heads}, got dim={dim}")
+        if len(image_mean) != in_chans or len(image_std) != in_chans:
+            raise ValueError(f"image_mean and image_std need in_chans={in_chans} values each")
+        self.config = SPoTConfig(image_size=image_size, window=window, num_classes=num_classes,
+                                 dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                                 in_chans=in_chans, image_mean=tuple(image_mean),
+                                 image_std=tuple(image_std))
+        self.image_hw = image_hw
+        self.window = window
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+
+        self.patch_embed = nn.Linear(in_chans * window * window, dim)   # (C*k*k) -> dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.apply(self._init_weights)
+        # timm/MAE init: the patch embedding like a conv (xavier on the flattened weight).
+        nn.init.xavier_uniform_(self.patch_embed.weight)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def pos_embed(self, positions):
+        """(B, N, 2) -> (B, N, dim): fixed continuous sin-cos embedding (no parameters)."""
+        return sincos_pos_embed(positions, self.config.dim, self.image_hw, self.window)
+
+    def forward_features(self, images, positions):
+        """images (B, C, H, W) in [0, 1], positions (B, N, 2) -> normed tokens (B, 1 + N, dim)."""
+        _check_images(images)
+        if images.shape[1] != self.config.in_chans or tuple(images.shape[-2:]) != self.image_hw:
+            raise ValueError(f"images must be (B, {self.config.in_chans}, {self.image_hw[0]}, "
+                             f"{self.image_hw[1]}) for this model, got {tuple(images.shape)}")
+        images = (images - self.image_mean) / self.image_std
+        windows = extract_patches(images, positions, self.window)            # (B, N, C, k, k)
+        tokens = self.patch_embed(windows.flatten(2))                        # (B, N, dim)
+        tokens = tokens + self.pos_embed(positions).to(tokens.dtype)
+        cls = self.cls_token.expand(len(tokens), -1, -1)                     # (B, 1, dim)
+        x = torch.cat([cls, tokens], dim=1)                                  # (B, 1 + N, dim)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, features, pre_logits=False):
+        """Class-token feature (B, dim) if pre_logits (used for kNN), else logits (B, classes)."""
+        cls = features[:, 0]
+        return cls if pre_logits else self.head(cls)
+
+    def forward(self, images, positions):
+        return self.forward_head(self.forward_features(images, positions))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild an SPoTViT from a checkpoint written by train.py (eval mode).
+
+    The checkpoint is a dict with "model_config" (the SPoTConfig as a dict) and "model" (the
+    state dict); everything else in it (optimizer, scheduler, RNG states) is ignored here.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
+        raise ValueError(f"{path} is not an SPoT checkpoint (expected a dict with 'model_config' "
+                         f"and 'model', as train.py writes)")
+    config = dict(checkpoint["model_config"])
+    if isinstance(config.get("image_size"), list):
+        config["image_size"] = tuple(config["image_size"])
+    model = SPoTViT(**config)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def model_config_dict(model):
+    """The dict stored under "model_config" in checkpoints."""
+    return asdict(model.config)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = SPoTViT(image_size=32, window=4, num_classes=10, dim=64, depth=2, heads=2)
+    images = torch.rand(2, 3, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    for prior in PRIORS:
+        positions = sample_positions(prior, 2, 16, 32, 4, generator=generator, images=images)
+        logits = model(images, positions)
+        print(f"{prior:>9}: positions {tuple(positions.shape)} in [{positions.min():.3f}, "
+              f"{positions.max():.3f}] -> logits {tuple(logits.shape)}")

@@ -1,0 +1,21 @@
+"""Shared test set-up: import the project from the repository root, single-threaded torch."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Real data lives beside the repository on the developers' machines and in CI; tests that
+# need it skip cleanly when it is absent.
+SHARED_DATA = ROOT.parent / "shared" / "data"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
