@@ -1,0 +1,353 @@
+"""Tests for visualize.py: every figure is a real, non-blank PNG, and bad input is a clear
+ValueError. Synthetic inputs only (random images, hand-made trajectories, a hand-written
+results dict), so the whole file runs in a few seconds."""
+import json
+import re
+import sys
+import types
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import spot  # noqa: E402
+import visualize  # noqa: E402
+from visualize import (main, plot_budget_curves, plot_placements, plot_priors,  # noqa: E402
+                       plot_saliency_vs_oracle, plot_trajectories, save_trajectory_gif)
+
+H = W = 32
+K = 4
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def image():
+    return torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def trajectory():
+    """(steps + 1, B, N, 2): 2 images, 5 tokens each, drifting 4 steps from an even start."""
+    gen = torch.Generator().manual_seed(1)
+    start = torch.rand(2, 5, 2, generator=gen) * 0.8 + 0.1
+    drift = (torch.rand(2, 5, 2, generator=gen) - 0.5) * 0.05
+    return torch.stack([start + s * drift for s in range(5)])
+
+
+def results_dict():
+    rows = []
+    for tokens, base in ((4, 20.0), (16, 45.0), (64, 70.0)):
+        rows.append({"method": "prior", "prior": "grid", "tokens": tokens, "top1": base - 10,
+                     "knn": base - 12})
+        for prior, bonus in (("isotropic", 5.0), ("center", 8.0)):
+            rows.append({"method": "prior", "prior": prior, "tokens": tokens, "top1": base + bonus,
+                         "knn": None})
+            rows.append({"method": "spot-on", "prior": prior, "tokens": tokens,
+                         "top1": min(99.0, base + 30), "knn": base + 25})
+        rows.append({"method": "spot-on-snapped", "prior": "isotropic", "tokens": tokens,
+                     "top1": base + 15, "knn": None})
+    return {"settings": {"dataset": "shapes", "steps": 5}, "rows": rows}
+
+
+def assert_png(path):
+    """The file exists, decodes as an image, and is not a single flat colour."""
+    assert path.is_file() and path.stat().st_size > 0
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50
+    assert pixels[..., :3].var() > 1e-4
+
+
+# -----------------------------------------------------------------------------
+# plot_placements
+
+def test_placements_png(tmp_path, image):
+    positions = spot.sample_positions("uniform", 1, 9, H, K,
+                                      generator=torch.Generator().manual_seed(0))[0]
+    fig = plot_placements(image, positions, K, path=tmp_path / "p.png")
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert_png(tmp_path / "p.png")
+
+
+def test_placements_accepts_uint8_grey_and_numpy(tmp_path):
+    grey = (np.random.default_rng(0).random((1, 20, 28)) * 255).astype(np.uint8)
+    plot_placements(grey, np.array([[0.5, 0.5]]), 3, grid=False, path=tmp_path / "g.png")
+    assert_png(tmp_path / "g.png")
+
+
+def test_grid_centre_window_covers_exactly_its_cell(image):
+    """A token at grid centre (i + 0.5) k / H draws the square [i k, (i + 1) k] (pixel units)."""
+    positions = spot.grid_positions(H, K)                      # (64, 2), row-major
+    fig = plot_placements(image, positions, K)
+    ax = fig.axes[0]
+    squares = [p for p in ax.patches if isinstance(p, matplotlib.patches.Rectangle)]
+    assert len(squares) == len(positions)
+    for n, square in enumerate(squares):
+        row, col = divmod(n, W // K)
+        assert square.get_xy() == pytest.approx((col * K, row * K))
+        assert square.get_width() == square.get_height() == K
+    assert "64 on the grid" in ax.get_title()
+    # The image's extent puts pixel i on [i, i+1): left 0, right W, bottom H, top 0.
+    assert ax.images[0].get_extent() == [0, W, H, 0]
+
+
+def test_placements_draws_into_given_axes(image):
+    fig, axes = plt.subplots(1, 2)
+    out = plot_placements(image, torch.tensor([[0.3, 0.7]]), K, ax=axes[1], title="mine")
+    assert out is fig and axes[1].get_title() == "mine"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"positions": torch.rand(5, 3)}, "positions"),
+    ({"positions": torch.rand(2, 5, 2)}, "positions"),
+    ({"positions": torch.tensor([[float("nan"), 0.5]])}, "positions"),
+    ({"window": 0}, "window"),
+    ({"window": 2.5}, "window"),
+    ({"window": 64}, "window"),
+    ({"image": torch.rand(2, H, W)}, "image"),
+    ({"image": torch.rand(4, 3, H, W)}, "image"),
+])
+def test_placements_rejects_bad_input(image, kwargs, match):
+    args = {"image": image, "positions": torch.rand(4, 2), "window": K, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plot_placements(**args)
+
+
+# -----------------------------------------------------------------------------
+# plot_priors
+
+def test_priors_gallery_blank_canvas_skips_salient(tmp_path):
+    fig = plot_priors(H, K, 16, path=tmp_path / "priors.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert "salient" not in titles and {"uniform", "isotropic", "grid"} <= set(titles)
+    assert_png(tmp_path / "priors.png")
+
+
+def test_priors_gallery_on_image_includes_salient(tmp_path, image):
+    fig = plot_priors(H, K, 9, priors=("salient", "center"), image=image, seed=3,
+                      path=tmp_path / "priors.png")
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["salient", "center"]
+    assert_png(tmp_path / "priors.png")
+
+
+def test_priors_grid_with_too_many_tokens_is_a_note_not_a_crash(tmp_path):
+    plot_priors(16, 8, 9, priors=("grid", "isotropic"), path=tmp_path / "p.png")  # 4 cells only
+    assert_png(tmp_path / "p.png")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"priors": ("uniform", "nope")}, "priors"),
+    ({"priors": ()}, "priors"),
+    ({"priors": ("salient",)}, "salient"),
+    ({"window": 0}, "window"),
+    ({"n_tokens": 0}, "n_tokens"),
+    ({"image_size": 0}, "image_size"),
+    ({"image": torch.rand(3, 16, 16)}, "image"),
+])
+def test_priors_rejects_bad_input(kwargs, match):
+    args = {"image_size": H, "window": K, "n_tokens": 8, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plot_priors(**args)
+
+
+# -----------------------------------------------------------------------------
+# plot_trajectories and the GIF
+
+def test_trajectories_png(tmp_path, trajectory):
+    images = torch.rand(2, 3, H, W)
+    fig = plot_trajectories(images, trajectory, K, n_images=4, titles=["a", "b"],
+                            path=tmp_path / "t.png")
+    assert fig.legends, "the figure explains its markers"
+    assert fig.axes[0].get_title().startswith("a")
+    assert_png(tmp_path / "t.png")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"trajectory": torch.rand(5, 2, 5)}, "trajectory"),
+    ({"trajectory": torch.rand(5, 3, 5, 2)}, "trajectory"),
+    ({"images": torch.rand(3, H, W)}, "images"),
+    ({"window": -1}, "window"),
+    ({"n_images": 0}, "n_images"),
+    ({"titles": ["only one"]}, "titles"),
+])
+def test_trajectories_rejects_bad_input(trajectory, kwargs, match):
+    args = {"images": torch.rand(2, 3, H, W), "trajectory": trajectory, "window": K, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plot_trajectories(**args)
+
+
+def test_trajectory_gif(tmp_path, image, trajectory):
+    from PIL import Image
+
+    path = tmp_path / "t.gif"
+    save_trajectory_gif(image, trajectory[:, 0], K, path, fps=8)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.n_frames >= 5     # 5 steps (+ held final frames)
+        gif.seek(0)
+        first = np.asarray(gif.convert("RGB"), dtype=np.float32)
+    assert first.var() > 1e-4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"path": "out.png"}, "path"),
+    ({"fps": 0}, "fps"),
+    ({"trajectory": torch.rand(5, 2, 5, 2)}, "trajectory"),
+    ({"window": 0}, "window"),
+])
+def test_gif_rejects_bad_input(tmp_path, image, trajectory, kwargs, match):
+    args = {"image": image, "trajectory": trajectory[:, 0], "window": K,
+            "path": tmp_path / "t.gif", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        save_trajectory_gif(**args)
+
+
+# -----------------------------------------------------------------------------
+# plot_budget_curves
+
+def test_budget_curves_from_dict_and_file(tmp_path):
+    results = results_dict()
+    fig = plot_budget_curves(results, path=tmp_path / "b.png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "tokens" in ax.get_xlabel() and ax.get_title()
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "patch grid (ViT baseline)" in labels and len(labels) == 6
+    styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert styles["prior: isotropic"] == "-" and styles["SPoT-ON (label oracle): isotropic"] == "--"
+    assert_png(tmp_path / "b.png")
+
+    file = tmp_path / "run" / "results.json"
+    file.parent.mkdir()
+    file.write_text(json.dumps(results))
+    for source in (file, str(file.parent)):      # a file, or the folder that holds it
+        fig = plot_budget_curves(source, metric="knn")
+        # knn is null for the plain priors except grid: only 3 lines carry knn values
+        assert len(fig.axes[0].get_lines()) == 3
+
+
+@pytest.mark.parametrize("results, kwargs, match", [
+    (None, {"metric": "top5"}, "metric"),
+    ({"settings": {}, "rows": []}, {}, "rows"),
+    ({"settings": {}}, {}, "rows"),
+    ({"rows": [{"method": "prior", "tokens": 4}]}, {}, "prior"),
+    ({"rows": [{"method": "prior", "prior": "grid", "tokens": 4, "top1": None}]}, {}, "top1"),
+    ("/nonexistent/results.json", {}, "does not exist"),
+    ([1, 2], {}, "results"),
+])
+def test_budget_curves_rejects_bad_input(results, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plot_budget_curves(results_dict() if results is None else results, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# plot_saliency_vs_oracle
+
+def test_saliency_vs_oracle_png(tmp_path):
+    # A bright square on a faintly textured background: spectral-residual saliency peaks at
+    # the square's corners, so tokens there read more than the mean saliency, tokens far from
+    # it less. (On a perfectly flat background the spectral residual of a square is a periodic
+    # artefact, which is why the background is textured.)
+    image = 0.4 + 0.1 * torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+    image[:, 6:14, 18:26] = 1.0
+    on_blob = torch.tensor([[14 / H, 18 / W], [14 / H, 26 / W]])   # two corners of the square
+    corner = torch.tensor([[0.8, 0.2], [0.85, 0.3]])
+    fig = plot_saliency_vs_oracle(image, on_blob, start_positions=corner, window=K,
+                                  path=tmp_path / "s.png")
+    title = fig._suptitle.get_text()
+    oracle_ratio = float(re.search(r"oracle ([0-9.]+)x", title).group(1))
+    start_ratio = float(re.search(r"start ([0-9.]+)x", title).group(1))
+    assert oracle_ratio > 1.0 > start_ratio
+    assert_png(tmp_path / "s.png")
+    plot_saliency_vs_oracle(image, on_blob)                      # start and window are optional
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"positions": torch.rand(4)}, "positions"),
+    ({"start_positions": torch.rand(4, 3)}, "start_positions"),
+    ({"window": 0}, "window"),
+    ({"image": torch.rand(H, W, 3)}, "image"),
+])
+def test_saliency_rejects_bad_input(image, kwargs, match):
+    args = {"image": image, "positions": torch.rand(4, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plot_saliency_vs_oracle(**args)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def test_cli_priors(tmp_path, capsys):
+    out = tmp_path / "priors.png"
+    assert main(["priors", "--image-size", "32", "--window", "4", "--tokens", "16",
+                 "--out", str(out)]) == 0
+    assert_png(out)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_budget(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(results_dict()))
+    for metric in ("top1", "knn"):
+        out = tmp_path / f"budget_{metric}.png"
+        assert main(["budget", "--results", str(results), "--out", str(out),
+                     "--metric", metric]) == 0
+        assert_png(out)
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["budget", "--results", str(tmp_path / "missing.json"), "--out", "x.png"])
+    with pytest.raises(SystemExit, match="window"):
+        main(["priors", "--image-size", "8", "--window", "16", "--out", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit):                              # argparse: bad metric choice
+        main(["budget", "--results", "r.json", "--metric", "top5"])
+
+
+def test_cli_checkpoint_commands_with_stand_ins(tmp_path, monkeypatch):
+    """placements / trajectories / saliency, end to end, with a tiny untrained checkpoint and
+    stand-ins for data.load_dataset and oracle.oracle_search (their own tests cover them)."""
+    import data
+
+    torch.manual_seed(0)
+    model = spot.SPoTViT(image_size=H, window=K, num_classes=3, dim=16, depth=1, heads=2)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model_config": spot.model_config_dict(model), "model": model.state_dict(),
+                "args": {"dataset": "shapes", "data_dir": None, "image_size": H}}, checkpoint)
+
+    split = types.SimpleNamespace(images=torch.randint(0, 256, (6, 3, H, W), dtype=torch.uint8),
+                                  labels=torch.tensor([0, 1, 2, 0, 1, 2]))
+    fake_dataset = types.SimpleNamespace(train=split, test=split, classes=["a", "b", "c"],
+                                         image_size=(H, W))
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: fake_dataset)
+
+    def oracle_search(model, images, labels, positions, steps=3, lr=0.01, objective="label"):
+        trajectory = torch.stack([positions + 0.01 * s for s in range(steps + 1)]).clamp(0, 1)
+        return types.SimpleNamespace(positions=trajectory[-1], trajectory=trajectory,
+                                     losses=torch.zeros(steps + 1, len(images)))
+    monkeypatch.setitem(sys.modules, "oracle", types.SimpleNamespace(oracle_search=oracle_search))
+
+    ckpt = ["--checkpoint", str(checkpoint), "--tokens", "9"]
+    main(["placements", *ckpt, "--index", "1", "--oracle-steps", "2",
+          "--out", str(tmp_path / "pl.png")])
+    main(["trajectories", *ckpt, "--n-images", "2", "--steps", "3",
+          "--out", str(tmp_path / "tr.png"), "--gif", str(tmp_path / "tr.gif")])
+    main(["saliency", *ckpt, "--prior", "center", "--out", str(tmp_path / "sa.png")])
+    for name in ("pl.png", "tr.png", "sa.png"):
+        assert_png(tmp_path / name)
+    assert (tmp_path / "tr.gif").stat().st_size > 0
+    with pytest.raises(SystemExit, match="index"):
+        main(["placements", *ckpt, "--index", "99", "--out", str(tmp_path / "x.png")])
+
+
+def test_module_imports_without_optional_helpers():
+    """visualize imports data and oracle lazily: importing it pulls in neither."""
+    assert "oracle" not in vars(visualize) and "data" not in vars(visualize)
