@@ -277,7 +277,11 @@ def saliency_map(images, size=64):
     _check_images(images)
     B, _, H, W = images.shape
     gray = images.float().mean(dim=1, keepdim=True)                               # (B, 1, H, W)
-    small = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    small = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)
+    # The FFT treats the image as periodic, so the jump between opposite borders would look
+    # "salient"; mirror-padding first makes the periodic image continuous. Cropped off below.
+    pad = size // 4
+    small = F.pad(small, (pad, pad, pad, pad), mode="reflect")[:, 0]            # (B, s+2p, s+2p)
     spectrum = torch.fft.fft2(small)
     log_amplitude = torch.log(spectrum.abs() + 1e-8)
     phase = torch.angle(spectrum)
@@ -292,6 +296,7 @@ def saliency_map(images, size=64):
     taps = (taps / taps.sum()).to(saliency.device)
     saliency = F.conv2d(saliency[:, None], taps.view(1, 1, 1, -1), padding=(0, radius))
     saliency = F.conv2d(saliency, taps.view(1, 1, -1, 1), padding=(radius, 0))
+    saliency = saliency[:, :, pad:pad + size, pad:pad + size]
     saliency = F.interpolate(saliency, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     saliency = saliency.clamp_min(0)
     return saliency / saliency.flatten(1).sum(1).clamp_min(1e-12).view(B, 1, 1)

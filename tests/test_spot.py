@@ -299,3 +299,13 @@ def test_bad_input_errors_name_the_argument():
     for call, word in cases:
         with pytest.raises(ValueError, match=word):
             call()
+
+
+def test_saliency_ignores_image_borders():
+    """The FFT's wrap-around must not make the top/bottom borders look salient: an image whose
+    top half is brighter has its salient edge in the middle, not at the borders."""
+    images = 0.4 + 0.1 * torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    images[:, :, :32] += 0.3
+    saliency = spot.saliency_map(images)[0]
+    assert saliency[30:34].mean() > 3 * saliency.mean()
+    assert saliency[:3].mean() < saliency.mean() and saliency[-3:].mean() < saliency.mean()
