@@ -276,6 +276,9 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Adam's second-moment estimates of tiny gradients underflow into denormal floats, which x86
+    # CPUs process ~100x slower; flushing them to zero changes nothing measurable in training.
+    torch.set_flush_denormal(True)
     out = Path(args.out)
     checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     if is_main:

@@ -1,0 +1,365 @@
+"""Tests of oracle.py: the frozen-model search (PAPER §4), snapping, kNN, and the CLI (§6)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import oracle
+import spot
+from oracle import OBJECTIVES, knn_accuracy, oracle_search, snap_to_grid
+from spot import SPoTViT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is fastest, and it does not stall when other jobs
+    share the CPU (two spinning OpenMP threads on a busy 2-core machine can be 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, num_classes=3):
+    torch.manual_seed(seed)
+    return SPoTViT(image_size=16, window=4, num_classes=num_classes, dim=32, depth=1, heads=2)
+
+
+def random_batch(B=3, N=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(B, 3, 16, 16, generator=g)
+    labels = torch.randint(0, 3, (B,), generator=g)
+    positions = torch.rand(B, N, 2, generator=g)
+    return images, labels, positions
+
+
+# -----------------------------------------------------------------------------
+# A trained tiny model: class = the quadrant that holds a bright blob (learnable in seconds)
+
+def blob_images(n, seed):
+    """(n, 3, 16, 16) in [0, 1]: faint noise plus one Gaussian blob (sigma 1.5 px) at a random
+    continuous point inside quadrant `label` (0 TL, 1 TR, 2 BL, 3 BR)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    centre = 2 + 4 * torch.rand(n, 2, generator=g)                        # in [2, 6] px
+    centre = centre + 8 * torch.stack([labels // 2, labels % 2], 1)       # move to the quadrant
+    grid = torch.arange(16) + 0.5
+    dy = grid.view(1, 16, 1) - centre[:, 0].view(n, 1, 1)
+    dx = grid.view(1, 1, 16) - centre[:, 1].view(n, 1, 1)
+    blob = torch.exp(-(dy ** 2 + dx ** 2) / (2 * 1.5 ** 2))              # (n, 16, 16)
+    images = 0.1 * torch.rand(n, 3, 16, 16, generator=g) + 0.9 * blob[:, None]
+    return images.clamp(0, 1), labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A model trained ~300 steps with 1-4 uniform tokens: few tokens often miss the blob."""
+    torch.manual_seed(0)
+    model = SPoTViT(image_size=16, window=4, num_classes=4, dim=32, depth=1, heads=2)
+    images, labels = blob_images(2048, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(2)
+    for step in range(300):
+        idx = torch.randint(0, len(images), (64,), generator=g)
+        n_tokens = 1 + step % 4
+        pos = torch.rand(64, n_tokens, 2, generator=g)
+        loss = F.cross_entropy(model(images[idx], pos), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    test_x, test_y = blob_images(128, seed=3)
+    return model, test_x, test_y
+
+
+# -----------------------------------------------------------------------------
+# The model is frozen
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_search_freezes_model(start_training):
+    model = tiny_model()
+    model.train(start_training)
+    model.blocks[0].attn.train(not start_training)   # mixed modes must come back exactly
+    modes = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda mod, inp: seen.append(mod.training))
+    images, labels, positions = random_batch()
+    oracle_search(model, images, labels, positions, steps=3, lr=1e-2)
+    hook.remove()
+    assert seen and not any(seen), "the search must run in eval mode"
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_no_state_leaks_between_calls_and_inputs_untouched():
+    model = tiny_model()
+    images, labels, positions = random_batch()
+    start = positions.clone()
+    a = oracle_search(model, images, labels, positions, steps=4, lr=1e-2)
+    b = oracle_search(model, images, labels, positions, steps=4, lr=1e-2)
+    assert torch.equal(positions, start)
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.losses, b.losses)
+    with torch.no_grad():    # works inside no_grad too (the search enables grad itself)
+        c = oracle_search(model, images, labels, positions, steps=4, lr=1e-2)
+    assert torch.equal(a.positions, c.positions)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_batch_equals_per_image(objective):
+    model = tiny_model()
+    images, labels, positions = random_batch(B=4, N=6, seed=1)
+    labels_arg = labels if objective == "label" else None
+    batch = oracle_search(model, images, labels_arg, positions, steps=6, lr=2e-2, objective=objective)
+    for b in range(4):
+        one = oracle_search(model, images[b:b + 1], None if labels_arg is None else labels[b:b + 1],
+                            positions[b:b + 1], steps=6, lr=2e-2, objective=objective)
+        torch.testing.assert_close(batch.trajectory[:, b], one.trajectory[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch.losses[:, b], one.losses[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_start_and_projection():
+    model = tiny_model()
+    images, labels, positions = random_batch(B=2, N=7)
+    result = oracle_search(model, images, labels, positions, steps=5, lr=1e3)   # huge steps
+    assert result.trajectory.shape == (6, 2, 7, 2)
+    assert result.losses.shape == (6, 2)
+    assert result.positions.shape == (2, 7, 2)
+    assert torch.equal(result.trajectory[0], positions)
+    assert torch.equal(result.trajectory[-1], result.positions)
+    assert result.trajectory.min() >= 0 and result.trajectory.max() <= 1
+    # the recorded losses are the objective at the recorded positions
+    with torch.no_grad():
+        final = F.cross_entropy(model(images, result.positions), labels, reduction="none")
+    torch.testing.assert_close(result.losses[-1], final)
+    zero = oracle_search(model, images, labels, positions, steps=0)
+    assert zero.trajectory.shape == (1, 2, 7, 2) and torch.equal(zero.positions, positions)
+
+
+# -----------------------------------------------------------------------------
+# The search does its job on a trained model
+
+def test_label_oracle_lowers_loss_and_keeps_accuracy(trained):
+    model, images, labels = trained
+    start = spot.sample_positions("uniform", len(images), 2, 16, 4,
+                                  generator=torch.Generator().manual_seed(0))
+    result = oracle_search(model, images, labels, start, steps=20, lr=3e-2)
+    assert result.losses[-1].mean() < 0.9 * result.losses[0].mean()
+    with torch.no_grad():
+        before = (model(images, start).argmax(1) == labels).float().mean()
+        after = (model(images, result.positions).argmax(1) == labels).float().mean()
+    assert after >= before
+    assert after > before + 0.1   # 2 uniform tokens often miss the blob; the oracle finds it
+
+
+def test_entropy_search_lowers_entropy_without_labels(trained):
+    model, images, _ = trained
+    start = spot.sample_positions("isotropic", len(images), 2, 16, 4)
+    result = oracle_search(model, images, None, start, steps=20, lr=3e-2, objective="entropy")
+    with torch.no_grad():
+        p = model(images, result.positions).softmax(1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
+    torch.testing.assert_close(result.losses[-1], entropy, atol=1e-4, rtol=1e-4)
+    assert result.losses[-1].mean() < result.losses[0].mean()
+
+
+# -----------------------------------------------------------------------------
+# Snapping and kNN
+
+def test_snap_to_grid_known_points():
+    # 16 px, window 4: cell centres at 0.125, 0.375, 0.625, 0.875 per axis
+    points = torch.tensor([[[0.0, 1.0], [0.26, 0.49], [0.51, 0.74], [0.375, 0.625]]])
+    expected = torch.tensor([[[0.125, 0.875], [0.375, 0.375], [0.625, 0.625], [0.375, 0.625]]])
+    assert torch.equal(snap_to_grid(points, 16, 4), expected)
+    # a window that does not divide the image: the grid covers the top-left 16 of 18 px
+    cells = spot.grid_positions(18, 4)
+    snapped = snap_to_grid(torch.tensor([[1.0, 0.0]]), 18, 4)
+    assert torch.allclose(snapped, torch.tensor([[14 / 18, 2 / 18]]))
+    # grid points are fixed points; random points land on grid cells; shapes are kept
+    assert torch.equal(snap_to_grid(cells[None], 18, 4), cells[None])
+    rand = torch.rand(2, 3, 9, 2)
+    out = snap_to_grid(rand, 18, 4)
+    assert out.shape == rand.shape
+    assert ((out.reshape(-1, 1, 2) - cells).abs().sum(-1).min(1).values == 0).all()
+
+
+def test_knn_accuracy_weighted_vote():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    bank_y = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[2.0, 0.1], [0.05, 3.0]])     # normalization makes the scale irrelevant
+    assert knn_accuracy(bank, bank_y, queries, torch.tensor([0, 1]), 2, k=3) == 100.0
+    assert knn_accuracy(bank, bank_y, queries, torch.tensor([1, 1]), 2, k=3) == 50.0
+    # k larger than the bank is fine
+    assert knn_accuracy(bank, bank_y, queries, torch.tensor([0, 1]), 2, k=20) == 100.0
+
+
+# -----------------------------------------------------------------------------
+# Bad inputs
+
+def test_bad_inputs_raise_value_error():
+    model = tiny_model()
+    images, labels, positions = random_batch()
+    with pytest.raises(ValueError, match="'label', 'entropy'"):
+        oracle_search(model, images, labels, positions, objective="loss")
+    with pytest.raises(ValueError, match="labels"):
+        oracle_search(model, images, None, positions)
+    with pytest.raises(ValueError, match="labels"):
+        oracle_search(model, images, labels[:2], positions)
+    with pytest.raises(ValueError, match="positions"):
+        oracle_search(model, images, labels, positions[:2])
+    with pytest.raises(ValueError, match="positions"):
+        oracle_search(model, images, labels, positions[..., :1])
+    with pytest.raises(ValueError, match="positions"):
+        oracle_search(model, images, labels, positions + 2)
+    with pytest.raises(ValueError, match="images"):
+        oracle_search(model, (images * 255).to(torch.uint8), labels, positions)
+    with pytest.raises(ValueError, match="steps"):
+        oracle_search(model, images, labels, positions, steps=-1)
+    with pytest.raises(ValueError, match="lr"):
+        oracle_search(model, images, labels, positions, lr=0.0)
+    with pytest.raises(ValueError, match="positions"):
+        snap_to_grid(torch.rand(4, 3), 16, 4)
+
+
+# -----------------------------------------------------------------------------
+# Sweep and timing (tiny)
+
+def test_sweep_and_time_oracle():
+    model = tiny_model()
+    images = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    labels = torch.randint(0, 3, (6,))
+    results = oracle.sweep(model, images, labels, [2, 4], steps_grid=(1, 3), lr_grid=(1e-2,),
+                           batch_size=4, progress=False)
+    # 2 objectives x 2 budgets x 1 lr x {0, 1, 3} steps
+    assert len(results) == 12
+    assert {r["steps"] for r in results} == {0, 1, 3}
+    assert all(0 <= r["top1"] <= 100 for r in results)
+    # steps = 0 is the prior itself: same for both objectives' accuracy
+    zero = [r["top1"] for r in results if r["steps"] == 0 and r["tokens"] == 2]
+    assert zero[0] == zero[1]
+    text, best = oracle.sweep_markdown(results, [2, 4], {"checkpoint": "x", "n_images": 6,
+                                                         "dataset": "d", "oracle_from": "isotropic"})
+    assert set(best) == set(OBJECTIVES) and "| lr | steps |" in text
+    imgs, labs, pos = random_batch(B=2, N=4)
+    t = oracle.time_oracle(model, imgs, labs, pos, steps=2, repeats=1)
+    assert t["step_vs_forward_backward"] > 0 and t["search_vs_forward"] > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# The command line (a fake tiny dataset: the real shapes data take ~15 s to generate)
+
+def fake_dataset(n_train=24, n_test=12, size=16, classes=3):
+    g = torch.Generator().manual_seed(0)
+    split = lambda n: data.Split((torch.rand(n, 3, size, size, generator=g) * 255).to(torch.uint8),
+                                 torch.randint(0, classes, (n,), generator=g))
+    return data.Dataset(name="shapes", train=split(n_train), test=split(n_test),
+                        classes=[str(c) for c in range(classes)], mean=(0.5,) * 3, std=(0.5,) * 3,
+                        image_size=(size, size))
+
+
+def write_checkpoint(path, seed, args=None):
+    model = tiny_model(seed)
+    torch.save({"model_config": spot.model_config_dict(model), "model": model.state_dict(),
+                "args": args if args is not None else
+                {"dataset": "shapes", "data_dir": None, "image_size": 16, "seed": 0}}, path)
+    return str(path)
+
+
+@pytest.fixture
+def patched_data(monkeypatch):
+    calls = []
+
+    def load(name, data_dir=None, image_size=None, seed=0, **kwargs):
+        calls.append({"name": name, "data_dir": data_dir, "image_size": image_size})
+        return fake_dataset()
+    monkeypatch.setattr(oracle.data, "load_dataset", load)
+    return calls
+
+
+def test_cli_writes_table(tmp_path, patched_data):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    other = write_checkpoint(tmp_path / "b.pt", 1)
+    argv = ["--checkpoint", ckpt, "--tokens", "2,4,32", "--priors", "uniform,grid,salient",
+            "--limit", "8", "--knn-limit", "10", "--oracle-steps", "2", "--batch-size", "3",
+            "--transfer-checkpoint", other, "--no-progress"]
+    assert oracle.main(argv + ["--out", str(tmp_path / "r1")]) == 0
+    assert patched_data[0] == {"name": "shapes", "data_dir": None, "image_size": 16}
+    results = json.loads((tmp_path / "r1" / "results.json").read_text())
+    settings, rows = results["settings"], results["rows"]
+    assert settings["checkpoint"] == ckpt and settings["n_test"] == 8 and "date" in settings
+    for row in rows:
+        assert {"method", "prior", "tokens", "top1", "knn"} <= set(row)
+        assert row["method"] in ("prior", "spot-on", "spot-on-entropy", "spot-on-snapped",
+                                 "spot-on-transfer")
+        for key in ("top1", "knn"):
+            assert row[key] is None or 0 <= row[key] <= 100
+    prior_rows = [r for r in rows if r["method"] == "prior"]
+    assert len(prior_rows) == 9
+    by = {(r["method"], r["prior"], r["tokens"]): r for r in rows}
+    assert by[("prior", "grid", 32)]["top1"] is None          # 32 > 16 grid cells: n/a
+    assert by[("prior", "grid", 4)]["knn"] is not None
+    assert by[("spot-on", "isotropic", 32)]["top1"] is not None
+    assert by[("spot-on-transfer", "isotropic", 2)]["source"] == other
+    assert len(results["transfer_reverse"]) == 3
+    md = (tmp_path / "r1" / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| Method | Prior | 2 T | 4 T | 32 T |")
+    assert "| grid |" in table[1] and "n/a" in table[1]       # the grid row comes first
+    assert "SPoT-ON" in md
+    # reproducible: the same command gives the same numbers, whatever the batch size
+    assert oracle.main(argv[:-3] + ["--batch-size", "5", "--transfer-checkpoint", other,
+                                    "--no-progress", "--out", str(tmp_path / "r2")]) == 0
+    again = json.loads((tmp_path / "r2" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["prior"], r["tokens"], r["top1"], r["knn"]) for r in again] == \
+        [(r["method"], r["prior"], r["tokens"], r["top1"], r["knn"]) for r in rows]
+
+
+def test_cli_sweep_and_timing(tmp_path, patched_data):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    common = ["--checkpoint", ckpt, "--tokens", "2", "--batch-size", "4", "--no-progress"]
+    assert oracle.main(common + ["--sweep", "--limit", "4", "--out", str(tmp_path / "s")]) == 0
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert set(sweep["best"]) == set(OBJECTIVES) and (tmp_path / "s" / "sweep.md").exists()
+    assert oracle.main(common + ["--time-oracle", "--oracle-steps", "2",
+                                 "--out", str(tmp_path / "t")]) == 0
+    assert "2" in json.loads((tmp_path / "t" / "timing.json").read_text())["timing"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--priors", "grid,nope"], "isotropic"),
+    (["--tokens", "4,0"], "--tokens"),
+    (["--oracle-from", "nope"], "--oracle-from"),
+])
+def test_cli_bad_arguments(tmp_path, capsys, extra, message):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    with pytest.raises(SystemExit) as exit_info:
+        oracle.main(["--checkpoint", ckpt, "--out", str(tmp_path / "o")] + extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        oracle.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_cli_data_error_exits_cleanly(tmp_path, capsys):
+    """The real data.py: a missing folder dataset raises DataError -> message, exit 2."""
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0, args={
+        "dataset": "folder", "data_dir": str(tmp_path / "nowhere"), "image_size": 16})
+    with pytest.raises(SystemExit) as exit_info:
+        oracle.main(["--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nowhere" in err and "Traceback" not in err
