@@ -311,12 +311,20 @@ def _load_split_folder(split_dir, split, size, cache_dir, progress):
     cache = _cache_file(cache_dir, split_dir, split, size, files)
     hit = _cache_load(cache)
     if hit is not None and hit.get("classes") == classes and hit["images"].shape[0] == len(files):
-        return Split(hit["images"], hit["labels"]), classes
+        return _fixed_shuffle(Split(hit["images"], hit["labels"])), classes
     images = _decode_many([str(Path(split_dir) / rel) for rel, _ in files], size, progress,
                           desc=f"decoding {split_dir} (once; cached)")
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     _cache_save(cache, {"images": images, "labels": labels, "classes": classes})
-    return Split(images, labels), classes
+    return _fixed_shuffle(Split(images, labels)), classes
+
+
+def _fixed_shuffle(split):
+    """Class folders list images class by class; put them in one fixed random order (seed 0) so
+    that "the first N images" (--test-limit, oracle.py --limit, kNN banks) is a fair sample of
+    every class, as it is for the official, pre-shuffled CIFAR-10 pickles."""
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))
+    return Split(split.images[order], split.labels[order])
 
 
 def _check_same_classes(train_classes, test_classes, train_dir, test_dir):

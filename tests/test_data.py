@@ -121,6 +121,12 @@ def test_cifar_resize_option(tmp_path):
     assert d.train.images.shape == (10, 3, 16, 16) and d.image_size == (16, 16)
 
 
+def listed_at(index, n):
+    """Where the index-th listed file of a class-folder split ends up after the fixed shuffle."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return (order == index).nonzero().item()
+
+
 def test_cifar_class_folders_exact_for_png_and_cached(tmp_path, monkeypatch):
     classes = ["airplane", "bird", "cat"]
     arrays = write_class_folders(tmp_path / "c10", ["train", "test"], classes, [(32, 32)] * 3)
@@ -128,9 +134,10 @@ def test_cifar_class_folders_exact_for_png_and_cached(tmp_path, monkeypatch):
     d = load_dataset("cifar10", tmp_path / "c10", download=False, cache_dir=cache, progress=False)
     assert d.classes == classes
     assert d.train.images.shape == (9, 3, 32, 32) and d.test.images.shape == (9, 3, 32, 32)
-    assert d.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # Files are listed class by class, then put in one fixed random order (data._fixed_shuffle).
+    assert sorted(d.train.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     want = torch.from_numpy(arrays[("train", "bird", 2)]).permute(2, 0, 1)
-    assert torch.equal(d.train.images[5], want)          # PNG: lossless, exact
+    assert torch.equal(d.train.images[listed_at(5, 9)], want)   # PNG: lossless, exact
     assert len(list(cache.glob("*.pt"))) == 2             # one cache file per split
 
     # Second load: served from the cache, no decoding at all.
@@ -240,11 +247,11 @@ def test_folder_resizes_center_crops_and_sorts(tmp_path):
     assert d.classes == ["ant", "moth", "zebra"]
     assert d.image_size == (12, 12)
     assert d.train.images.shape == (13, 3, 12, 12) and d.test.images.shape == (12, 3, 12, 12)
-    assert d.train.labels.tolist() == [0] * 5 + [1] * 4 + [2] * 4
-    assert d.test.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert sorted(d.train.labels.tolist()) == [0] * 5 + [1] * 4 + [2] * 4
+    assert sorted(d.test.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     # zz.JPEG is the last "ant" file: shorter side 24 -> 12 (width 24), central 12 columns kept,
     # i.e. the green middle third (and a little red / blue at the edges).
-    img = d.train.images[4].float()
+    img = d.train.images[listed_at(4, 13)].float()
     assert img[1, :, 4:8].mean() > 200 and img[0, :, 4:8].mean() < 60 and img[2, :, 4:8].mean() < 60
     assert len(d.mean) == 3 and all(0 < s < 1 for s in d.std)
 
@@ -434,3 +441,12 @@ def test_augment_is_a_shifted_maybe_flipped_copy():
     out2 = data.augment(x, torch.Generator().manual_seed(5), padding=p, flip=False)
     for i, (dy, dx, fl) in enumerate(found):
         assert torch.equal(out2[i], padded[i, :, dy:dy + H, dx:dx + W])
+
+
+def test_class_folders_come_out_in_a_fixed_mixed_order(shared_data):
+    """'The first N images' must be a fair sample of every class, not all of the first class."""
+    first = data.load_dataset("cifar10", shared_data / "cifar10", progress=False)
+    again = data.load_dataset("cifar10", shared_data / "cifar10", progress=False)
+    assert torch.equal(first.test.labels, again.test.labels)
+    assert len(torch.unique(first.test.labels[:100])) == 10
+    assert len(torch.unique(first.train.labels[:100])) == 10
