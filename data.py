@@ -472,8 +472,8 @@ SHAPE_CLASSES = ("square", "disc", "ring", "triangle", "plus", "x", "equals", "b
 def _shape_mask(label, u, v, r):
     """Inside-test of shape `label` at offsets (u, v) pixels from its centre (v points down).
 
-    u, v: (n, S, S) sample coordinates; r: (n, 1, 1) half-size in pixels (~2.4-3.2 at 32 px,
-    i.e. objects 5-7 px wide). Returns a bool tensor (n, S, S). Bars are w = 0.32 r half-wide,
+    u, v: (n, S, S) sample coordinates; r: (n, 1, 1) half-size in pixels (~3.2-4.2 at 32 px,
+    i.e. objects 7-9 px wide: two windows of 4 px, so a 4 x 4 grid tile sees only a part). Returns a bool tensor (n, S, S). Bars are w = 0.32 r half-wide,
     i.e. ~2 px: thin enough to look different, thick enough to survive antialiasing.
     """
     w = 0.32 * r
@@ -528,7 +528,7 @@ def _render_shapes(n, size, seed, chunk=512, supersample=8):
     labels = (torch.arange(n) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g)]
 
     # -- the object: half-size r, a continuous centre (anywhere it fits), a bright colour
-    r = (2.4 + 0.8 * rand(n)) * scale                   # (n,) pixels
+    r = (3.2 + 1.0 * rand(n)) * scale                   # (n,) pixels
     margin = 1.35 * r + 0.5                             # the shape's reach + half a pixel
     centre = margin[:, None] + rand(n, 2) * (S - 2 * margin[:, None])   # (n, 2) (y, x) pixels
     obj_colour = _hsv_to_rgb(rand(n), 0.5 + 0.5 * rand(n), 0.85 + 0.15 * rand(n))   # (n, 3)
@@ -551,8 +551,8 @@ def _render_shapes(n, size, seed, chunk=512, supersample=8):
 
     # Local window around each object: L x L pixels, large enough for the biggest shape.
     # The window [floor(c) - R, floor(c) + R + 1) contains [c - R, c + R] for any c, and R is
-    # at least the largest shape's reach (1.35 * 3.2 px at 32 px).
-    R = math.ceil(1.35 * 3.2 * scale)
+    # at least the largest shape's reach (1.35 * 4.2 px at 32 px).
+    R = math.ceil(1.35 * 4.2 * scale)
     L = min(2 * R + 1, S)
     offs = (torch.arange(L * supersample) + 0.5) / supersample      # sample offsets in the window
     pix = torch.arange(S) + 0.5                                     # pixel centres
@@ -625,7 +625,7 @@ def make_shapes(n, image_size=32, seed=0, return_info=False):
     (spot.py's coordinates), "radius" (n,) its half-size in pixels, "mask" (n, S, S) float its
     antialiased coverage -- handy to check whether tokens landed on the object.
 
-    Why it looks like this (PAPER §1): the object is 5-7 px wide on a 32 px image and sits at a
+    Why it looks like this (PAPER §1): the object is 7-9 px wide on a 32 px image and sits at a
     random *continuous* position, so with 4 x 4 grid patches it usually straddles 2-4 tiles
     ("grids cannot align every salient region"), while a token placed on it sees it whole.
     The clutter (smooth colour noise, faint blobs and lines, all lower-contrast than the object)
