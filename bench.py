@@ -416,7 +416,12 @@ def bench_memory(args):
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", f"{kind}:{n_tokens}",
                    "--device", args.device, "--model", args.model, "--batch-size", str(args.batch_size),
                    "--precision", args.precision] + (["--threads", str(args.threads)] if args.threads else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            # glibc malloc keeps freed memory resident and moves its mmap threshold as the program
+            # runs, which made the peak RSS of the same step vary by +-300 MB from run to run. A
+            # fixed threshold maps every block >= 64 kB separately and unmaps it when freed, so
+            # RSS follows the live tensors and the peak repeats to within 1 MB (no effect off glibc).
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.exit(f"error: memory probe {kind}:{n_tokens} failed:\n{out.stderr}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -461,6 +466,27 @@ def profile(args, device, autocast):
 # -----------------------------------------------------------------------------
 # Report
 
+def cpu_seconds():
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process and its
+    finished children). The difference over a section = what OTHER processes used meanwhile: a
+    benchmark on a busy machine measures the other processes too, so we say how busy it was."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except OSError:
+        return None
+    t = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
+def other_load(before, after, wall):
+    """Average number of cores busy with other processes between two cpu_seconds() readings."""
+    if before is None or after is None:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -480,7 +506,12 @@ def markdown(results, settings):
     lines = [f"# SPoT benchmark: {settings['device_name']}, {settings['threads']} thread(s), torch "
              f"{settings['torch']}, {settings['date']}", "",
              f"Medians of {settings['repeats']} interleaved rounds after {settings['warmup']} warm-up "
-             f"rounds; ratios are medians of per-round ratios. Precision: {settings['precision']}.", ""]
+             f"rounds; ratios are medians of per-round ratios. Precision: {settings['precision']}."]
+    loads = {k: v for k, v in settings.get("other_load_cores", {}).items() if v is not None}
+    if loads and settings["device"] == "cpu":
+        lines.append("CPU cores used by OTHER processes meanwhile (0 = quiet machine): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in loads.items()) + ".")
+    lines.append("")
     if "tokenizer" in results:
         lines += ["## 1. Tokenizer forward + backward (extract_patches + linear vs patchify + linear)", "",
                   f"All grid cells, shifted by +{SUBPIXEL_SHIFT} px; linear C*k*k -> {EMBED_DIM}; "
@@ -553,10 +584,20 @@ def main(argv=None):
                 "train": lambda: bench_train(args, device, autocast, sync),
                 "oracle": lambda: bench_oracle(args, device, autocast, sync),
                 "memory": lambda: bench_memory(args)}
+    if device.type == "cpu":   # one second of listening: is someone else using the CPU?
+        before, start = cpu_seconds(), time.perf_counter()
+        time.sleep(1)
+        idle_load = other_load(before, cpu_seconds(), time.perf_counter() - start)
+        if idle_load is not None and idle_load > 0.2:
+            print(f"warning: other processes are using {idle_load:.1f} CPU cores; the numbers will "
+                  f"be slower and noisier than on a quiet machine", file=sys.stderr)
+    settings["other_load_cores"] = {}
     for name in ("tokenizer", "train", "oracle", "memory"):
         if name in args.only:
             print(f"[{name}]", file=sys.stderr)
+            before, start = cpu_seconds(), time.perf_counter()
             results[name] = sections[name]()
+            settings["other_load_cores"][name] = other_load(before, cpu_seconds(), time.perf_counter() - start)
     text = markdown(results, settings)
     print(text)
     if args.profile:
