@@ -254,9 +254,17 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true",
                         help="FAST mode (SPOT_TUTORIAL_FAST=1); never written to the notebook")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the run")
+    parser.add_argument("--reuse-run", action="store_true",
+                        help="let the notebook reuse an existing runs/tutorial (it then resumes that "
+                             "run instead of training, and the outputs show no training log)")
     args = parser.parse_args(argv)
     if not (args.execute or args.fast):
         parser.error("pass --execute (full run, writes tutorial.ipynb) or --fast (a dry run)")
+    previous = ROOT / "runs" / "tutorial" / "checkpoint.pt"
+    if args.execute and previous.exists() and not args.reuse_run:
+        parser.error(f"{previous} exists: the notebook would resume that run instead of training, so "
+                     f"the written outputs would not show a real training run. Move or delete "
+                     f"{previous.parent} first (or pass --reuse-run).")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
