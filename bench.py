@@ -18,7 +18,7 @@ ViT, so every number below is measured side by side with the standard-ViT equiva
                   CPU peak resident set size (VmHWM), every configuration in a fresh subprocess
 
 Run it:
-    python bench.py                           # the full benchmark (about 10 minutes on 2 CPU cores)
+    python bench.py                           # the full benchmark (about 4 minutes on 2 CPU cores)
     python bench.py --quick                   # tiny sizes, a smoke run of the whole script
     python bench.py --json runs/bench.json    # + every number, the settings and the machine
     python bench.py --device cuda --json runs/bench-cuda.json
@@ -36,6 +36,12 @@ How the numbers are made (read this before trusting one):
   * torch.set_flush_denormal(True), as in train.py: Adam's tiny second moments become denormal
     floats, which x86 CPUs process ~100x slower (it made CPU steps 8x slower here).
   * Images are random: bilinear sampling and matrix products cost the same whatever the pixels.
+  * Other programs steal CPU time from a benchmark. The report says how many cores OTHER
+    processes used during each section (from /proc/stat); anything above ~0.1 means "rerun".
+  * CPU memory: glibc's malloc normally keeps freed memory and moves its mmap threshold as the
+    program runs, so the peak RSS of one and the same step varied by +-300 MB. The memory probes
+    run with MALLOC_MMAP_THRESHOLD_=65536 (every large tensor is its own mapping, returned when
+    freed), which makes RSS follow the live tensors: the peak then repeats to within 1 MB.
 """
 
 import argparse
@@ -436,7 +442,7 @@ def bench_memory(args):
 def profile(args, device, autocast):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     jobs = {}
     for image_size, window, batch in (QUICK_TOKENIZER_CONFIGS if args.quick else TOKENIZER_CONFIGS):
         images = torch.rand(batch, 3, image_size, image_size, device=device)
@@ -515,7 +521,9 @@ def markdown(results, settings):
     if "tokenizer" in results:
         lines += ["## 1. Tokenizer forward + backward (extract_patches + linear vs patchify + linear)", "",
                   f"All grid cells, shifted by +{SUBPIXEL_SHIFT} px; linear C*k*k -> {EMBED_DIM}; "
-                  "backward to the embedding (and to the positions where stated).", "",
+                  "backward to the embedding (and to the positions where stated). (x) = time / "
+                  "patchify time; the goal is judged on the method SPoTViT uses "
+                  f"(spot.DEFAULT_EXTRACT_METHOD = {spot.DEFAULT_EXTRACT_METHOD!r}).", "",
                   "| image, window, batch | tokens | grad to positions | patchify ms | manual ms (x) "
                   "| grid_sample ms (x) | goal |", "|---|---|---|---|---|---|---|"]
         for r in results["tokenizer"]:
