@@ -16,13 +16,17 @@ ViT, so every number below is measured side by side with the standard-ViT equiva
                   vs one training step on the same batch.                      goal: <= 1.2x
   4. memory       peak memory of one training step (and one oracle step): CUDA max_memory_allocated;
                   CPU peak resident set size (VmHWM), every configuration in a fresh subprocess
+  5. attention    a whole SPoTViT training step at the full grid with spot.attention (on the CPU
+                  the formula written out) vs torch's fused F.scaled_dot_product_attention, in
+                  fp32 and in bf16 autocast. Not a goal: it is why spot.attention exists.
 
 Run it:
-    python bench.py                           # the full benchmark (about 4 minutes on 2 CPU cores)
+    python bench.py                           # the full benchmark (about 5 minutes on 2 CPU cores)
     python bench.py --quick                   # tiny sizes, a smoke run of the whole script
     python bench.py --json runs/bench.json    # + every number, the settings and the machine
     python bench.py --device cuda --json runs/bench-cuda.json
     python bench.py --only tokenizer --profile   # + torch.profiler tables of the SPoT pieces
+    python bench.py --only attention             # spot.attention vs the fused kernel (~1 minute)
 
 How the numbers are made (read this before trusting one):
   * Each comparison is timed in ONE interleaved loop: round r calls A, B, C, round r+1 calls
@@ -72,6 +76,7 @@ QUICK_TOKENIZER_CONFIGS = [(32, 4, 16), (224, 16, 2)]
 EMBED_DIM = 192                 # the tokenizer's linear embedding: C*k*k -> 192
 SUBPIXEL_SHIFT = 0.3            # pixels added to every grid centre in the tokenizer benchmark
 TOKEN_COUNTS = (16, 64)         # N of the training-step and oracle benchmarks
+SECTIONS = ("tokenizer", "train", "oracle", "memory", "attention")
 GOALS = {"tokenizer": 1.25, "tokenizer_pos_grad": 2.0, "train": 1.1, "oracle": 1.2}
 
 
@@ -89,8 +94,8 @@ def parse_args(argv=None):
         help="batch of the step benchmarks (default: the preset's, quick 8)")
     add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
         help="as train.py: auto = bf16 autocast on CUDA, fp32 on CPU")
-    add("--only", default="tokenizer,train,oracle,memory",
-        help="comma-separated sections to run (default: all four)")
+    add("--only", default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default: all)")
     add("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
     add("--profile", action="store_true", help="print torch.profiler tables of the SPoT pieces")
     add("--json", default=None, help="write every number, settings and machine info here")
@@ -100,7 +105,7 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.batch_size = args.batch_size or (8 if args.quick else train.PRESETS[args.model]["batch_size"])
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - {"tokenizer", "train", "oracle", "memory"}
+    unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {sorted(unknown)}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -365,6 +370,42 @@ def bench_oracle(args, device, autocast, sync):
 
 
 # -----------------------------------------------------------------------------
+# 5. spot.attention vs torch's fused kernel, inside a whole training step
+
+def bench_attention(args, device, sync):
+    """One SPoTViT (preset --model) and batch at the full grid; the two attention functions are
+    swapped in turn for spot.attention, the name Attention.forward calls. Both precisions are
+    measured whatever --precision says: the fused kernel's slow CPU backward shows in bf16."""
+    models, optimizers = build_models(args, device, grid_too=False)
+    model, optimizer = models["spot"], optimizers["spot"]
+    n_grid = len(spot.grid_positions(model.config.image_size, model.window))
+    images, labels, positions, _ = make_batch(args, model, n_grid, device)
+    ours = spot.attention
+    rows = []
+    for precision in ("fp32", "bf16"):
+        autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
+                    else nullcontext)
+
+        def step_with(attention_fn):
+            def run():
+                spot.attention = attention_fn
+                try:
+                    train_step(model, optimizer, images, labels, positions, autocast)
+                finally:
+                    spot.attention = ours
+            return run
+
+        times = measure({"fused": step_with(F.scaled_dot_product_attention), "spot": step_with(ours)},
+                        args.repeats, args.warmup, sync)
+        rows.append({"precision": precision, "tokens": n_grid, "batch": args.batch_size,
+                     "times_s": times, "ms": {name: med_ms(t) for name, t in times.items()},
+                     "speedup": paired_ratio(times["fused"], times["spot"])})
+        print(f"  attention {precision}: fused {rows[-1]['ms']['fused']:.1f} ms, spot.attention "
+              f"{rows[-1]['ms']['spot']:.1f} ms", file=sys.stderr)
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # 4. Peak memory, one fresh process per configuration
 
 def rss_kb(field):
@@ -565,6 +606,15 @@ def markdown(results, settings):
             lines.append(f"| {names[r['kind']]} | {r['tokens']} | {r['base_mb']:.0f} | {r['peak_mb']:.0f} "
                          f"| {r['delta_mb']:.0f} |")
         lines.append("")
+    if "attention" in results:
+        lines += [f"## 5. Training step with spot.attention vs torch's fused attention, model "
+                  f"'{model['preset']}', full grid, B={settings['batch_size']}", "",
+                  "| precision | tokens | fused F.scaled_dot_product_attention ms | spot.attention ms "
+                  "| speed-up |", "|---|---|---|---|---|"]
+        for r in results["attention"]:
+            lines.append(f"| {r['precision']} | {r['tokens']} | {r['ms']['fused']:.1f} | "
+                         f"{r['ms']['spot']:.1f} | {r['speedup']:.2f}x |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -591,7 +641,8 @@ def main(argv=None):
     sections = {"tokenizer": lambda: bench_tokenizer(args, device, autocast, sync),
                 "train": lambda: bench_train(args, device, autocast, sync),
                 "oracle": lambda: bench_oracle(args, device, autocast, sync),
-                "memory": lambda: bench_memory(args)}
+                "memory": lambda: bench_memory(args),
+                "attention": lambda: bench_attention(args, device, sync)}
     if device.type == "cpu":   # one second of listening: is someone else using the CPU?
         before, start = cpu_seconds(), time.perf_counter()
         time.sleep(1)
@@ -600,7 +651,7 @@ def main(argv=None):
             print(f"warning: other processes are using {idle_load:.1f} CPU cores; the numbers will "
                   f"be slower and noisier than on a quiet machine", file=sys.stderr)
     settings["other_load_cores"] = {}
-    for name in ("tokenizer", "train", "oracle", "memory"):
+    for name in SECTIONS:
         if name in args.only:
             print(f"[{name}]", file=sys.stderr)
             before, start = cpu_seconds(), time.perf_counter()

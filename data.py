@@ -627,7 +627,8 @@ def make_shapes(n, image_size=32, seed=0, return_info=False):
 
     Why it looks like this (PAPER §1): the object is 7-9 px wide on a 32 px image and sits at a
     random *continuous* position, so with 4 x 4 grid patches it usually straddles 2-4 tiles
-    ("grids cannot align every salient region"), while a token placed on it sees it whole.
+    ("grids cannot align every salient region"), while free tokens can be centred on it and
+    tile it at its own offset, each window reading object and not a sliver of a tile border.
     The clutter (smooth colour noise, faint blobs and lines, all lower-contrast than the object)
     keeps "find the brightest pixels" from being the whole task. Deterministic: the same
     (n, image_size, seed) always gives the same bytes.

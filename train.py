@@ -278,6 +278,18 @@ def lr_lambda(step, warmup_steps, total_steps, min_ratio):
 
 
 def main(argv=None):
+    """Train as the command line says; returns the exit code (0 done, 130 interrupted and saved).
+    Ctrl-C is handled by run() while it trains; the previous handler is put back afterwards, so
+    calling main() from Python (tests, a notebook) leaves the caller's Ctrl-C alone."""
+    previous = signal.getsignal(signal.SIGINT) if threading_main() else None
+    try:
+        return run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0

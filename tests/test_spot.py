@@ -242,6 +242,26 @@ def test_attention_matches_explicit_softmax_attention():
     assert torch.allclose(attn(x), expected, atol=1e-5)
 
 
+def test_cpu_attention_equals_torch_fused_attention_values_and_gradients():
+    """spot.attention writes the formula out on the CPU (faster to train through); it must equal
+    torch's F.scaled_dot_product_attention, forward and backward, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 65, 16, requires_grad=True) for _ in range(3))
+    ours = spot.attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    grad_out = torch.randn_like(ref)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for a, b in zip(ours_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = [t.bfloat16() for t in (q, k, v)]
+        ours, ref = spot.attention(*low), F.scaled_dot_product_attention(*low)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    assert (ours.float() - ref.float()).abs().max() < 0.05      # bf16 has ~3 significant digits
+
+
 def test_grid_placed_spot_equals_standard_vit_forward():
     """A grid-placed SPoTViT is a standard ViT: reshape patchify + linear + fixed sin-cos table."""
     model = tiny_model()

@@ -49,7 +49,9 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
     assert train.main(TINY + ["--epochs", "2", "--out", str(out)]) == 0
+    assert signal.getsignal(signal.SIGINT) is before      # the caller's Ctrl-C handler is back
     metrics = read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2]
     for key in ("epoch", "train_loss", "test_loss", "test_acc", "test_acc@4"):
