@@ -93,7 +93,7 @@ def parse_args(argv=None):
     add("--batch-size", type=int, default=None,
         help="batch of the step benchmarks (default: the preset's, quick 8)")
     add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-        help="as train.py: auto = bf16 autocast on CUDA, fp32 on CPU")
+        help="as train.py: auto = bf16 autocast where the hardware has it natively, else fp32")
     add("--only", default=",".join(SECTIONS),
         help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default: all)")
     add("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
@@ -119,8 +119,8 @@ def setup_torch(args):
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                if train.use_bf16(args.precision, device) else nullcontext)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return device, autocast, sync
 

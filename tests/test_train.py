@@ -47,6 +47,20 @@ def test_lr_schedule_warms_up_then_decays():
     assert values[-1] == pytest.approx(0.01, abs=1e-3)
 
 
+def test_precision_auto_means_bf16_only_where_native(tmp_path):
+    cpu = torch.device("cpu")
+    assert train.use_bf16("bf16", cpu) and not train.use_bf16("fp32", cpu)
+    x86 = tmp_path / "x86"
+    x86.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    old = tmp_path / "old"
+    old.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    arm = tmp_path / "arm"
+    arm.write_text("Features\t: fp asimd sve i8mm bf16\n")
+    assert train.native_bf16_cpu(x86) and train.native_bf16_cpu(arm)
+    assert not train.native_bf16_cpu(old) and not train.native_bf16_cpu(tmp_path / "missing")
+    assert train.use_bf16("auto", cpu) == train.native_bf16_cpu()
+
+
 def test_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)
@@ -64,7 +78,8 @@ def test_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     test = data.load_dataset("shapes", image_size=16, progress=False).test
     images, labels = test.images[:64].float() / 255, test.labels[:64]
     grid = spot.grid_positions(16, 4).expand(64, -1, -1)
-    with torch.no_grad():
+    bf16 = train.use_bf16("auto", torch.device("cpu"))     # the run's --precision auto
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         acc = 100 * (model(images, grid).argmax(1) == labels).float().mean().item()
     assert acc == pytest.approx(metrics[-1]["test_acc"], abs=1e-6)
     # A second run into the same folder refuses to overwrite it.
