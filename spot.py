@@ -3,10 +3,12 @@ spot.py -- Subpixel Placement of Tokens (SPoT) in a small Vision Transformer.
 
 Everything the paper's method needs, in one file (read beside PAPER.md):
 
-    extract_patches      PAPER §2   read a k x k window at any subpixel position (bilinear)
+    extract_patches      PAPER §2   read a k x k window at any subpixel position (bilinear);
+                                    extract_patches_reference is the same written out by hand
     sincos_pos_embed     PAPER §2   continuous 2D sin-cos position embedding
     sample_positions     PAPER §3   spatial priors: where tokens go before any search
-    SPoTViT              PAPER §2/§5 a pre-norm ViT that reads an image through a set of positions
+    SPoTViT              PAPER §2/§5 a pre-norm ViT that reads an image through a set of positions,
+                                    built from an SPoTConfig (nanoGPT's GPT(GPTConfig) pattern)
     load_checkpoint                 rebuild a model from a checkpoint written by train.py
 
 Try it:  python spot.py      (a tiny demo: samples every prior and runs a forward pass)
@@ -37,38 +39,40 @@ the window is exactly the i-th non-overlapping k x k patch (PAPER §2, "Ω_grid 
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "PRIORS", "extract_patches", "grid_positions", "sincos_pos_embed", "saliency_map",
-    "sample_positions", "SPoTConfig", "SPoTViT", "load_checkpoint",
+    "PRIORS", "extract_patches", "extract_patches_reference", "grid_positions", "sincos_pos_embed",
+    "saliency_map", "sample_positions", "SPoTConfig", "SPoTViT", "load_checkpoint", "to_hw",
+    "check_window",
 ]
 
 
 # -----------------------------------------------------------------------------
-# Input checks shared by the public functions (every error names the argument)
+# Input checks of the public functions (every error names the argument). Inner code trusts them.
 
-def _pair(size, name):
+def to_hw(size, name="image_size"):
     """An int or (H, W) pair -> (H, W) of positive ints."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
     if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and s >= 1 for s in size)):
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair of "
                          f"positive ints, got {size!r}")
     return tuple(size)
 
 
-def _check_window(window, image_hw):
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
+def check_window(window, image_hw, name="window"):
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {window!r}")
     if window > min(image_hw):
-        raise ValueError(f"window={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
-                         f"use a window <= {min(image_hw)}")
+        raise ValueError(f"{name}={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
+                         f"use a {name} <= {min(image_hw)}")
 
 
 def _check_images(images):
@@ -104,29 +108,62 @@ def grid_positions(image_size, window):
     Cell (i, j) has centre ((i + 0.5) k / H, (j + 0.5) k / W). When k does not divide the
     image, the grid covers the top-left (H//k)k x (W//k)k pixels, like a strided convolution.
     """
-    height, width = _pair(image_size, "image_size")
-    _check_window(window, (height, width))
+    height, width = to_hw(image_size)
+    check_window(window, (height, width))
     rows = (torch.arange(height // window) + 0.5) * window / height
     cols = (torch.arange(width // window) + 0.5) * window / width
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
-def _window_start(positions, image_hw, window):
-    """Continuous coordinate of each window's first sample, minus the half-pixel offset.
+def _at_least_float32(tensor):
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
-    Sample j of the window sits at u_j = P - k/2 + j + 0.5 (pixel units). Bilinear interpolation
-    between pixel centres works on t = u - 0.5, so t_j = (P - k/2) + j: every sample of one
-    window shares the same fractional part. Returns t_0 of shape (B, N, 2).
+
+def _check_sampler_inputs(images, positions, window):
+    """Check the three inputs of the samplers -> positions in at least float32: in bf16 a
+    coordinate near 1 is off by up to 2^-9 of the image, i.e. 0.4 px at 224 px."""
+    _check_images(images)
+    _check_positions(positions, images.shape[0])
+    check_window(window, images.shape[-2:])
+    return _at_least_float32(positions)
+
+
+def extract_patches(images, positions, window):
+    """I_q(s; k) of PAPER §2: the k x k window centred at each subpixel position, read by
+    bilinear interpolation (the fast path, F.grid_sample; extract_patches_reference below is the
+    same reading written out by hand, and tests/test_spot.py proves the two equal).
+
+    images:    (B, C, H, W) float
+    positions: (B, N, 2) (y, x) window centres, normalized to [0, 1] (see the module docstring;
+               values outside [0, 1] are allowed and read zeros where they leave the image)
+    window:    k, the side of the square window in pixels
+    returns    (B, N, C, k, k)
     """
-    scale = positions.new_tensor(image_hw)  # (2,) = (H, W)
-    return positions * scale - window / 2
+    positions = _check_sampler_inputs(images, positions, window)
+    B, C, H, W = images.shape
+    N, k = positions.shape[1], window
+    # Sample j of a window centred at P (pixels) sits at u_j = P - k/2 + j + 0.5, on each axis.
+    offsets = torch.arange(k, device=images.device, dtype=positions.dtype) + 0.5 - k / 2   # (k,)
+    centre = positions * positions.new_tensor((H, W))                         # (B, N, 2) = P
+    # grid_sample wants (x, y) in [-1, 1] with align_corners=False: g = 2 u / size - 1.
+    ys = (centre[..., 0, None] + offsets) * (2 / H) - 1                      # (B, N, k)
+    xs = (centre[..., 1, None] + offsets) * (2 / W) - 1                      # (B, N, k)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)
+    grid = grid.reshape(B, N * k, k, 2)                                      # (B, N*k, k, 2)
+    # One (N*k) x k output "image" per batch element. Half-precision images are read in float32:
+    # the CPU kernel is wrong for them (values off, NaN, even a crash at 224 px).
+    sample_dtype = _at_least_float32(images).dtype
+    out = F.grid_sample(images.to(sample_dtype), grid.to(sample_dtype), mode="bilinear",
+                        padding_mode="zeros", align_corners=False).to(images.dtype)
+    return out.view(B, C, N, k, k).permute(0, 2, 1, 3, 4)                   # (B, N, C, k, k)
 
 
-def _extract_patches_manual(images, positions, window):
-    """Bilinear window reading written out by hand (the math of PAPER §2).
+def extract_patches_reference(images, positions, window):
+    """extract_patches written out by hand: the math of PAPER §2, for the reader (and the tests).
 
-    Because all k samples along one axis share the same fractional offset (see _window_start),
-    the whole window is a blend of ONE (k+1) x (k+1) block of pixels:
+    Sample j of a window sits at u_j = P - k/2 + j + 0.5 (pixels). Bilinear interpolation between
+    pixel centres works on t = u - 0.5, so t_j = (P - k/2) + j: ALL k samples along one axis share
+    the same fractional part. The whole window is therefore a blend of ONE (k+1) x (k+1) block:
 
         block  = I[r0 : r0+k+1, c0 : c0+k+1]              r0 = floor(t_y), c0 = floor(t_x)
         rows   = (1 - fy) * block[:-1, :] + fy * block[1:, :]     fy = t_y - r0   -> (k, k+1)
@@ -134,11 +171,12 @@ def _extract_patches_manual(images, positions, window):
 
     Gradients reach the positions through fy and fx (floor() has zero gradient), which is why
     bilinear sampling is differentiable almost everywhere (not on pixel-centre boundaries).
+    Same arguments and result as extract_patches.
     """
+    positions = _check_sampler_inputs(images, positions, window)
     B, C, H, W = images.shape
-    N = positions.shape[1]
-    k = window
-    start = _window_start(positions, (H, W), k)          # (B, N, 2) = t_0 for (y, x)
+    N, k = positions.shape[1], window
+    start = positions * positions.new_tensor((H, W)) - k / 2    # (B, N, 2) = t_0 (see above)
     corner = start.detach().floor()                      # (B, N, 2) top-left pixel of the block
     frac = start - corner                                # (B, N, 2) shared fractional offset
     corner = corner.long()
@@ -164,48 +202,6 @@ def _extract_patches_manual(images, positions, window):
     return block.permute(0, 1, 4, 2, 3)                  # (B, N, C, k, k)
 
 
-def _extract_patches_grid_sample(images, positions, window):
-    """The same reading with F.grid_sample: one (N*k) x k output 'image' per batch element."""
-    B, C, H, W = images.shape
-    N = positions.shape[1]
-    k = window
-    # Sample coordinates in pixel units: u_j = P - k/2 + j + 0.5, for each axis.
-    offsets = torch.arange(k, device=images.device, dtype=positions.dtype) + 0.5 - k / 2   # (k,)
-    size = positions.new_tensor((H, W))
-    centre = positions * size                                                 # (B, N, 2) = P
-    # grid_sample wants (x, y) in [-1, 1] with align_corners=False: g = 2 u / size - 1.
-    ys = (centre[..., 0, None] + offsets) * (2 / H) - 1                      # (B, N, k)
-    xs = (centre[..., 1, None] + offsets) * (2 / W) - 1                      # (B, N, k)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)
-    grid = grid.reshape(B, N * k, k, 2).to(images.dtype)                     # (B, N*k, k, 2)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.view(B, C, N, k, k).permute(0, 2, 1, 3, 4)                   # (B, N, C, k, k)
-
-
-_EXTRACT = {"manual": _extract_patches_manual, "grid_sample": _extract_patches_grid_sample}
-# The default is the faster one, measured with bench.py on this project's CPU (see README).
-DEFAULT_EXTRACT_METHOD = "grid_sample"
-
-
-def extract_patches(images, positions, window, method=DEFAULT_EXTRACT_METHOD):
-    """Read a window x window patch centred at each subpixel position by bilinear interpolation.
-
-    images:    (B, C, H, W) float
-    positions: (B, N, 2) (y, x) window centres, normalized to [0, 1] (see the module docstring;
-               values outside [0, 1] are allowed and read zeros where they leave the image)
-    window:    k, the side of the square window in pixels
-    method:    "manual" (hand-written (k+1)x(k+1) block blend) or "grid_sample" (F.grid_sample);
-               both give the same numbers and gradients (tests/test_spot.py proves it)
-    returns    (B, N, C, k, k)
-    """
-    _check_images(images)
-    _check_positions(positions, images.shape[0])
-    _check_window(window, images.shape[-2:])
-    if method not in _EXTRACT:
-        raise ValueError(f"method must be one of {tuple(_EXTRACT)}, got {method!r}")
-    return _EXTRACT[method](images, positions, window)
-
-
 # -----------------------------------------------------------------------------
 # PAPER §2: continuous position embedding
 
@@ -225,7 +221,7 @@ def sincos_pos_embed(positions, dim, image_size, window, temperature=10000.0):
     """
     if dim % 4 != 0:
         raise ValueError(f"dim must be divisible by 4 for a 2D sin-cos embedding, got {dim}")
-    height, width = _pair(image_size, "image_size")
+    height, width = to_hw(image_size)
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, device=positions.device,
                                                dtype=torch.float32) / quarter)      # (dim/4,)
@@ -240,7 +236,6 @@ def sincos_pos_embed(positions, dim, image_size, window, temperature=10000.0):
 # PAPER §3: spatial priors
 
 PRIORS = ("uniform", "gaussian", "sobol", "isotropic", "center", "salient", "grid")
-_RANDOM_PRIORS = {"uniform", "gaussian", "sobol", "salient", "grid"}
 
 
 def isotropic_positions(n_tokens):
@@ -325,12 +320,12 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
     """
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(n_tokens, int) or n_tokens < 1:
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
-    height, width = _pair(image_size, "image_size")
-    _check_window(window, (height, width))
+    height, width = to_hw(image_size)
+    check_window(window, (height, width))
     B, N = batch_size, n_tokens
     device = generator.device if generator is not None else torch.device("cpu")
 
@@ -375,7 +370,8 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
 
 @dataclass
 class SPoTConfig:
-    image_size: int = 32          # int or (H, W)
+    """Everything that defines an SPoTViT; the model is SPoTViT(SPoTConfig(...)), as in nanoGPT."""
+    image_size: tuple = (32, 32)  # (H, W); an int means a square image
     window: int = 4               # k: each token reads a k x k window
     num_classes: int = 10
     dim: int = 192                # token width (divisible by 4 and by heads)
@@ -386,15 +382,29 @@ class SPoTConfig:
     image_mean: tuple = (0.5, 0.5, 0.5)   # the model normalizes its [0, 1] input itself, so
     image_std: tuple = (0.5, 0.5, 0.5)    # callers (oracle, plots) always pass raw images
 
+    def __post_init__(self):
+        self.image_size = to_hw(self.image_size)
+        check_window(self.window, self.image_size)
+        for name in ("num_classes", "dim", "depth", "heads", "in_chans"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.dim % 4 or self.dim % self.heads:
+            raise ValueError(f"dim must be divisible by 4 and by heads={self.heads}, got dim={self.dim}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
+            raise ValueError(f"image_mean and image_std need in_chans={self.in_chans} values each")
+
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v for (B, heads, T, d) tensors: scaled dot-product attention.
 
     On CUDA this is torch's fused kernel. On the CPU it is the same formula written out, because
-    there torch's fused kernel is slow to train through: in a bf16 training step of the CIFAR-10
-    CPU model its backward alone took half the step, and the three ops below make the whole step
-    2x faster (bench.py section 5 times both side by side: 2.00x in bf16, 0.99x in fp32). The
-    softmax runs in float32 even under bf16 autocast, as the fused kernels do internally.
+    torch's fused CPU kernel has a slow backward in bf16 (bench.py's attention section measures
+    both; the README gives the numbers). The softmax runs in float32 even under bf16 autocast,
+    as the fused kernels do internally.
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v)
@@ -444,6 +454,7 @@ class Block(nn.Module):
 class SPoTViT(nn.Module):
     """A ViT that reads an image through a *set* of subpixel token positions (PAPER §2).
 
+        model = SPoTViT(SPoTConfig(dim=128, depth=4))
         model(images, positions) -> logits (B, num_classes)
 
     images are (B, C, H, W) in [0, 1] (normalized inside with image_mean/std); positions are
@@ -455,33 +466,23 @@ class SPoTViT(nn.Module):
     position embeddings.
     """
 
-    def __init__(self, image_size=32, window=4, num_classes=10, dim=192, depth=6, heads=3,
-                 mlp_ratio=4.0, in_chans=3, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+    def __init__(self, config=None):
         super().__init__()
-        image_hw = _pair(image_size, "image_size")
-        _check_window(window, image_hw)
-        for name, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth),
-                            ("heads", heads), ("in_chans", in_chans)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if dim % 4 or dim % heads:
-            raise ValueError(f"dim must be divisible by 4 and by heads={heads}, got dim={dim}")
-        if len(image_mean) != in_chans or len(image_std) != in_chans:
-            raise ValueError(f"image_mean and image_std need in_chans={in_chans} values each")
-        self.config = SPoTConfig(image_size=image_size, window=window, num_classes=num_classes,
-                                 dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                                 in_chans=in_chans, image_mean=tuple(image_mean),
-                                 image_std=tuple(image_std))
-        self.image_hw = image_hw
-        self.window = window
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
-
-        self.patch_embed = nn.Linear(in_chans * window * window, dim)   # (C*k*k) -> dim
+        config = config if config is not None else SPoTConfig()
+        if not isinstance(config, SPoTConfig):
+            raise ValueError(f"config must be an SPoTConfig, got {type(config).__name__}")
+        self.config = config
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, -1, 1, 1),
+                             persistent=False)
+        k, dim = config.window, config.dim
+        self.patch_embed = nn.Linear(config.in_chans * k * k, dim)          # (C*k*k) -> dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, config.heads, config.mlp_ratio)
+                                     for _ in range(config.depth)])
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, config.num_classes)
         self.apply(self._init_weights)
         # timm/MAE init: the patch embedding like a conv (xavier on the flattened weight).
         nn.init.xavier_uniform_(self.patch_embed.weight)
@@ -498,16 +499,17 @@ class SPoTViT(nn.Module):
 
     def pos_embed(self, positions):
         """(B, N, 2) -> (B, N, dim): fixed continuous sin-cos embedding (no parameters)."""
-        return sincos_pos_embed(positions, self.config.dim, self.image_hw, self.window)
+        return sincos_pos_embed(positions, self.config.dim, self.config.image_size, self.config.window)
 
     def forward_features(self, images, positions):
         """images (B, C, H, W) in [0, 1], positions (B, N, 2) -> normed tokens (B, 1 + N, dim)."""
         _check_images(images)
-        if images.shape[1] != self.config.in_chans or tuple(images.shape[-2:]) != self.image_hw:
-            raise ValueError(f"images must be (B, {self.config.in_chans}, {self.image_hw[0]}, "
-                             f"{self.image_hw[1]}) for this model, got {tuple(images.shape)}")
+        (H, W), C = self.config.image_size, self.config.in_chans
+        if images.shape[1] != C or tuple(images.shape[-2:]) != (H, W):
+            raise ValueError(f"images must be (B, {C}, {H}, {W}) for this model, got "
+                             f"{tuple(images.shape)}")
         images = (images - self.image_mean) / self.image_std
-        windows = extract_patches(images, positions, self.window)            # (B, N, C, k, k)
+        windows = extract_patches(images, positions, self.config.window)     # (B, N, C, k, k)
         tokens = self.patch_embed(windows.flatten(2))                        # (B, N, dim)
         tokens = tokens + self.pos_embed(positions).to(tokens.dtype)
         cls = self.cls_token.expand(len(tokens), -1, -1)                     # (B, 1, dim)
@@ -525,32 +527,43 @@ class SPoTViT(nn.Module):
         return self.forward_head(self.forward_features(images, positions))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Rebuild an SPoTViT from a checkpoint written by train.py (eval mode).
+def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
+    """Rebuild an SPoTViT (eval mode) from a checkpoint written by train.py.
 
     The checkpoint is a dict with "model_config" (the SPoTConfig as a dict) and "model" (the
-    state dict); everything else in it (optimizer, scheduler, RNG states) is ignored here.
+    state dict); train.py adds its args, classes, optimizer and random states. It is read with
+    weights_only=True: a checkpoint is a file people download and share, and a full pickle could
+    run any code. With return_checkpoint=True -> (model, the whole checkpoint dict).
+    Raises ValueError naming the file when it is missing, unreadable or not an SPoT checkpoint.
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a checkpoint file; pass the checkpoint.pt "
+                         f"inside it (train.py writes <out>/checkpoint.pt)")
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (train.py writes <out>/checkpoint.pt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:   # truncated, empty, random bytes, or holding code (refused)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} could not be read as a checkpoint ({first_line}); it is "
+                         f"truncated, not a checkpoint, or holds objects other than tensors and "
+                         f"plain data, which are refused because loading them could run code") from None
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
         raise ValueError(f"{path} is not an SPoT checkpoint (expected a dict with 'model_config' "
                          f"and 'model', as train.py writes)")
-    config = dict(checkpoint["model_config"])
-    if isinstance(config.get("image_size"), list):
-        config["image_size"] = tuple(config["image_size"])
-    model = SPoTViT(**config)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-
-
-def model_config_dict(model):
-    """The dict stored under "model_config" in checkpoints."""
-    return asdict(model.config)
+    try:
+        model = SPoTViT(SPoTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: its model does not load ({str(error).splitlines()[0]})") from None
+    model = model.to(map_location).eval()
+    return (model, checkpoint) if return_checkpoint else model
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    model = SPoTViT(image_size=32, window=4, num_classes=10, dim=64, depth=2, heads=2)
+    model = SPoTViT(SPoTConfig(image_size=32, window=4, num_classes=10, dim=64, depth=2, heads=2))
     images = torch.rand(2, 3, 32, 32)
     generator = torch.Generator().manual_seed(0)
     for prior in PRIORS:

@@ -7,10 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import spot
-from spot import (PRIORS, SPoTViT, extract_patches, grid_positions, load_checkpoint,
-                  sample_positions, sincos_pos_embed)
+from dataclasses import asdict
 
-METHODS = ("manual", "grid_sample")
+from spot import (PRIORS, SPoTConfig, SPoTViT, extract_patches, extract_patches_reference,
+                  grid_positions, load_checkpoint, sample_positions, sincos_pos_embed)
+
+# The fast path (F.grid_sample) and the hand-written reference must both pass every check.
+SAMPLERS = {"grid_sample": extract_patches, "reference": extract_patches_reference}
+METHODS = tuple(SAMPLERS)
 
 
 def reference_grid_sample(images, positions, window):
@@ -55,7 +59,7 @@ def test_methods_match_each_other_and_grid_sample(channels, size, window):
     positions = torch.cat([torch.rand(2, 20, 2, generator=g), border.expand(2, -1, -1)], dim=1)
     expected = reference_grid_sample(images, positions, window)
     for method in METHODS:
-        got = extract_patches(images, positions, window, method=method)
+        got = SAMPLERS[method](images, positions, window)
         assert got.shape == (2, positions.shape[1], channels, window, window)
         assert (got - expected).abs().max() <= 1e-5, method
 
@@ -73,7 +77,7 @@ def test_gradcheck_images_and_positions(method):
     positions = ((start + window / 2) / torch.tensor([7.0, 8.0], dtype=torch.float64))
     positions.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda im, pos: extract_patches(im, pos, window, method=method), (images, positions))
+        lambda im, pos: SAMPLERS[method](im, pos, window), (images, positions))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,11 +88,11 @@ def test_grid_is_a_special_case(method, size, window):
     images = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(2))
     cells = grid_positions((H, W), window)
     positions = cells.expand(3, -1, -1)
-    got = extract_patches(images, positions, window, method=method)
+    got = SAMPLERS[method](images, positions, window)
     # The hand-written sampler is exact. grid_sample maps pixel coordinates to [-1, 1] and back
     # in float32, which is exact only when the image side is a power of two (32 here); other
     # sides pick up ~1e-6 px of round-off.
-    exact = method == "manual" or (H & (H - 1) == 0 and W & (W - 1) == 0)
+    exact = method == "reference" or (H & (H - 1) == 0 and W & (W - 1) == 0)
     assert (got - reshape_patchify(images, window)).abs().max() <= (1e-6 if exact else 2e-5)
 
 
@@ -98,8 +102,24 @@ def test_grid_special_case_at_224_manual_exact_grid_sample_close():
     images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     positions = grid_positions(224, 16).expand(2, -1, -1)
     expected = reshape_patchify(images, 16)
-    assert (extract_patches(images, positions, 16, method="manual") - expected).abs().max() <= 1e-6
-    assert (extract_patches(images, positions, 16, method="grid_sample") - expected).abs().max() <= 1e-4
+    assert (extract_patches_reference(images, positions, 16) - expected).abs().max() <= 1e-6
+    assert (extract_patches(images, positions, 16) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_images_at_224_px_read_like_float32(dtype):
+    """bf16/fp16 images at the paper's 224 px: the CPU grid_sample kernel used to read values
+    off by 0.5, return NaN, or crash the process; extract_patches now reads them in float32."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 224, 224, generator=g)
+    positions = torch.rand(2, 50, 2, generator=g)
+    for pos in (positions, positions.to(dtype)):       # float32 or 16-bit positions
+        low = images.to(dtype)
+        expected = extract_patches(low.float(), pos.float(), 16)   # the same inputs, in float32
+        got = extract_patches(low, pos, 16)
+        assert got.dtype == dtype and torch.isfinite(got.float()).all()
+        # Only the rounding of the result to 16 bits remains (bf16: 8 significant bits).
+        assert (got.float() - expected).abs().max() <= 2 ** -7
 
 
 def test_grid_positions_layout():
@@ -210,7 +230,7 @@ def tiny_model(**overrides):
     config = dict(image_size=16, window=4, num_classes=5, dim=32, depth=2, heads=2)
     config.update(overrides)
     torch.manual_seed(0)
-    return SPoTViT(**config).eval()
+    return SPoTViT(SPoTConfig(**config)).eval()
 
 
 def test_model_shapes_any_token_count_and_features():
@@ -287,7 +307,7 @@ def test_gradients_reach_positions():
 def test_load_checkpoint_round_trip(tmp_path):
     model = tiny_model(image_size=(16, 20), image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model_config": spot.model_config_dict(model), "model": model.state_dict()}, path)
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict()}, path)
     loaded = load_checkpoint(path)
     images, positions = torch.rand(2, 3, 16, 20), torch.rand(2, 9, 2)
     assert torch.equal(loaded(images, positions), model(images, positions))
@@ -295,6 +315,46 @@ def test_load_checkpoint_round_trip(tmp_path):
     torch.save({"weights": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not an SPoT checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it would call open(marker, "w"), creating the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_checkpoint_never_runs_code_from_the_file(tmp_path):
+    model = tiny_model()
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict(),
+                "args": {"payload": _RunsCode(str(marker))}}, path)
+    with pytest.raises(ValueError, match="could not be read"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    model = tiny_model()
+    good = tmp_path / "good.pt"
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict()}, good)
+    truncated, empty, noise = tmp_path / "truncated.pt", tmp_path / "empty.pt", tmp_path / "noise.pt"
+    truncated.write_bytes(good.read_bytes()[:500])
+    empty.write_bytes(b"")
+    noise.write_bytes(bytes(range(256)) * 8)
+    other = tmp_path / "other.pt"
+    torch.save({"model_config": {**asdict(model.config), "dim": 64}, "model": model.state_dict()},
+               other)
+    for path, words in [(truncated, "could not be read"), (empty, "could not be read"),
+                        (noise, "could not be read"), (tmp_path, "is a directory"),
+                        (tmp_path / "missing.pt", "does not exist"), (other, "does not load")]:
+        with pytest.raises(ValueError, match=words) as error:
+            load_checkpoint(path)
+        assert str(path) in str(error.value)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -309,7 +369,9 @@ def test_bad_input_errors_name_the_argument():
         (lambda: extract_patches(images, torch.full((2, 4, 2), float("inf")), 4), "inf"),
         (lambda: extract_patches(images, positions, 0), "window"),
         (lambda: extract_patches(images, positions, 17), "window"),
-        (lambda: extract_patches(images, positions, 4, method="bicubic"), "method"),
+        (lambda: SPoTConfig(dim=30, heads=4), "dim"),
+        (lambda: SPoTConfig(image_size=16, window=20), "window"),
+        (lambda: SPoTViT({"dim": 32}), "SPoTConfig"),
         (lambda: sample_positions("uniform", 2, 0, 16, 4), "n_tokens"),
         (lambda: sample_positions("random", 2, 4, 16, 4), "uniform"),
         (lambda: sample_positions("salient", 2, 4, 16, 4), "images"),
