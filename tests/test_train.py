@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+import cli
 import spot
 import train
 from conftest import ROOT
@@ -16,7 +18,7 @@ from conftest import ROOT
 TINY = ["--dataset", "shapes", "--image-size", "16", "--window", "4", "--dim", "32", "--depth", "1",
         "--heads", "2", "--mlp-ratio", "2", "--batch-size", "32", "--train-limit", "192",
         "--test-limit", "64", "--tokens", "4-16", "--eval-tokens", "4", "--lr", "3e-3",
-        "--warmup-epochs", "0.5", "--no-progress", "--threads", "1"]
+        "--warmup-epochs", "0.5", "--no-progress", "--threads", "1", "--precision", "fp32"]
 TIMING = {"img_per_s", "elapsed_s"}
 
 
@@ -27,17 +29,17 @@ def read_metrics(run_dir):
 
 def comparable(metrics):
     """Epoch-end metrics without wall-clock fields (partial lines come from capped runs)."""
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics if not m["partial"]]
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics if not m.get("partial")]
 
 
 def test_parse_tokens():
-    assert train.parse_tokens("16", 64) == [16]
-    assert train.parse_tokens("8-12", 64) == [8, 9, 10, 11, 12]
-    assert train.parse_tokens("4,16,8", 64) == [4, 8, 16]
-    assert train.parse_tokens("all", 64) == [64]
+    assert cli.parse_tokens("16", 64) == [16]
+    assert cli.parse_tokens("8-12", 64) == [8, 9, 10, 11, 12]
+    assert cli.parse_tokens("4,16,8", 64) == [4, 8, 16]
+    assert cli.parse_tokens("all", 64) == [64]
     for bad in ("0", "a-b", "", "5-2"):
         with pytest.raises(ValueError, match="--tokens"):
-            train.parse_tokens(bad, 64)
+            cli.parse_tokens(bad, 64)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -47,18 +49,37 @@ def test_lr_schedule_warms_up_then_decays():
     assert values[-1] == pytest.approx(0.01, abs=1e-3)
 
 
-def test_precision_auto_means_bf16_only_where_native(tmp_path):
-    cpu = torch.device("cpu")
-    assert train.use_bf16("bf16", cpu) and not train.use_bf16("fp32", cpu)
-    x86 = tmp_path / "x86"
-    x86.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
-    old = tmp_path / "old"
-    old.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
-    arm = tmp_path / "arm"
-    arm.write_text("Features\t: fp asimd sve i8mm bf16\n")
-    assert train.native_bf16_cpu(x86) and train.native_bf16_cpu(arm)
-    assert not train.native_bf16_cpu(old) and not train.native_bf16_cpu(tmp_path / "missing")
-    assert train.use_bf16("auto", cpu) == train.native_bf16_cpu()
+def test_precision_auto_is_decided_by_a_probe_on_the_cpu():
+    cpu, said = torch.device("cpu"), []
+    assert cli.choose_precision("bf16", cpu, None) and not cli.choose_precision("fp32", cpu, None)
+    bf16_faster = lambda bf16, fraction: fraction * (0.041 if bf16 else 0.063)
+    fp32_faster = lambda bf16, fraction: fraction * (0.063 if bf16 else 0.041)
+    emulated = lambda bf16, fraction: fraction * (2.0 if bf16 else 0.041)   # bf16 50x slower
+    assert cli.choose_precision("auto", cpu, bf16_faster, said.append)
+    assert not cli.choose_precision("auto", cpu, fp32_faster, said.append)
+    calls = []
+    assert not cli.choose_precision("auto", cpu, lambda *a: calls.append(a) or emulated(*a), said.append)
+    assert calls == [(False, 1.0), (True, 1 / 8)]          # no full-batch step of a hopeless bf16
+    assert said == ["precision: bf16 (probe: fp32 63 ms/step, bf16 41 ms/step)",
+                    "precision: fp32 (probe: fp32 41 ms/step, bf16 63 ms/step)",
+                    "precision: fp32 (probe: fp32 41 ms/step, bf16 250 ms for 1/8 of the batch)"]
+
+
+def test_precision_probe_runs_once_per_run_not_per_epoch_or_resume(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_probe(model, batch_size, n_tokens, device, bf16, steps=3):
+        calls.append((batch_size, n_tokens, bf16))
+        return 0.01 if bf16 else 0.02          # bf16 "faster"
+    monkeypatch.setattr(cli, "probe_step_seconds", fake_probe)
+    argv = [a for a in TINY if a not in ("--precision", "fp32")] + ["--epochs", "3", "--out", str(tmp_path / "r")]
+    train.main(argv + ["--max-steps", "8"])              # stops in epoch 2 of 3
+    # fp32 on the batch, bf16 on 1/8 of it, then on the batch; at the median budget of 4-16
+    assert calls == [(32, 10, False), (4, 10, True), (32, 10, True)]
+    train.main(argv + ["--resume"])
+    assert len(calls) == 3                                # the resumed run reuses the decision
+    metrics = read_metrics(tmp_path / "r")
+    assert {m.get("precision") for m in metrics if not m.get("final")} == {"bf16"}
 
 
 def test_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
@@ -67,23 +88,23 @@ def test_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     assert train.main(TINY + ["--epochs", "2", "--out", str(out)]) == 0
     assert signal.getsignal(signal.SIGINT) is before      # the caller's Ctrl-C handler is back
     metrics = read_metrics(out)
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    for key in ("epoch", "train_loss", "test_loss", "test_acc", "test_acc@4"):
-        assert key in metrics[-1]
-    model = spot.load_checkpoint(out / "checkpoint.pt")
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 12
+    assert [m["epoch"] for m in metrics] == [1, 2, 2] and metrics[-1]["final"]
+    for key in ("epoch", "train_loss", "val_loss", "val_acc", "val_acc@4"):
+        assert key in metrics[1]              # every epoch is judged on the validation split ...
+    assert {"test_loss", "test_acc", "test_acc@4"} <= set(metrics[2])   # ... test only at the end
+    assert not any(k.startswith("test") for m in metrics[:2] for k in m)
+    model, checkpoint = spot.load_checkpoint(out / "checkpoint.pt", return_checkpoint=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 12    # 192 images / 32 per step x 2
     # The reloaded model reproduces the logged test accuracy at the full grid.
     import data
     test = data.load_dataset("shapes", image_size=16, progress=False).test
     images, labels = test.images[:64].float() / 255, test.labels[:64]
     grid = spot.grid_positions(16, 4).expand(64, -1, -1)
-    bf16 = train.use_bf16("auto", torch.device("cpu"))     # the run's --precision auto
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad():
         acc = 100 * (model(images, grid).argmax(1) == labels).float().mean().item()
     assert acc == pytest.approx(metrics[-1]["test_acc"], abs=1e-6)
     # A second run into the same folder refuses to overwrite it.
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(SystemExit):
         train.main(TINY + ["--epochs", "2", "--out", str(out)])
 
 
@@ -93,10 +114,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     train.main(TINY + ["--epochs", "3", "--out", str(full)])
     train.main(TINY + ["--epochs", "3", "--out", str(split), "--max-steps", "8"])   # 6 steps/epoch
     assert read_metrics(split)[-1]["partial"]
-    train.main(TINY + ["--epochs", "3", "--out", str(split), "--resume"])
+    train.main(["--out", str(split), "--resume"])          # the run's own flags, from its checkpoint
     assert comparable(read_metrics(split)) == comparable(read_metrics(full))
-    a = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(split / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -138,14 +159,78 @@ def test_grid_all_tokens_trains_a_plain_grid_vit(tmp_path, monkeypatch):
             assert torch.equal(image[torch.argsort(image[:, 0] * 10 + image[:, 1])], grid)
 
 
-def test_bad_arguments_give_clear_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="does not exist"):
-        train.main(TINY + ["--out", str(tmp_path / "none"), "--resume"])
+@pytest.mark.parametrize("extra, words", [
+    (["--train-priors", "uniform,nope"], "nope"),
+    (["--tokens", "4-20", "--train-priors", "grid"], "grid"),
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--label-smoothing", "2"], "--label-smoothing"),
+    (["--augment-padding", "-1"], "--augment-padding"),
+    (["--test-limit", "0"], "--test-limit"), (["--train-limit", "-5"], "--train-limit"),
+    (["--max-steps", "0"], "--max-steps"), (["--threads", "0"], "--threads"),
+    (["--eval-tokens", "0"], "--eval-tokens"), (["--tokens", "100000"], "--tokens"),
+    (["--val-size", "1.5"], "--val-size"), (["--dim", "30"], "dim"),
+    (["--init-from", "nowhere.pt"], "--init-from"),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, monkeypatch, extra, words):
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--out", str(tmp_path / "x")] + extra)
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_out_must_be_a_writable_folder_without_an_old_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    (tmp_path / "file").write_text("")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"epoch": 1}\n')      # a new run must not append to it
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cases = [(tmp_path / "file", "is a file"), (old, "--resume"), (tmp_path / "none", "does not exist")]
+    if os.geteuid() != 0:                                      # root may write anywhere
+        cases.append((locked / "run", "not writable"))
+    for out, words in cases:
+        with pytest.raises(SystemExit):
+            train.main(TINY + ["--out", str(out)] + (["--resume"] if out.name == "none" else []))
+        assert words in capsys.readouterr().err, out
+
+
+def test_resume_refuses_changed_flags_naming_each(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "2", "--out", str(out), "--max-steps", "2"])
+    before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit):
-        train.main(TINY + ["--out", str(tmp_path / "x"), "--train-priors", "uniform,nope"])
-    assert "nope" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="grid"):
-        train.main(TINY + ["--out", str(tmp_path / "y"), "--tokens", "4-20", "--train-priors", "grid"])
+        train.main(TINY + ["--epochs", "3", "--lr", "1e-3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err.splitlines()[-1]             # the message, not the usage
+    assert "--epochs 3 (the run has 2)" in err and "--lr" in err and "--batch-size" not in err
+    with pytest.raises(SystemExit):
+        train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out), "--resume"])
+    assert "--dataset" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before      # nothing was overwritten
+    # flags that only change how it runs are fine
+    assert train.main(["--out", str(out), "--resume", "--threads", "1", "--no-progress"]) == 0
+
+
+def test_init_from_retrofits_a_grid_vit(tmp_path, capsys):
+    """PAPER §5 retrofitting: start SPoT training from a grid-trained ViT's weights."""
+    grid = tmp_path / "grid"
+    train.main(TINY + ["--epochs", "1", "--tokens", "all", "--train-priors", "grid", "--out", str(grid)])
+    source = spot.load_checkpoint(grid / "checkpoint.pt").state_dict()
+    retro = tmp_path / "retro"
+    train.main(TINY + ["--epochs", "1", "--max-steps", "1", "--lr", "1e-4", "--out", str(retro),
+                       "--init-from", str(grid / "checkpoint.pt")])
+    tuned = spot.load_checkpoint(retro / "checkpoint.pt").state_dict()
+    # one step of lr 1e-4 moves every weight by about 1e-4; a fresh init would differ by ~0.02
+    assert max((tuned[k] - source[k]).abs().max().item() for k in source) < 1e-3
+    with pytest.raises(SystemExit, match="dim"):
+        train.main(TINY + ["--dim", "64", "--out", str(tmp_path / "bad"), "--init-from",
+                           str(grid / "checkpoint.pt")])
+
+
+def test_data_errors_are_messages(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="image-size"):
+        train.main(TINY + ["--image-size", "8", "--window", "2", "--out", str(tmp_path / "small")])
     with pytest.raises(SystemExit, match="data"):
         train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--out",
                     str(tmp_path / "z"), "--no-progress"] + ["--cache-dir", str(tmp_path / "cache")])
@@ -154,14 +239,19 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
 def test_torchrun_two_processes_gloo(tmp_path):
     """DistributedDataParallel on the CPU: two gloo processes train, rank 0 logs and saves."""
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-               "29533", str(ROOT / "train.py")] + TINY + ["--epochs", "2", "--out", str(out)]
+    # A port free right now, not a fixed one (which an earlier or a parallel run may still hold).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
+               "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py")] + TINY + [
+               "--epochs", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = read_metrics(out)
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    assert result.stdout.count("done:") == 1           # only rank 0 logs
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert [m["epoch"] for m in metrics] == [1, 2, 2]
+    assert result.stdout.count("done:") == 1            # only rank 0 logs
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(checkpoint["rng"]) == 2                  # both processes' random streams
     assert checkpoint["step"] == 12                     # global batch 32 = 2 x 16 per process
     spot.load_checkpoint(out / "checkpoint.pt")
