@@ -1,6 +1,6 @@
 """
 oracle.py -- SPoT-ON, the oracle-guided token placement search (PAPER §4), and the evaluation
-table of PAPER §5-§6 (top-1 and kNN accuracy for every spatial prior and token budget).
+table of PAPER §5-§6 (top-1 and kNN accuracy, with 95 % intervals, for every prior and budget).
 
 Read beside PAPER.md:
 
@@ -11,21 +11,18 @@ Read beside PAPER.md:
                                     entropy of the model's own prediction, needs no label
     snap_to_grid     PAPER §4   move each found position to the nearest patch-grid centre: what is
                                 subpixel precision itself worth?
-    knn_accuracy     PAPER §5   DINO-style weighted kNN on the class-token feature
+    knn_predict      PAPER §5   DINO-style weighted kNN on the class-token feature
     evaluate         PAPER §6   the table: every prior x budget, then the SPoT-ON rows
-    sweep            (ours)     accuracy over a small (steps, lr) grid, to choose the defaults
-    time_oracle      (ours)     the search's cost per image and step vs. a forward + backward
 
 Run it on a checkpoint written by train.py:
 
     python oracle.py --checkpoint runs/shapes/checkpoint.pt --out runs/shapes/oracle
     python oracle.py --checkpoint runs/shapes/checkpoint.pt --out runs/shapes/oracle --limit 500 \
         --transfer-checkpoint runs/shapes_seed1/checkpoint.pt          # + transfer rows (§4)
-    python oracle.py --checkpoint runs/shapes/checkpoint.pt --out runs/sweep --sweep --limit 500
-    python oracle.py --checkpoint runs/shapes/checkpoint.pt --out runs/timing --time-oracle
 
 It writes DIR/results.json (every number, plus the settings) and DIR/results.md (a table laid
 out like PAPER §6: one row per (method, prior), one column per token budget, "top1 / knn").
+(The (steps, lr) sweep that chose the search defaults and the search's timing live in bench.py.)
 
 Why the oracle matters: with a fixed, frozen model, the only thing it changes is *where* the
 tokens look. Its accuracy is an upper bound on what any placement strategy could achieve with
@@ -38,29 +35,29 @@ import datetime
 import json
 import math
 import sys
-import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import spot
 
 __all__ = ["OBJECTIVES", "DEFAULT_STEPS", "DEFAULT_LR", "OracleResult", "oracle_search",
-           "per_image_objective", "snap_to_grid", "knn_accuracy", "sweep", "time_oracle",
-           "evaluate", "main"]
+           "per_image_objective", "snap_to_grid", "knn_predict", "knn_accuracy",
+           "bootstrap_interval", "evaluate", "main"]
 
 # -----------------------------------------------------------------------------
 # PAPER §4: the search
 
 OBJECTIVES = ("label", "entropy")
-# The official code runs 5 Adam steps at lr 3e-3 (normalized coordinates, 224 px images).
-# On small images a step of 3e-3 is a tenth of a pixel, so these placeholders are larger;
-# they are to be confirmed with `--sweep` on a trained model (see the README).
+# The official code runs 5 Adam steps at lr 3e-3 (normalized coordinates, 224 px images). On
+# 32 px images a step of 3e-3 is a tenth of a pixel, so these defaults were chosen by a
+# (steps, lr) sweep on *train* images (bench.py's oracle-sweep section; the README has the table).
 DEFAULT_STEPS = 20
 DEFAULT_LR = 1e-2
 ADAM_BETAS = (0.9, 0.999)
@@ -90,37 +87,6 @@ def per_image_objective(logits, labels, objective):
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-def _check_search_inputs(images, labels, positions, steps, lr, objective):
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
-        desc = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (B, C, H, W) in [0, 1] (uint8 / 255), "
-                         f"got {desc}")
-    B = images.shape[0]
-    if not torch.is_tensor(positions) or positions.dim() != 3 or positions.shape[-1] != 2:
-        desc = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
-        raise ValueError(f"positions must be a tensor (B, N, 2) of (y, x) in [0, 1], got {desc}")
-    if positions.shape[0] != B:
-        raise ValueError(f"positions has batch size {positions.shape[0]} but images has {B}")
-    if positions.shape[1] < 1:
-        raise ValueError("positions must hold at least one token (N >= 1)")
-    if not torch.isfinite(positions).all() or positions.min() < 0 or positions.max() > 1:
-        raise ValueError("positions must be finite and lie in [0, 1] (normalized (y, x))")
-    if objective == "label":
-        if labels is None:
-            raise ValueError("labels are required for objective='label' (the oracle uses the "
-                             "true label); use objective='entropy' for a label-free search")
-        if not torch.is_tensor(labels) or labels.shape != (B,) or labels.is_floating_point():
-            desc = f"{tuple(labels.shape)} {labels.dtype}" if torch.is_tensor(labels) else type(labels).__name__
-            raise ValueError(f"labels must be an integer tensor of shape ({B},) (one class index "
-                             f"per image), got {desc}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-
-
 def oracle_search(model, images, labels, positions, steps=DEFAULT_STEPS, lr=DEFAULT_LR,
                   objective="label"):
     """SPoT-ON (PAPER §4): argmin_S L(g(I, S), y) over each image's own positions, model frozen.
@@ -128,7 +94,7 @@ def oracle_search(model, images, labels, positions, steps=DEFAULT_STEPS, lr=DEFA
     model:     an SPoTViT (anything called as model(images, positions) -> logits)
     images:    (B, C, H, W) float in [0, 1]
     labels:    (B,) int64 true classes (objective="label"); may be None for "entropy"
-    positions: (B, N, 2) start positions S^0 in [0, 1], e.g. a prior sample (spot.sample_positions)
+    positions: (B, N, 2) start positions S^0, e.g. a prior sample (spot.sample_positions)
     steps, lr: Adam steps and step size in normalized coordinates (lr 1e-2 = 0.32 px at 32 px)
     -> OracleResult(positions (B, N, 2), trajectory (steps + 1, B, N, 2), losses (steps + 1, B))
 
@@ -146,7 +112,18 @@ def oracle_search(model, images, labels, positions, steps=DEFAULT_STEPS, lr=DEFA
     Adam is written out by hand below (it is five lines) rather than using torch.optim, so the
     update is visible, and there is no optimizer object that could leak state between calls.
     """
-    _check_search_inputs(images, labels, positions, steps, lr, objective)
+    # images and positions are checked by the model itself (spot.extract_patches); the rest here.
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "label" and (labels is None or not torch.is_tensor(labels)
+                                 or labels.shape != (len(images),) or labels.is_floating_point()):
+        raise ValueError(f"labels must be an integer tensor of shape ({len(images)},) for "
+                         f"objective='label' (the oracle uses the true label); use "
+                         f"objective='entropy' for a label-free search")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     images = images.detach()
     pos = positions.detach().to(device=images.device, dtype=torch.float32).clone()   # (B, N, 2)
     # Remember every module's mode (not just the top one: a caller may have mixed modes).
@@ -205,12 +182,12 @@ def snap_to_grid(positions, image_size, window):
 # -----------------------------------------------------------------------------
 # PAPER §5: kNN accuracy on the class-token feature
 
-def knn_accuracy(bank_features, bank_labels, features, labels, num_classes, k=20, temperature=0.07,
-                 chunk=1024):
-    """Weighted kNN classification, as in DINO's eval_knn -> accuracy in percent.
+def knn_predict(bank_features, bank_labels, features, num_classes, k=20, temperature=0.07,
+                chunk=1024):
+    """Weighted kNN classification, as in DINO's eval_knn -> predicted classes (Q,).
 
     bank_features (M, D), bank_labels (M,): the "training set" of the classifier
-    features (Q, D), labels (Q,): the images to classify
+    features (Q, D): the images to classify
     Features are L2-normalized, so the dot product is the cosine similarity. Each query takes
     its k most similar bank entries; entry j votes for its class with weight exp(sim_j / T).
     """
@@ -218,183 +195,229 @@ def knn_accuracy(bank_features, bank_labels, features, labels, num_classes, k=20
     queries = F.normalize(features.float(), dim=1)                       # (Q, D)
     bank_labels = bank_labels.to(bank.device)
     k = min(k, len(bank))
-    correct = 0
+    predictions = []
     for start in range(0, len(queries), chunk):
         q = queries[start:start + chunk]
-        sim = q @ bank.T                                                 # (q, M) cosine similarity
-        top_sim, top_idx = sim.topk(k, dim=1)                            # (q, k)
-        weights = (top_sim / temperature).exp()                          # (q, k)
+        top_sim, top_idx = (q @ bank.T).topk(k, dim=1)                   # (q, k) cosine similarity
         votes = torch.zeros(len(q), num_classes, device=q.device)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)             # (q, classes)
-        correct += (votes.argmax(1) == labels[start:start + chunk].to(q.device)).sum().item()
-    return 100.0 * correct / max(len(queries), 1)
+        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())  # (q, classes)
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions)
+
+
+def knn_accuracy(bank_features, bank_labels, features, labels, num_classes, k=20, temperature=0.07):
+    """knn_predict's accuracy on labelled queries, in percent."""
+    predictions = knn_predict(bank_features, bank_labels, features, num_classes, k, temperature)
+    return 100.0 * (predictions == labels.to(predictions.device)).sum().item() / max(len(labels), 1)
 
 
 # -----------------------------------------------------------------------------
-# Batched helpers. Splits stay uint8 on the CPU (data.py); each batch becomes float on `device`.
+# Error bars: a 95 % interval for every accuracy in the table
 
-POSITION_CHUNK = 256   # positions are drawn in fixed chunks, so they do not depend on --batch-size
+def bootstrap_interval(correct, resamples=1000, seed=0, level=0.95):
+    """(draws, n) or (n,) 0/1 correctness -> (accuracy %, low %, high %).
+
+    The accuracy is the mean over images of each image's accuracy averaged over the position
+    draws. The interval is the percentile bootstrap over images: resample the n images with
+    replacement `resamples` times and take the central `level` of the resampled accuracies. It
+    answers "how much would this number move on another test set of the same size?", so two
+    rows whose intervals overlap are a tie. (For n = 10,000 at 50 % it is about +-1 point.)
+    """
+    per_image = correct.float().reshape(-1, correct.shape[-1]).mean(0)          # (n,)
+    n = len(per_image)
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.cat([per_image[torch.randint(0, n, (min(100, resamples - i), n),
+                                               generator=generator)].mean(1)
+                       for i in range(0, resamples, 100)])                       # (resamples,)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return 100 * per_image.mean().item(), 100 * low.item(), 100 * high.item()
 
 
-def _float_images(images_uint8, device):
-    return images_uint8.to(device).float().div_(255)
+# -----------------------------------------------------------------------------
+# Whole splits in batches. Splits stay uint8 on the CPU (data.py); each batch becomes float on
+# `device`. Positions are drawn in fixed chunks, so they do not depend on --batch-size.
+
+POSITION_CHUNK = 256
+RANDOM_PRIORS = ("uniform", "gaussian", "sobol", "salient", "grid")   # a new draw, new positions
 
 
-def _seed_for(seed, *key):
-    """A stable seed per (seed, prior, budget, role). Python's hash() of a str is randomized per
-    process, so use CRC32: the same command gives the same positions, run after run."""
+def seed_for(seed, *key):
+    """A stable seed per (seed, prior, budget, role, ...). Python's hash() of a str is randomized
+    per process, so use CRC32: the same command gives the same positions, run after run."""
     return (seed * 1_000_003 + zlib.crc32(":".join(map(str, key)).encode())) % (2**63 - 1)
 
 
 def draw_positions(prior, images_uint8, n_tokens, image_size, window, seed, device):
-    """Positions for a whole split from one prior: (n, N, 2) on the CPU.
-
-    A fresh torch.Generator seeded from (seed, prior, N, ...) makes them reproducible; the draws
-    go in fixed chunks of POSITION_CHUNK images so the batch size of the evaluation does not
-    change them. "salient" needs the images (spot.saliency_map).
-    """
+    """Positions for a whole split from one prior: (n, N, 2) on the CPU, reproducible from seed.
+    "salient" needs the images (spot.saliency_map)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, len(images_uint8), POSITION_CHUNK):
         chunk = images_uint8[start:start + POSITION_CHUNK]
-        imgs = _float_images(chunk, device) if prior == "salient" else None
+        images = chunk.to(device).float().div_(255) if prior == "salient" else None
         out.append(spot.sample_positions(prior, len(chunk), n_tokens, image_size, window,
-                                         generator=generator, images=imgs).cpu())
+                                         generator=generator, images=images).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def predict(model, images_uint8, positions, device, batch_size, want_features=True):
-    """-> (predictions (n,), class-token features (n, D) or None), all on the CPU."""
+def predict(model, images_uint8, positions, device, batch_size, want_features=False):
+    """-> (predicted classes (n,), class-token features (n, D) or None), on the CPU."""
     model.eval()
-    preds, feats = [], []
+    predictions, features = [], []
     for start in range(0, len(images_uint8), batch_size):
-        images = _float_images(images_uint8[start:start + batch_size], device)
-        pos = positions[start:start + batch_size].to(device)
-        tokens = model.forward_features(images, pos)                  # (B, 1 + N, D)
-        preds.append(model.forward_head(tokens).argmax(1).cpu())
+        images = images_uint8[start:start + batch_size].to(device).float().div_(255)
+        tokens = model.forward_features(images, positions[start:start + batch_size].to(device))
+        predictions.append(model.forward_head(tokens).argmax(1).cpu())        # (B,)
         if want_features:
-            feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())   # (B, D)
-    return torch.cat(preds), (torch.cat(feats) if want_features else None)
+            features.append(model.forward_head(tokens, pre_logits=True).float().cpu())   # (B, D)
+    return torch.cat(predictions), (torch.cat(features) if want_features else None)
 
 
 def search_split(model, images_uint8, labels, start, device, batch_size, steps, lr, objective,
                  progress=False, desc="search"):
     """oracle_search over a whole split in batches -> final positions (n, N, 2) on the CPU."""
-    out = []
+    found = []
     for begin in tqdm(range(0, len(images_uint8), batch_size), desc=desc, leave=False,
                       disable=not progress, dynamic_ncols=True):
-        images = _float_images(images_uint8[begin:begin + batch_size], device)
+        images = images_uint8[begin:begin + batch_size].to(device).float().div_(255)
         y = labels[begin:begin + batch_size].to(device) if labels is not None else None
         result = oracle_search(model, images, y, start[begin:begin + batch_size].to(device),
                                steps=steps, lr=lr, objective=objective)
-        out.append(result.positions.cpu())
-    return torch.cat(out)
-
-
-def _accuracy(preds, labels):
-    return 100.0 * (preds == labels).sum().item() / len(labels)   # exact count, not a float32 mean
+        found.append(result.positions.cpu())
+    return torch.cat(found)
 
 
 # -----------------------------------------------------------------------------
 # PAPER §6: the table
 
-def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEFAULT_STEPS,
-             lr=DEFAULT_LR, limit=None, knn_limit=5000, knn_k=20, knn_temperature=0.07,
-             transfer_model=None, transfer_source=None, model_source=None, batch_size=128,
-             seed=0, device="cpu", progress=True):
-    """Every prior x budget, then SPoT-ON -> (rows, transfer_reverse).
+def table_row(method, prior, tokens, correct=None, knn_correct=None, seed=0, **extra):
+    """One cell of the table: accuracies with their 95 % intervals (None = not applicable).
+    correct / knn_correct: (draws, n) or (n,) 0/1 per image."""
+    row = {"method": method, "prior": prior, "tokens": tokens, **extra}
+    for name, values in (("top1", correct), ("knn", knn_correct)):
+        mean, low, high = (None, None, None) if values is None else bootstrap_interval(values, seed=seed)
+        row.update({name: mean, f"{name}_low": low, f"{name}_high": high})
+    row["n_images"] = None if correct is None else correct.shape[-1]
+    row["draws"] = None if correct is None else (correct.shape[0] if correct.dim() == 2 else 1)
+    return row
 
-    rows: [{"method", "prior", "tokens", "top1", "knn"(, "source")}], accuracies in percent or
-    None (None = not applicable, e.g. the grid prior above the grid size, or kNN for SPoT-ON).
 
-    kNN (PAPER §5): the bank is the first `knn_limit` train images, featurized with the SAME
-    prior and budget as the queries (a fresh draw), so it measures how good the class token is
-    when the model reads every image that way. SPoT-ON rows get no kNN: oracle positions are
-    chosen with the test label, so a kNN on them would leak it, and the label-free (entropy)
-    search would have to be run on every bank image too to be a fair comparison.
+def prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed, device,
+               batch_size, progress):
+    """PAPER §6, the prior rows: every prior x budget, top-1 and kNN, `draws` position draws for
+    the random priors (one for the deterministic isotropic and center lattices).
+
+    kNN (PAPER §5): the bank is featurized with the SAME prior and budget as the queries (a fresh
+    draw), so it measures how good the class token is when the model reads every image that way.
     """
     config = model.config
-    image_size, window, num_classes = config.image_size, config.window, config.num_classes
-    n_grid = len(spot.grid_positions(image_size, window))
-    test = dataset.test
-    n_test = len(test) if limit is None else min(limit, len(test))
-    test_x, test_y = test.images[:n_test], test.labels[:n_test]
-    n_bank = min(knn_limit, len(dataset.train))
-    bank_x, bank_y = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
-
-    def positions_for(prior, tokens, role, images):
-        return draw_positions(prior, images, tokens, image_size, window,
-                              _seed_for(seed, prior, tokens, role), device)
-
+    n_grid = len(spot.grid_positions(config.image_size, config.window))
+    (test_x, test_y), (bank_x, bank_y) = test, bank
     rows = []
-    bar = tqdm(total=len(budgets) * len(priors), desc="priors", disable=not progress,
-               dynamic_ncols=True)
-    for prior in priors:
-        for tokens in budgets:
-            bar.set_postfix(prior=prior, tokens=tokens)
-            if prior == "grid" and tokens > n_grid:   # patch dropout cannot exceed the grid
-                rows.append({"method": "prior", "prior": prior, "tokens": tokens,
-                             "top1": None, "knn": None})
-                bar.update()
-                continue
-            preds, feats = predict(model, test_x, positions_for(prior, tokens, "test", test_x),
-                                   device, batch_size, want_features=n_bank > 0)
-            knn = None
-            if n_bank > 0:
-                _, bank_feats = predict(model, bank_x, positions_for(prior, tokens, "bank", bank_x),
-                                        device, batch_size)
-                knn = knn_accuracy(bank_feats, bank_y, feats, test_y, num_classes, knn_k,
-                                   knn_temperature)
-            rows.append({"method": "prior", "prior": prior, "tokens": tokens,
-                         "top1": _accuracy(preds, test_y), "knn": knn})
-            bar.update()
-    bar.close()
-
-    # SPoT-ON (PAPER §4): start from the oracle_from prior -- the very positions of its row
-    # above (same seed), so the gain is measured on identical starting points.
-    reverse = []
-    for tokens in tqdm(budgets, desc="SPoT-ON", disable=not progress, dynamic_ncols=True):
-        def row(method, top1, **extra):
-            rows.append({"method": method, "prior": oracle_from, "tokens": tokens,
-                         "top1": top1, "knn": None, **extra})
-        if oracle_from == "grid" and tokens > n_grid:
-            for method in ("spot-on", "spot-on-entropy", "spot-on-snapped"):
-                row(method, None)
-            if transfer_model is not None:
-                row("spot-on-transfer", None, source=transfer_source)
+    for prior, tokens in tqdm([(p, n) for p in priors for n in budgets], desc="priors",
+                              disable=not progress, dynamic_ncols=True):
+        if prior == "grid" and tokens > n_grid:              # patch dropout cannot exceed the grid
+            rows.append(table_row("prior", prior, tokens))
             continue
-        start = positions_for(oracle_from, tokens, "test", test_x)                  # (n, N, 2)
-        found = search_split(model, test_x, test_y, start, device, batch_size, steps, lr, "label",
-                             progress, desc=f"oracle {tokens}T")
-        row("spot-on", _accuracy(predict(model, test_x, found, device, batch_size, False)[0], test_y))
-        free = search_split(model, test_x, None, start, device, batch_size, steps, lr, "entropy",
-                            progress, desc=f"entropy {tokens}T")
-        row("spot-on-entropy", _accuracy(predict(model, test_x, free, device, batch_size, False)[0], test_y))
-        snapped = snap_to_grid(found, image_size, window)
-        row("spot-on-snapped", _accuracy(predict(model, test_x, snapped, device, batch_size, False)[0], test_y))
+        bank_features = None
+        if len(bank_x):
+            bank_positions = draw_positions(prior, bank_x, tokens, config.image_size, config.window,
+                                            seed_for(seed, prior, tokens, "bank"), device)
+            bank_features = predict(model, bank_x, bank_positions, device, batch_size, True)[1]
+        correct, knn_correct = [], []
+        for draw in range(draws if prior in RANDOM_PRIORS else 1):
+            key = (prior, tokens, "test") + ((draw,) if draw else ())    # draw 0: SPoT-ON's start
+            positions = draw_positions(prior, test_x, tokens, config.image_size, config.window,
+                                       seed_for(seed, *key), device)
+            predictions, features = predict(model, test_x, positions, device, batch_size,
+                                            want_features=bank_features is not None)
+            correct.append(predictions == test_y)
+            if bank_features is not None:
+                knn_correct.append(knn_predict(bank_features, bank_y, features,
+                                               config.num_classes, knn_k, knn_temperature) == test_y)
+        rows.append(table_row("prior", prior, tokens, torch.stack(correct),
+                              torch.stack(knn_correct) if knn_correct else None, seed))
+    return rows
+
+
+def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batch_size, progress,
+                transfer_model=None, transfer_source=None, model_source=None):
+    """PAPER §4 and §6, the SPoT-ON rows, per budget: the label oracle, its label-free (entropy)
+    twin, the oracle snapped to the grid, and (with a second model) oracle positions found by the
+    other model -> (rows, transfer_reverse). Every search starts from the very positions of the
+    `oracle_from` prior row (same seed), so the gain is measured on identical starting points.
+
+    SPoT-ON rows get no kNN: oracle positions are chosen with the test label, so a kNN on them
+    would leak it.
+    """
+    config = model.config
+    n_grid = len(spot.grid_positions(config.image_size, config.window))
+    test_x, test_y = test
+    search = lambda net, labels, start, objective, desc: search_split(
+        net, test_x, labels, start, device, batch_size, steps, lr, objective, progress, desc)
+    correct = lambda net, positions: predict(net, test_x, positions, device, batch_size)[0] == test_y
+    rows, reverse = [], []
+    for tokens in budgets:
+        methods = ["spot-on", "spot-on-entropy", "spot-on-snapped"]
+        extra = {"spot-on-transfer": {"source": transfer_source}} if transfer_model else {}
+        if oracle_from == "grid" and tokens > n_grid:
+            rows += [table_row(m, oracle_from, tokens, **extra.get(m, {})) for m in methods + list(extra)]
+            continue
+        start = draw_positions(oracle_from, test_x, tokens, config.image_size, config.window,
+                               seed_for(seed, oracle_from, tokens, "test"), device)   # (n, N, 2)
+        oracle_positions = search(model, test_y, start, "label", f"oracle {tokens}T")
+        entropy_positions = search(model, None, start, "entropy", f"entropy {tokens}T")
+        snapped_positions = snap_to_grid(oracle_positions, config.image_size, config.window)
+        for method, positions in zip(methods, (oracle_positions, entropy_positions, snapped_positions)):
+            rows.append(table_row(method, oracle_from, tokens, correct(model, positions), seed=seed))
         if transfer_model is not None:
             # PAPER §4, finding 4: positions found with another, independently trained model.
-            other = search_split(transfer_model, test_x, test_y, start, device, batch_size, steps,
-                                 lr, "label", progress, desc=f"transfer {tokens}T")
-            row("spot-on-transfer",
-                _accuracy(predict(model, test_x, other, device, batch_size, False)[0], test_y),
-                source=transfer_source)
+            transfer_positions = search(transfer_model, test_y, start, "label", f"transfer {tokens}T")
+            rows.append(table_row("spot-on-transfer", oracle_from, tokens,
+                                  correct(model, transfer_positions), seed=seed, source=transfer_source))
             # The reverse direction costs three forward passes: our positions on the other model,
             # next to that model's own prior and own oracle accuracy on the same images.
-            acc = lambda pos: _accuracy(predict(transfer_model, test_x, pos, device, batch_size,
-                                                False)[0], test_y)
+            on_other = lambda positions: 100 * correct(transfer_model, positions).float().mean().item()
             reverse.append({"model": transfer_source, "source": model_source, "prior": oracle_from,
-                            "tokens": tokens, "top1_prior": acc(start), "top1_own_oracle": acc(other),
-                            "top1_transfer": acc(found)})
+                            "tokens": tokens, "top1_prior": on_other(start),
+                            "top1_own_oracle": on_other(transfer_positions),
+                            "top1_transfer": on_other(oracle_positions)})
     return rows, reverse
 
 
+def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEFAULT_STEPS,
+             lr=DEFAULT_LR, limit=None, knn_limit=5000, knn_k=20, knn_temperature=0.07, draws=1,
+             transfer_model=None, transfer_source=None, model_source=None, split="test",
+             batch_size=128, seed=0, device="cpu", progress=True):
+    """Every prior x budget, then SPoT-ON -> (rows, transfer_reverse).
+
+    rows: [{"method", "prior", "tokens", "top1", "top1_low", "top1_high", "knn", "knn_low",
+    "knn_high", "n_images", "draws"(, "source")}], accuracies in percent with 95 % intervals, or
+    None where not applicable (the grid prior above the grid size, kNN for SPoT-ON).
+    The images are the first `limit` of `split` ("test", or "val" to choose settings without
+    touching the test set); the kNN bank is the first `knn_limit` train images.
+    """
+    images = getattr(dataset, split)
+    n = len(images) if limit is None else min(limit, len(images))
+    test = images.images[:n], images.labels[:n]
+    n_bank = min(knn_limit, len(dataset.train))
+    bank = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
+    rows = prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed,
+                      device, batch_size, progress)
+    more, reverse = search_rows(model, test, budgets, oracle_from, steps, lr, seed, device,
+                                batch_size, progress, transfer_model, transfer_source, model_source)
+    return rows + more, reverse
+
+
 def _cell(row):
+    """'55.9 ±1.0 / 55.5 ±1.0': top-1 / kNN, each ± half its 95 % interval."""
     if row is None or row["top1"] is None:
         return "n/a"
-    knn = "–" if row["knn"] is None else f"{row['knn']:.1f}"
-    return f"{row['top1']:.1f} / {knn}"
+    text = lambda name: (f"{row[name]:.1f} ±{(row[f'{name}_high'] - row[f'{name}_low']) / 2:.1f}"
+                         if row.get(f"{name}_low") is not None else f"{row[name]:.1f}")
+    return f"{text('top1')} / " + ("–" if row["knn"] is None else text("knn"))
 
 
 METHOD_LABELS = {"prior": "SPoT", "spot-on": "SPoT-ON (label oracle)",
@@ -404,18 +427,19 @@ METHOD_LABELS = {"prior": "SPoT", "spot-on": "SPoT-ON (label oracle)",
 
 def results_markdown(rows, budgets, settings, reverse=()):
     """The table of PAPER §6: grid row first, then the other priors, then the SPoT-ON rows."""
-    lines = [f"# SPoT evaluation: {settings['checkpoint']}", "",
-             f"{settings['dataset']} test split, {settings['n_test']} images; kNN bank "
-             f"{settings['n_bank']} train images (k={settings['knn_k']}, "
-             f"T={settings['knn_temperature']}). Cell = top-1 % / kNN % "
-             f"(\"–\" = not computed, \"n/a\" = not applicable). SPoT-ON: {settings['oracle_steps']} "
-             f"Adam steps, lr {settings['oracle_lr']}, from the {settings['oracle_from']} prior.", "",
+    lines = [f"# SPoT evaluation: {settings.get('run') or settings['checkpoint']}", "",
+             f"{settings['dataset']} {settings['split']} split, {settings['n_test']} images; kNN "
+             f"bank {settings['n_bank']} train images (k={settings['knn_k']}, "
+             f"T={settings['knn_temperature']}). Cell = top-1 % / kNN %, each ± half its 95 % "
+             f"bootstrap interval over images ({settings['draws']} position draw(s) for random "
+             f"priors); \"–\" = not computed, \"n/a\" = not applicable. SPoT-ON: "
+             f"{settings['oracle_steps']} Adam steps, lr {settings['oracle_lr']}, from the "
+             f"{settings['oracle_from']} prior.", "",
              "| Method | Prior | " + " | ".join(f"{b} T" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
     table = {}
     for r in rows:
-        key = (r["method"], r["prior"], r.get("source"))
-        table.setdefault(key, {})[r["tokens"]] = r
+        table.setdefault((r["method"], r["prior"], r.get("source")), {})[r["tokens"]] = r
     methods = list(METHOD_LABELS)
     keys = sorted(table, key=lambda k: (methods.index(k[0]), k[0] == "prior" and k[1] != "grid"))
     for key in keys:     # sorted() is stable: priors keep their command-line order after grid
@@ -423,150 +447,19 @@ def results_markdown(rows, budgets, settings, reverse=()):
         label = "ViT (patch grid)" if (method, prior) == ("prior", "grid") else METHOD_LABELS[method]
         if source:
             label += f" from {Path(source).parent.name or source}"
-        cells = [_cell(table[key].get(b)) for b in budgets]
-        lines.append(f"| {label} | {prior} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {prior} | " + " | ".join(_cell(table[key].get(b)) for b in budgets) + " |")
     if reverse:
         lines += ["", "Transfer, the other way: positions found with this model, evaluated on the "
                   "transfer model (top-1 %).", "",
                   "| Model | Tokens | its prior | its own oracle | our oracle positions |",
                   "|---|---|---|---|---|"]
-        for r in reverse:
-            lines.append(f"| {r['model']} | {r['tokens']} | {r['top1_prior']:.1f} | "
-                         f"{r['top1_own_oracle']:.1f} | {r['top1_transfer']:.1f} |")
+        lines += [f"| {r['model']} | {r['tokens']} | {r['top1_prior']:.1f} | "
+                  f"{r['top1_own_oracle']:.1f} | {r['top1_transfer']:.1f} |" for r in reverse]
     return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------
-# Choosing the defaults: a small (steps, lr) sweep
-
-SWEEP_STEPS = (5, 10, 20, 40)
-SWEEP_LRS = (3e-3, 1e-2, 3e-2)
-
-
-def sweep(model, images_uint8, labels, budgets, prior="isotropic", steps_grid=SWEEP_STEPS,
-          lr_grid=SWEEP_LRS, objectives=OBJECTIVES, batch_size=128, seed=0, device="cpu",
-          progress=True):
-    """Top-1 accuracy and mean objective for every (objective, budget, lr, steps) -> list of dicts.
-
-    One search of max(steps_grid) steps per (objective, budget, lr) is enough: the hand-written
-    Adam has no schedule, so the first s steps of a long search ARE an s-step search, and
-    trajectory[s] gives its positions. steps = 0 (the prior itself) is included as the baseline.
-    """
-    config = model.config
-    max_steps = max(steps_grid)
-    checkpoints = sorted({0, *steps_grid})
-    results = []
-    jobs = [(o, n, lr) for o in objectives for n in budgets for lr in lr_grid]
-    for objective, tokens, lr in tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True):
-        start = draw_positions(prior, images_uint8, tokens, config.image_size, config.window,
-                               _seed_for(seed, prior, tokens, "sweep"), device)
-        correct = {s: 0 for s in checkpoints}
-        loss_sum = {s: 0.0 for s in checkpoints}
-        for begin in range(0, len(images_uint8), batch_size):
-            images = _float_images(images_uint8[begin:begin + batch_size], device)
-            y = labels[begin:begin + batch_size].to(device)
-            result = oracle_search(model, images, y if objective == "label" else None,
-                                   start[begin:begin + batch_size].to(device), steps=max_steps,
-                                   lr=lr, objective=objective)
-            with torch.no_grad():
-                for s in checkpoints:
-                    correct[s] += (model(images, result.trajectory[s]).argmax(1) == y).sum().item()
-                    loss_sum[s] += result.losses[s].sum().item()
-        for s in checkpoints:
-            results.append({"objective": objective, "tokens": tokens, "lr": lr, "steps": s,
-                            "top1": 100.0 * correct[s] / len(images_uint8),
-                            "loss": loss_sum[s] / len(images_uint8)})
-    return results
-
-
-def sweep_markdown(results, budgets, settings):
-    lines = [f"# SPoT-ON (steps, lr) sweep: {settings['checkpoint']}", "",
-             f"First {settings['n_images']} *train* images of {settings['dataset']} (the test split "
-             f"is never used to choose the defaults); start prior {settings['oracle_from']}. "
-             "Cell = top-1 % (mean objective). steps = 0 is the prior itself.", ""]
-    best = {}
-    for objective in dict.fromkeys(r["objective"] for r in results):
-        lines += [f"## objective = {objective}", "",
-                  "| lr | steps | " + " | ".join(f"{b} T" for b in budgets) + " | mean top-1 |",
-                  "|---|---|" + "---|" * (len(budgets) + 1)]
-        cells = {}
-        for r in results:
-            if r["objective"] == objective:
-                cells.setdefault((r["lr"], r["steps"]), {})[r["tokens"]] = r
-        for (lr, steps), by_tokens in sorted(cells.items(), key=lambda kv: (kv[0][1] > 0, kv[0])):
-            if steps == 0 and lr != min(lr_ for lr_, _ in cells):
-                continue       # the prior row is the same for every lr; show it once
-            mean = sum(by_tokens[b]["top1"] for b in budgets) / len(budgets)
-            if steps > 0 and (objective not in best or mean > best[objective][2]):
-                best[objective] = (steps, lr, mean)
-            lines.append(f"| {'-' if steps == 0 else lr} | {steps} | " + " | ".join(
-                f"{by_tokens[b]['top1']:.1f} ({by_tokens[b]['loss']:.3f})" for b in budgets)
-                + f" | {mean:.2f} |")
-        lines.append("")
-    for objective, (steps, lr, mean) in best.items():
-        lines.append(f"Best for {objective}: steps={steps}, lr={lr} (mean top-1 {mean:.2f} %).")
-    return "\n".join(lines) + "\n", best
-
-
-# -----------------------------------------------------------------------------
-# What does the oracle cost?
-
-def time_oracle(model, images, labels, positions, steps=DEFAULT_STEPS, lr=DEFAULT_LR, repeats=3):
-    """Wall-clock seconds per image: one forward, one forward + backward (training-style, w.r.t.
-    the parameters), one oracle step, and a whole search; and their ratios. Median of `repeats`
-    after one warm-up. Leaves no gradients behind (autograd.grad, not .backward()).
-
-    A step is the whole search / steps, so it includes a share of the final forward that scores
-    the last positions. Expect a step to cost about one forward + backward: the backward pass
-    skips the weight gradients but still runs back through every layer to the positions."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    B = len(images)
-
-    def median_time(fn):
-        fn()   # warm-up (allocator, kernels)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    def forward():
-        with torch.no_grad():
-            model(images, positions)
-
-    def forward_backward():
-        loss = F.cross_entropy(model(images, positions), labels)
-        torch.autograd.grad(loss, params)
-
-    def search():
-        oracle_search(model, images, labels, positions, steps=steps, lr=lr)
-
-    try:
-        t_fwd, t_fb, t_search = median_time(forward), median_time(forward_backward), median_time(search)
-    finally:
-        model.train(was_training)
-    step = t_search / max(steps, 1)
-    return {"batch_size": B, "tokens": positions.shape[1], "steps": steps,
-            "forward_s_per_image": t_fwd / B, "forward_backward_s_per_image": t_fb / B,
-            "oracle_step_s_per_image": step / B, "oracle_search_s_per_image": t_search / B,
-            "step_vs_forward_backward": step / t_fb, "search_vs_forward": t_search / t_fwd}
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-def parse_list(text, name, cast, parser):
-    try:
-        values = [cast(v.strip()) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        parser.error(f"{name} must be a comma-separated list, got {text!r}")
-    return values
-
+# Command line: every flag is checked here, before a model or an image is loaded
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -574,171 +467,112 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    add("--name", default=None, help="a run name for the table and results.json, e.g. cifar10-spot "
+        "(default: the checkpoint's folder name)")
     add("--dataset", default=None, choices=data.DATASETS,
         help="dataset (default: the one stored in the checkpoint)")
     add("--data-dir", default=None, help="dataset folder (default: the checkpoint's)")
     add("--image-size", type=int, default=None, help="image side (default: the checkpoint's)")
     add("--cache-dir", default=None, help="decoded-image cache (default: the checkpoint's or data.py's)")
+    add("--split", default="test", choices=("test", "val"),
+        help="images to evaluate: the test split, or the validation split held out of train by "
+             "train.py's --val-size (choose settings on val; read test once, for the final table)")
     add("--tokens", default="4,8,16,32,64", help="token budgets, comma-separated")
     add("--priors", default="grid,uniform,gaussian,sobol,isotropic,center,salient",
         help=f"priors to evaluate, from {spot.PRIORS}")
-    add("--oracle-from", default="isotropic", help="prior the SPoT-ON search starts from")
+    add("--draws", type=int, default=1, help="position draws per random prior (for the interval)")
+    add("--oracle-from", default="isotropic", choices=spot.PRIORS, help="prior the SPoT-ON search starts from")
     add("--oracle-steps", type=int, default=DEFAULT_STEPS, help="Adam steps of the search")
     add("--oracle-lr", type=float, default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
-    add("--limit", type=int, default=None,
-        help="evaluate the first N test images (default: all); with --sweep: the first N train "
-             "images (default 500)")
+    add("--limit", type=int, default=None, help="evaluate the first N images of --split (default: all)")
     add("--knn-limit", type=int, default=5000, help="kNN bank = first M train images (0 = no kNN)")
     add("--knn-k", type=int, default=20, help="neighbours of the kNN vote")
     add("--knn-temperature", type=float, default=0.07, help="kNN vote weight exp(sim / T)")
     add("--transfer-checkpoint", default=None,
         help="a second model: its oracle positions are evaluated on --checkpoint (and vice versa)")
     add("--batch-size", type=int, default=128)
-    add("--seed", type=int, default=0, help="seed of the position draws")
+    add("--seed", type=int, default=0, help="seed of the position draws and the bootstrap")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=int, default=None, help="CPU threads for torch")
-    add("--sweep", action="store_true",
-        help="instead of the table: accuracy over steps x lr on train images -> DIR/sweep.{json,md}")
-    add("--time-oracle", action="store_true",
-        help="instead of the table: the oracle's cost vs. forward+backward -> DIR/timing.json")
+    add("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     add("--out", required=True, help="output folder")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = parser.parse_args(argv)
 
-    args.tokens = parse_list(args.tokens, "--tokens", int, parser)
-    if min(args.tokens) < 1:
-        parser.error(f"--tokens: every token budget must be >= 1, got {args.tokens}")
-    args.priors = parse_list(args.priors, "--priors", str, parser)
+    args.tokens = cli.parse_int_list(args.tokens, "--tokens", parser)
+    args.priors = [p.strip() for p in args.priors.split(",") if p.strip()]
     unknown = [p for p in args.priors if p not in spot.PRIORS]
-    if unknown:
-        parser.error(f"--priors: unknown prior(s) {unknown}; choose from {spot.PRIORS}")
-    if args.oracle_from not in spot.PRIORS:
-        parser.error(f"--oracle-from: unknown prior {args.oracle_from!r}; choose from {spot.PRIORS}")
-    for name in ("oracle_steps", "knn_limit"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "knn_k", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.oracle_lr > 0:
-        parser.error(f"--oracle-lr must be > 0, got {args.oracle_lr}")
-    if not args.knn_temperature > 0:
-        parser.error(f"--knn-temperature must be > 0, got {args.knn_temperature}")
+    if unknown or not args.priors:
+        parser.error(f"--priors: unknown prior(s) {unknown or args.priors}; choose from {spot.PRIORS}")
+    for name, low in (("oracle_steps", 0), ("knn_limit", 0), ("batch_size", 1), ("knn_k", 1),
+                      ("limit", 1), ("draws", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("oracle_lr", "knn_temperature"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
     for name in ("checkpoint", "transfer_checkpoint"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
-            parser.error(f"--{name.replace('_', '-')}: {path} does not exist (expected a "
-                         f"checkpoint.pt written by train.py)")
-    return parser, args
-
-
-def _load_model(path, device, parser, flag):
+            parser.error(f"--{name.replace('_', '-')}: {path} " + ("is a directory; pass the checkpoint.pt "
+                         "inside it" if Path(path).is_dir() else "does not exist (expected a "
+                         "checkpoint.pt written by train.py)"))
     try:
-        model = spot.load_checkpoint(path, map_location=device)
+        args.device = cli.resolve_device(args.device)
+        cli.check_out_dir(args.out, "--out")
     except ValueError as error:
-        parser.error(f"{flag}: {error}")
-    checkpoint_args = torch.load(path, map_location="cpu", weights_only=False).get("args") or {}
-    return model.eval(), dict(checkpoint_args)
+        parser.error(str(error))
+    return parser, args
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
-    device = torch.device(args.device)
-
-    model, ckpt_args = _load_model(args.checkpoint, device, parser, "--checkpoint")
-    # Dataset, folder and size default to what the model was trained on (train.py stores args).
-    dataset_name = args.dataset or ckpt_args.get("dataset")
-    if dataset_name is None:
-        parser.error("--dataset: the checkpoint stores no dataset name; pass --dataset")
-    data_dir = args.data_dir if args.data_dir is not None else ckpt_args.get("data_dir")
-    image_size = args.image_size or ckpt_args.get("image_size") or model.config.image_size
-    cache_dir = args.cache_dir if args.cache_dir is not None else ckpt_args.get("cache_dir")
-    data_seed = ckpt_args.get("seed", 0)    # the shapes data depend on train.py's --seed
     try:
-        dataset = data.load_dataset(dataset_name, data_dir, image_size=image_size, seed=data_seed,
-                                    cache_dir=cache_dir, progress=args.progress)
-    except data.DataError as error:
+        model, saved = spot.load_checkpoint(args.checkpoint, args.device, return_checkpoint=True)
+        n_grid = len(spot.grid_positions(model.config.image_size, model.config.window))
+        if max(args.tokens) > 4 * n_grid:      # more is not a sparse budget, and may not fit in memory
+            parser.error(f"--tokens: at most 4x the {n_grid} grid cells ({4 * n_grid}), got {max(args.tokens)}")
+        transfer_model = None
+        if args.transfer_checkpoint:
+            transfer_model = spot.load_checkpoint(args.transfer_checkpoint, args.device)
+            if (transfer_model.config.image_size, transfer_model.config.num_classes) != \
+                    (model.config.image_size, model.config.num_classes):
+                parser.error("--transfer-checkpoint: the model must read the same images and "
+                             "predict the same classes as --checkpoint")
+        dataset = cli.load_data_for(args.checkpoint, saved, args.dataset, args.data_dir,
+                                args.image_size, args.cache_dir, args.progress)
+    except ValueError as error:
+        parser.error(str(error))
+    except data.DataError as error:      # a paragraph for the user, no usage text
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except ValueError as error:
-        parser.error(f"--dataset/--data-dir/--image-size: {error}")
-    if tuple(dataset.image_size) != tuple(model.image_hw):
-        parser.error(f"--image-size: the data are {dataset.image_size} but the model reads "
-                     f"{model.image_hw} images")
-
-    transfer_model = None
-    if args.transfer_checkpoint:
-        transfer_model, _ = _load_model(args.transfer_checkpoint, device, parser,
-                                        "--transfer-checkpoint")
-        if (transfer_model.image_hw != model.image_hw
-                or transfer_model.config.num_classes != model.config.num_classes
-                or transfer_model.config.in_chans != model.config.in_chans):
-            parser.error("--transfer-checkpoint: the model must read the same images and predict "
-                         "the same classes as --checkpoint")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {**{k: v for k, v in vars(args).items()},
-                "dataset": dataset_name, "data_dir": data_dir, "image_size": list(model.image_hw),
-                "data_seed": data_seed, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "torch": torch.__version__, "model_config": spot.model_config_dict(model)}
-
-    if args.time_oracle:
-        n = min(args.batch_size, len(dataset.test))
-        images = _float_images(dataset.test.images[:n], device)
-        labels = dataset.test.labels[:n].to(device)
-        timing = {}
-        for tokens in args.tokens:
-            positions = spot.sample_positions(args.oracle_from, n, tokens, model.config.image_size,
-                                              model.config.window, images=images,
-                                              generator=torch.Generator(device=device).manual_seed(args.seed))
-            t = time_oracle(model, images, labels, positions, args.oracle_steps, args.oracle_lr)
-            timing[str(tokens)] = t
-            print(f"{tokens:>4} tokens: forward {1e3 * t['forward_s_per_image']:.3f} ms/img, "
-                  f"forward+backward {1e3 * t['forward_backward_s_per_image']:.3f} ms/img, oracle "
-                  f"step {1e3 * t['oracle_step_s_per_image']:.3f} ms/img = "
-                  f"{t['step_vs_forward_backward']:.2f}x forward+backward; whole {args.oracle_steps}-"
-                  f"step search = {t['search_vs_forward']:.1f}x a forward pass")
-        (out / "timing.json").write_text(json.dumps({"settings": settings, "timing": timing}, indent=2))
-        print(f"wrote {out / 'timing.json'}")
-        return 0
-
-    if args.sweep:
-        n = min(args.limit or 500, len(dataset.train))
-        settings["n_images"] = n
-        results = sweep(model, dataset.train.images[:n], dataset.train.labels[:n], args.tokens,
-                        prior=args.oracle_from, batch_size=args.batch_size, seed=args.seed,
-                        device=device, progress=args.progress)
-        text, best = sweep_markdown(results, args.tokens, settings)
-        (out / "sweep.json").write_text(json.dumps(
-            {"settings": settings, "results": results,
-             "best": {o: {"steps": s, "lr": lr, "mean_top1": m} for o, (s, lr, m) in best.items()}},
-            indent=2))
-        (out / "sweep.md").write_text(text)
-        print(text)
-        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
-        return 0
+    if args.split == "val" and dataset.val is None:
+        parser.error("--split val: this run held out no validation images (train.py --val-size 0)")
 
     rows, reverse = evaluate(
         model, dataset, args.tokens, args.priors, oracle_from=args.oracle_from,
         steps=args.oracle_steps, lr=args.oracle_lr, limit=args.limit, knn_limit=args.knn_limit,
-        knn_k=args.knn_k, knn_temperature=args.knn_temperature, transfer_model=transfer_model,
-        transfer_source=args.transfer_checkpoint, model_source=args.checkpoint,
-        batch_size=args.batch_size, seed=args.seed, device=device, progress=args.progress)
-    settings["n_test"] = min(args.limit or len(dataset.test), len(dataset.test))
-    settings["n_bank"] = min(args.knn_limit, len(dataset.train))
-    results = {"settings": settings, "rows": rows}
-    if reverse:
-        results["transfer_reverse"] = reverse
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        knn_k=args.knn_k, knn_temperature=args.knn_temperature, draws=args.draws,
+        transfer_model=transfer_model, transfer_source=args.transfer_checkpoint,
+        model_source=args.checkpoint, split=args.split, batch_size=args.batch_size,
+        seed=args.seed, device=args.device, progress=args.progress)
+    n_images = len(getattr(dataset, args.split))
+    settings = {**vars(args), "device": str(args.device),
+                "run": args.name or Path(args.checkpoint).resolve().parent.name,
+                "dataset": dataset.name, "data_dir": (saved.get("args") or {}).get("data_dir"),
+                "image_size": list(model.config.image_size), "model_config": asdict(model.config),
+                "n_test": min(args.limit or n_images, n_images),
+                "n_bank": min(args.knn_limit, len(dataset.train)),
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "torch": torch.__version__}
+    results = {"settings": settings, "rows": rows, **({"transfer_reverse": reverse} if reverse else {})}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     text = results_markdown(rows, args.tokens, settings, reverse)
-    (out / "results.md").write_text(text)
+    cli.write_atomic(out / "results.json", json.dumps(results, indent=2))
+    cli.write_atomic(out / "results.md", text)
     print(text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

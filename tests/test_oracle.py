@@ -9,7 +9,9 @@ import data
 import oracle
 import spot
 from oracle import OBJECTIVES, knn_accuracy, oracle_search, snap_to_grid
-from spot import SPoTViT
+from dataclasses import asdict
+
+from spot import SPoTConfig, SPoTViT
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,7 +26,7 @@ def one_thread():
 
 def tiny_model(seed=0, num_classes=3):
     torch.manual_seed(seed)
-    return SPoTViT(image_size=16, window=4, num_classes=num_classes, dim=32, depth=1, heads=2)
+    return SPoTViT(SPoTConfig(image_size=16, window=4, num_classes=num_classes, dim=32, depth=1, heads=2))
 
 
 def random_batch(B=3, N=5, seed=0):
@@ -57,7 +59,7 @@ def blob_images(n, seed):
 def trained():
     """A model trained ~300 steps with 1-4 uniform tokens: few tokens often miss the blob."""
     torch.manual_seed(0)
-    model = SPoTViT(image_size=16, window=4, num_classes=4, dim=32, depth=1, heads=2)
+    model = SPoTViT(SPoTConfig(image_size=16, window=4, num_classes=4, dim=32, depth=1, heads=2))
     images, labels = blob_images(2048, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(2)
@@ -217,8 +219,6 @@ def test_bad_inputs_raise_value_error():
         oracle_search(model, images, labels, positions[:2])
     with pytest.raises(ValueError, match="positions"):
         oracle_search(model, images, labels, positions[..., :1])
-    with pytest.raises(ValueError, match="positions"):
-        oracle_search(model, images, labels, positions + 2)
     with pytest.raises(ValueError, match="images"):
         oracle_search(model, (images * 255).to(torch.uint8), labels, positions)
     with pytest.raises(ValueError, match="steps"):
@@ -230,28 +230,19 @@ def test_bad_inputs_raise_value_error():
 
 
 # -----------------------------------------------------------------------------
-# Sweep and timing (tiny)
+# Error bars
 
-def test_sweep_and_time_oracle():
-    model = tiny_model()
-    images = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
-    labels = torch.randint(0, 3, (6,))
-    results = oracle.sweep(model, images, labels, [2, 4], steps_grid=(1, 3), lr_grid=(1e-2,),
-                           batch_size=4, progress=False)
-    # 2 objectives x 2 budgets x 1 lr x {0, 1, 3} steps
-    assert len(results) == 12
-    assert {r["steps"] for r in results} == {0, 1, 3}
-    assert all(0 <= r["top1"] <= 100 for r in results)
-    # steps = 0 is the prior itself: same for both objectives' accuracy
-    zero = [r["top1"] for r in results if r["steps"] == 0 and r["tokens"] == 2]
-    assert zero[0] == zero[1]
-    text, best = oracle.sweep_markdown(results, [2, 4], {"checkpoint": "x", "n_images": 6,
-                                                         "dataset": "d", "oracle_from": "isotropic"})
-    assert set(best) == set(OBJECTIVES) and "| lr | steps |" in text
-    imgs, labs, pos = random_batch(B=2, N=4)
-    t = oracle.time_oracle(model, imgs, labs, pos, steps=2, repeats=1)
-    assert t["step_vs_forward_backward"] > 0 and t["search_vs_forward"] > 0
-    assert all(p.grad is None for p in model.parameters())
+def test_bootstrap_interval_known_answers():
+    # 10,000 images, exactly half right: the 95 % interval is 50 +- 1.96 sqrt(0.25 / n) = +-0.98
+    correct = torch.arange(10_000) % 2 == 0
+    mean, low, high = oracle.bootstrap_interval(correct, resamples=1000)
+    assert mean == 50.0 and abs((high - low) / 2 - 0.98) < 0.1 and low < 50 < high
+    # all right: no spread at all; draws are averaged per image before resampling
+    assert oracle.bootstrap_interval(torch.ones(3, 50, dtype=torch.bool)) == (100.0, 100.0, 100.0)
+    two_draws = torch.stack([correct, ~correct])          # every image right in one of two draws
+    assert oracle.bootstrap_interval(two_draws) == (50.0, 50.0, 50.0)
+    # the same seed, the same interval
+    assert oracle.bootstrap_interval(correct[:300], seed=3) == oracle.bootstrap_interval(correct[:300], seed=3)
 
 
 # -----------------------------------------------------------------------------
@@ -263,14 +254,15 @@ def fake_dataset(n_train=24, n_test=12, size=16, classes=3):
                                  torch.randint(0, classes, (n,), generator=g))
     return data.Dataset(name="shapes", train=split(n_train), test=split(n_test),
                         classes=[str(c) for c in range(classes)], mean=(0.5,) * 3, std=(0.5,) * 3,
-                        image_size=(size, size))
+                        image_size=(size, size), val=split(n_test))
 
 
 def write_checkpoint(path, seed, args=None):
     model = tiny_model(seed)
-    torch.save({"model_config": spot.model_config_dict(model), "model": model.state_dict(),
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict(),
                 "args": args if args is not None else
-                {"dataset": "shapes", "data_dir": None, "image_size": 16, "seed": 0}}, path)
+                {"dataset": "shapes", "data_dir": None, "image_size": 16, "seed": 0},
+                "classes": ["0", "1", "2"]}, path)
     return str(path)
 
 
@@ -279,7 +271,7 @@ def patched_data(monkeypatch):
     calls = []
 
     def load(name, data_dir=None, image_size=None, seed=0, **kwargs):
-        calls.append({"name": name, "data_dir": data_dir, "image_size": image_size})
+        calls.append({"name": name, "data_dir": data_dir, "image_size": spot.to_hw(image_size)})
         return fake_dataset()
     monkeypatch.setattr(oracle.data, "load_dataset", load)
     return calls
@@ -292,12 +284,15 @@ def test_cli_writes_table(tmp_path, patched_data):
             "--limit", "8", "--knn-limit", "10", "--oracle-steps", "2", "--batch-size", "3",
             "--transfer-checkpoint", other, "--no-progress"]
     assert oracle.main(argv + ["--out", str(tmp_path / "r1")]) == 0
-    assert patched_data[0] == {"name": "shapes", "data_dir": None, "image_size": 16}
+    assert patched_data[0] == {"name": "shapes", "data_dir": None, "image_size": (16, 16)}
     results = json.loads((tmp_path / "r1" / "results.json").read_text())
     settings, rows = results["settings"], results["rows"]
     assert settings["checkpoint"] == ckpt and settings["n_test"] == 8 and "date" in settings
     for row in rows:
-        assert {"method", "prior", "tokens", "top1", "knn"} <= set(row)
+        assert {"method", "prior", "tokens", "top1", "knn", "top1_low", "top1_high", "knn_low",
+                "knn_high", "n_images", "draws"} <= set(row)
+        if row["top1"] is not None:
+            assert row["top1_low"] <= row["top1"] <= row["top1_high"] and row["n_images"] == 8
         assert row["method"] in ("prior", "spot-on", "spot-on-entropy", "spot-on-snapped",
                                  "spot-on-transfer")
         for key in ("top1", "knn"):
@@ -323,21 +318,39 @@ def test_cli_writes_table(tmp_path, patched_data):
         [(r["method"], r["prior"], r["tokens"], r["top1"], r["knn"]) for r in rows]
 
 
-def test_cli_sweep_and_timing(tmp_path, patched_data):
+def test_cli_draws_and_validation_split(tmp_path, patched_data):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
-    common = ["--checkpoint", ckpt, "--tokens", "2", "--batch-size", "4", "--no-progress"]
-    assert oracle.main(common + ["--sweep", "--limit", "4", "--out", str(tmp_path / "s")]) == 0
-    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    assert set(sweep["best"]) == set(OBJECTIVES) and (tmp_path / "s" / "sweep.md").exists()
-    assert oracle.main(common + ["--time-oracle", "--oracle-steps", "2",
-                                 "--out", str(tmp_path / "t")]) == 0
-    assert "2" in json.loads((tmp_path / "t" / "timing.json").read_text())["timing"]
+    argv = ["--checkpoint", ckpt, "--tokens", "2", "--priors", "uniform,isotropic", "--draws", "3",
+            "--knn-limit", "0", "--oracle-steps", "1", "--split", "val", "--name", "tiny-spot",
+            "--no-progress", "--out", str(tmp_path / "v")]
+    assert oracle.main(argv) == 0
+    results = json.loads((tmp_path / "v" / "results.json").read_text())
+    assert results["settings"]["split"] == "val" and results["settings"]["run"] == "tiny-spot"
+    draws = {r["prior"]: r["draws"] for r in results["rows"] if r["method"] == "prior"}
+    assert draws == {"uniform": 3, "isotropic": 1}           # a lattice has nothing to redraw
+
+
+def test_cli_refuses_a_dataset_with_other_classes(tmp_path, patched_data, capsys):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["classes"] = ["cat", "dog", "ship"]
+    torch.save(saved, ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        oracle.main(["--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cat" in err and "trained on" in err
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--priors", "grid,nope"], "isotropic"),
     (["--tokens", "4,0"], "--tokens"),
     (["--oracle-from", "nope"], "--oracle-from"),
+    (["--oracle-lr", "inf"], "--oracle-lr"),
+    (["--tokens", "100000"], "--tokens"),
+    (["--draws", "0"], "--draws"),
+    (["--limit", "-3"], "--limit"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, extra, message):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
@@ -347,11 +360,25 @@ def test_cli_bad_arguments(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_cli_missing_checkpoint(tmp_path, capsys):
+def test_cli_missing_bad_or_directory_checkpoint(tmp_path, capsys):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(write_checkpoint(tmp_path / "a.pt", 0), "rb").read()[:300])
+    for path, words in [(tmp_path / "missing.pt", "does not exist"), (tmp_path, "is a directory"),
+                        (truncated, "could not be read")]:
+        with pytest.raises(SystemExit) as exit_info:
+            oracle.main(["--checkpoint", str(path), "--out", str(tmp_path / "o")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+
+
+def test_cli_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    monkeypatch.setattr(oracle, "evaluate", lambda *a, **k: pytest.fail("computed the table"))
+    (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        oracle.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
-    assert "--checkpoint" in capsys.readouterr().err
+        oracle.main(["--checkpoint", ckpt, "--out", str(tmp_path / "file"), "--no-progress"])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_cli_data_error_exits_cleanly(tmp_path, capsys):
