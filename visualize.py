@@ -2,7 +2,7 @@
 visualize.py -- pictures of where SPoT's tokens go, and what it buys.
 
 Each function draws one kind of figure and returns the matplotlib Figure (pass path= to also
-save a PNG). Read them beside PAPER.md:
+save it: a PNG when the path has no extension). Read them beside PAPER.md:
 
     plot_placements         PAPER §1/§2  each token's k x k window at its subpixel position, over
                                          the faint patch grid: off-grid windows straddle grid
@@ -51,9 +51,11 @@ if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+import cli  # noqa: E402
 import spot  # noqa: E402
 
 __all__ = ["plot_placements", "plot_trajectories", "plot_priors", "plot_budget_curves",
@@ -113,22 +115,34 @@ def _positions_array(positions, name="positions", ndim=2):
     return array.astype(np.float64)
 
 
-def _check_window(window, height, width, name="window"):
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"{name} must be an int >= 1 (the token window k in pixels), "
-                         f"got {window!r}")
-    if window > min(height, width):
-        raise ValueError(f"{name}={window} is larger than the {height}x{width} image; "
-                         f"use a window <= {min(height, width)}")
-    return int(window)
+def _with_default_suffix(path, suffix=".png"):
+    """A path without an extension gets `suffix`. matplotlib would add ".png" silently, so the
+    file written would not be the one the caller named; appending it here keeps them the same."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + suffix)
+
+
+def _write_atomically(path, write):
+    """Call write(temporary path) beside `path`, then rename the result onto `path`.
+
+    A failure mid-write (an error, Ctrl-C, a full disk) leaves the previous file, or none, never
+    a half-written one: os.replace within one folder is atomic. The temporary name keeps the
+    extension, because matplotlib and Pillow choose the file format from it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _finish(fig, path):
-    """Save the figure as a PNG if path is given (creating the folder), and return it."""
+    """Save the figure if path is given (".png" when it has no extension) and return it."""
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        _write_atomically(_with_default_suffix(path),
+                          lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight"))
     return fig
 
 
@@ -201,7 +215,7 @@ def plot_placements(image, positions, window, grid=True, ax=None, title=None, pa
     """
     img = _image_hwc(image)
     height, width = img.shape[:2]
-    window = _check_window(window, height, width)
+    spot.check_window(window, (height, width))
     centres = _to_pixels(_positions_array(positions), height, width)      # (N, 2) pixel units
 
     if ax is None:
@@ -233,12 +247,8 @@ def plot_priors(image_size, window, n_tokens, priors=spot.PRIORS, image=None, se
     seed:       seeds the random priors (same seed -> same picture)
     Returns the Figure.
     """
-    try:
-        height, width = spot._pair(image_size, "image_size")
-    except ValueError:
-        raise ValueError(f"image_size must be a positive int or a (height, width) pair, "
-                         f"got {image_size!r}") from None
-    window = _check_window(window, height, width)
+    height, width = spot.to_hw(image_size)
+    spot.check_window(window, (height, width))
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < 1:
         raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
     if isinstance(priors, str):
@@ -338,7 +348,7 @@ def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=
         raise ValueError(f"titles must be a list of at least n_images={n_images} strings, "
                          f"got {titles!r}")
     height, width = array.shape[-2:]
-    window = _check_window(window, height, width)
+    spot.check_window(window, (height, width))
 
     cols = min(4, n_images)
     rows = math.ceil(n_images / cols)
@@ -376,29 +386,32 @@ def save_trajectory_gif(image, trajectory, window, path, fps=4):
     img = _image_hwc(image)
     height, width = img.shape[:2]
     track = _positions_array(trajectory, "trajectory", ndim=3)            # (S+1, N, 2)
-    window = _check_window(window, height, width)
+    spot.check_window(window, (height, width))
     if path is None or Path(path).suffix.lower() != ".gif":
         raise ValueError(f"path must be a file name ending in .gif, got {path!r}")
-    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
-        raise ValueError(f"fps must be a number > 0, got {fps!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
     track_px = _to_pixels(track, height, width)
     colors = _token_colors(track.shape[1])
     fig, ax = plt.subplots(figsize=(4.0, 4.0 * height / width + 0.4))
-    writer = PillowWriter(fps=fps)
-    with writer.saving(fig, str(path), dpi=100):
-        for step in range(len(track_px)):
-            # Redraw from scratch each frame: simplest, and cheap at these sizes.
-            ax.clear()
-            _show_image(ax, img, margin=window / 2)
-            _draw_grid(ax, height, width, window)
-            _draw_trajectory(ax, track_px[: step + 1], window, colors)
-            ax.set_title(f"SPoT-ON step {step} / {len(track_px) - 1}", fontsize=10)
-            writer.grab_frame()
-        for _ in range(int(math.ceil(fps))):          # hold the result for about a second
-            writer.grab_frame()
+
+    def write(tmp):
+        # PillowWriter keeps the frames in memory and writes the file when `saving` closes,
+        # even when a frame failed: hence the temporary file (see _write_atomically).
+        writer = PillowWriter(fps=fps)
+        with writer.saving(fig, str(tmp), dpi=100):
+            for step in range(len(track_px)):
+                # Redraw from scratch each frame: simplest, and cheap at these sizes.
+                ax.clear()
+                _show_image(ax, img, margin=window / 2)
+                _draw_grid(ax, height, width, window)
+                _draw_trajectory(ax, track_px[: step + 1], window, colors)
+                ax.set_title(f"SPoT-ON step {step} / {len(track_px) - 1}", fontsize=10)
+                writer.grab_frame()
+            for _ in range(int(math.ceil(fps))):          # hold the result for about a second
+                writer.grab_frame()
+
+    _write_atomically(path, write)
     return fig
 
 
@@ -540,7 +553,7 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
     start = None if start_positions is None else _positions_array(start_positions,
                                                                   "start_positions")
     if window is not None:
-        window = _check_window(window, height, width)
+        spot.check_window(window, (height, width))
 
     tensor = torch.from_numpy(img.transpose(2, 0, 1).copy())[None]        # (1, 3, H, W)
     saliency = spot.saliency_map(tensor)[0]                               # (H, W), sums to 1
@@ -591,59 +604,86 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 # -----------------------------------------------------------------------------
 # Command line
 
-def _load_for_cli(checkpoint):
-    """Checkpoint -> (model, test split, class names). The dataset comes from the train args
-    stored in the checkpoint, so the pictures use the model's own test images."""
-    import data  # lazily: only the checkpoint commands need the datasets
+# What --out may end in: every format matplotlib saves without extra software, PNG first.
+IMAGE_FORMATS = ("png", *sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"png"}))
 
-    if not Path(checkpoint).is_file():
-        sys.exit(f"error: checkpoint {checkpoint} does not exist (train.py writes "
-                 f"runs/<dataset>/checkpoint.pt)")
+
+def _int_at_least(low):
+    """An argparse type: an int >= low. argparse turns the error into 'argument --flag: ...'
+    while parsing, so a bad flag is reported before any checkpoint or dataset is loaded."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive(text):
+    """An argparse type: a finite float > 0 (float() alone accepts 'inf' and 'nan')."""
     try:
-        model = spot.load_checkpoint(checkpoint)
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _prior_names(text):
+    priors = [p for p in text.split(",") if p]
+    if not priors or any(p not in spot.PRIORS for p in priors):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names from "
+                                         f"{','.join(spot.PRIORS)}, got {text!r}")
+    return priors
+
+
+def _output_path(parser, flag, path, formats):
+    """--out / --gif, checked at parse time -> the Path that will be written: no extension means
+    formats[0], and its folder is created and proven writable (cli.check_out_dir)."""
+    if Path(path).is_dir():
+        parser.error(f"{flag}: {path} is a folder; name a file inside it")
+    path = _with_default_suffix(path, "." + formats[0])
+    if path.suffix.lower()[1:] not in formats:
+        parser.error(f"{flag}: {path} must end in one of .{', .'.join(formats)}")
+    try:
+        cli.check_out_dir(path.parent, flag)
     except ValueError as error:
-        sys.exit(f"error: {error}")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    args = saved.get("args") or {}
-    if "dataset" not in args:
-        sys.exit(f"error: {checkpoint} has no train 'args' with a 'dataset' entry, so the "
-                 f"test images cannot be found")
-    try:
-        dataset = data.load_dataset(args["dataset"], args.get("data_dir"),
-                                    image_size=args.get("image_size"), seed=args.get("seed", 0),
-                                    cache_dir=args.get("cache_dir"), progress=False)
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
+        parser.error(f"{error} (to write {path})")
+    return path
+
+
+def _model_and_test_split(checkpoint):
+    """Checkpoint -> (model, test split, class names) of the dataset the model was trained on
+    (named by the train args inside the checkpoint). cli.load_model_and_data reads the file
+    once, with weights_only=True, and words every failure as a message naming the file."""
+    model, dataset, _ = cli.load_model_and_data(checkpoint)
     return model, dataset.test, list(dataset.classes)
 
 
-def _pick(split, indices):
-    """Test images (float in [0, 1]) and labels at these indices, with a friendly range check."""
-    if min(indices) < 0 or max(indices) >= len(split.labels):
-        sys.exit(f"error: --index must be in [0, {len(split.labels) - 1}] for this test split")
-    index = torch.tensor(indices)
-    return split.images[index].float() / 255, split.labels[index]
+def _pick(split, first, count=1):
+    """Test images [first, first + count) as floats in [0, 1], and their labels."""
+    if first + count > len(split.labels):
+        raise ValueError(f"--index {first}" + (f" with --n-images {count}" if count > 1 else "")
+                         + f" reaches past the {len(split.labels)} images of this test split")
+    return split.images[first:first + count].float() / 255, split.labels[first:first + count]
 
 
 def _start_positions(model, prior, tokens, images, seed):
     generator = torch.Generator().manual_seed(seed)
-    try:
-        return spot.sample_positions(prior, len(images), tokens, model.image_hw, model.window,
-                                     generator=generator, images=images)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    return spot.sample_positions(prior, len(images), tokens, model.config.image_size,
+                                 model.config.window, generator=generator, images=images)
 
 
-def _search(model, images, labels, positions, args):
-    """Run oracle.oracle_search with only the options the user gave (else oracle's defaults)."""
-    import oracle  # lazily: only the search commands need it
+def _search(model, images, labels, positions, objective, steps, lr):
+    """oracle.oracle_search with only the options the user gave (else oracle.py's defaults)."""
+    import oracle
 
-    options = {"objective": args.objective}
-    if args.steps is not None:
-        options["steps"] = args.steps
-    if args.lr is not None:
-        options["lr"] = args.lr
-    return oracle.oracle_search(model, images, labels, positions, **options)
+    options = {name: value for name, value in (("steps", steps), ("lr", lr)) if value is not None}
+    return oracle.oracle_search(model, images, labels, positions, objective=objective, **options)
 
 
 def _predict(model, images, positions):
@@ -652,61 +692,52 @@ def _predict(model, images, positions):
 
 
 def _cmd_priors(args):
-    image = None
-    image_size = args.image_size
+    image, image_size = None, args.image_size or 32
     if args.dataset is not None:
         import data
-        try:
-            dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
-                                        progress=False)
-        except (data.DataError, ValueError) as error:
-            sys.exit(f"error: {error}")
-        image = _pick(dataset.test, [args.index])[0][0]
+
+        dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
+                                    progress=False)
+        image = _pick(dataset.test, args.index)[0][0]
         image_size = tuple(image.shape[-2:])
-    elif image_size is None:
-        image_size = 32
-    fig = plot_priors(image_size, args.window, args.tokens, priors=args.priors, image=image,
-                      seed=args.seed, path=args.out)
-    plt.close(fig)
+    plt.close(plot_priors(image_size, args.window, args.tokens, priors=args.priors, image=image,
+                          seed=args.seed, path=args.out))
 
 
 def _cmd_placements(args):
-    model, split, classes = _load_for_cli(args.checkpoint)
-    images, labels = _pick(split, [args.index])
+    model, split, classes = _model_and_test_split(args.checkpoint)
+    images, labels = _pick(split, args.index)
     start = _start_positions(model, args.prior, args.tokens, images, args.seed)
     panels = [(f"prior '{args.prior}'", start)]
     if args.oracle_steps > 0:
-        args.steps = args.oracle_steps
-        panels.append((f"SPoT-ON, {args.oracle_steps} steps",
-                       _search(model, images, labels, start, args).positions.detach()))
+        found = _search(model, images, labels, start, args.objective, args.oracle_steps, args.lr)
+        panels.append((f"SPoT-ON, {args.oracle_steps} steps", found.positions.detach()))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.8), squeeze=False,
                              layout="constrained")
     for ax, (name, positions) in zip(axes[0], panels):
         pred = _predict(model, images, positions)[0].item()
-        plot_placements(images[0], positions[0], model.window, ax=ax,
+        plot_placements(images[0], positions[0], model.config.window, ax=ax,
                         title=f"{name}\npredicted '{classes[pred]}'")
     fig.suptitle(f"test image {args.index}, label '{classes[labels[0].item()]}', "
                  f"{args.tokens} tokens", fontsize=10)
-    _finish(fig, args.out)
-    plt.close(fig)
+    plt.close(_finish(fig, args.out))
 
 
 def _cmd_trajectories(args):
-    model, split, classes = _load_for_cli(args.checkpoint)
-    indices = list(range(args.index, args.index + args.n_images))
-    images, labels = _pick(split, indices)
+    model, split, classes = _model_and_test_split(args.checkpoint)
+    images, labels = _pick(split, args.index, args.n_images)
     start = _start_positions(model, args.prior, args.tokens, images, args.seed)
-    result = _search(model, images, labels, start, args)
-    trajectory = result.trajectory.detach()
+    trajectory = _search(model, images, labels, start, args.objective, args.steps,
+                         args.lr).trajectory.detach()
     before = _predict(model, images, trajectory[0])
     after = _predict(model, images, trajectory[-1])
-    titles = [f"#{i} '{classes[y]}': predicted {classes[p]} -> {classes[q]}"
-              for i, y, p, q in zip(indices, labels.tolist(), before.tolist(), after.tolist())]
-    fig = plot_trajectories(images, trajectory, model.window, n_images=args.n_images,
-                            titles=titles, path=args.out)
-    plt.close(fig)
+    titles = [f"#{args.index + i} '{classes[y]}': predicted {classes[p]} -> {classes[q]}"
+              for i, (y, p, q) in enumerate(zip(labels.tolist(), before.tolist(), after.tolist()))]
+    window = model.config.window
+    plt.close(plot_trajectories(images, trajectory, window, n_images=args.n_images,
+                                titles=titles, path=args.out))
     if args.gif:
-        plt.close(save_trajectory_gif(images[0], trajectory[:, 0], model.window, args.gif,
+        plt.close(save_trajectory_gif(images[0], trajectory[:, 0], window, args.gif,
                                       fps=args.fps))
 
 
@@ -715,108 +746,104 @@ def _cmd_budget(args):
 
 
 def _cmd_saliency(args):
-    model, split, classes = _load_for_cli(args.checkpoint)
-    images, labels = _pick(split, [args.index])
+    model, split, classes = _model_and_test_split(args.checkpoint)
+    images, labels = _pick(split, args.index)
     start = _start_positions(model, args.prior, args.tokens, images, args.seed)
-    result = _search(model, images, labels, start, args)
-    fig = plot_saliency_vs_oracle(images[0], result.positions.detach()[0], start[0],
-                                  window=model.window, path=args.out)
-    plt.close(fig)
+    found = _search(model, images, labels, start, args.objective, args.steps, args.lr)
+    plt.close(plot_saliency_vs_oracle(images[0], found.positions.detach()[0], start[0],
+                                      window=model.config.window, path=args.out))
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="visualize.py", description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every command writes a PNG (--out) and never opens a window. "
-               "Run 'python visualize.py COMMAND --help' for a command's options.")
+        epilog="Every command writes a figure (--out; no extension means .png) and never opens "
+               "a window. Run 'python visualize.py COMMAND --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    count, index = _int_at_least(1), _int_at_least(0)
 
-    def add(name, help_text, func):
+    def add(name, help_text, func, out):
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(func=func)
+        sub.add_argument("--out", default=out, help="output figure (.png, .pdf, .svg, ...)")
         return sub
 
-    def add_search_options(sub, steps_default=None):
+    def add_search_options(sub, steps_flag="--steps", steps_default=None,
+                           steps_help="oracle optimizer steps (default: oracle.py's)"):
         sub.add_argument("--objective", choices=("label", "entropy"), default="label",
                          help="oracle objective: the true label, or label-free prediction entropy")
-        sub.add_argument("--steps", type=int, default=steps_default,
-                         help="oracle optimizer steps (default: oracle.py's default)")
-        sub.add_argument("--lr", type=float, default=None,
+        sub.add_argument(steps_flag, type=index, default=steps_default, help=steps_help)
+        sub.add_argument("--lr", type=_positive, default=None,
                          help="oracle learning rate in [0, 1] units (default: oracle.py's)")
 
-    def add_model_options(sub, with_prior=True):
+    def add_model_options(sub):
         sub.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
-        if with_prior:
-            sub.add_argument("--prior", choices=spot.PRIORS, default="isotropic",
-                             help="prior the tokens (and the oracle search) start from")
-        sub.add_argument("--tokens", type=int, default=16, help="tokens per image")
-        sub.add_argument("--index", type=int, default=0, help="(first) test image index")
+        sub.add_argument("--prior", choices=spot.PRIORS, default="isotropic",
+                         help="prior the tokens (and the oracle search) start from")
+        sub.add_argument("--tokens", type=count, default=16, help="tokens per image")
+        sub.add_argument("--index", type=index, default=0, help="(first) test image index")
         sub.add_argument("--seed", type=int, default=0, help="seed of the random priors")
 
-    p = add("priors", "gallery of the spatial priors (PAPER §3, Figure 2)", _cmd_priors)
-    p.add_argument("--image-size", type=int, default=None,
+    p = add("priors", "gallery of the spatial priors (PAPER §3, Figure 2)", _cmd_priors,
+            "priors.png")
+    p.add_argument("--image-size", type=count, default=None,
                    help="canvas size in pixels (default 32, or the dataset's size)")
-    p.add_argument("--window", type=int, default=4, help="token window k in pixels")
-    p.add_argument("--tokens", type=int, default=16, help="tokens per prior")
-    p.add_argument("--priors", type=lambda s: [x for x in s.split(",") if x],
-                   default=list(spot.PRIORS), help="comma-separated prior names")
+    p.add_argument("--window", type=count, default=4, help="token window k in pixels")
+    p.add_argument("--tokens", type=count, default=16, help="tokens per prior")
+    p.add_argument("--priors", type=_prior_names, default=list(spot.PRIORS),
+                   help="comma-separated prior names")
     p.add_argument("--dataset", default=None, help="draw on a test image of this dataset "
                    "(shapes, cifar10, folder); enables the 'salient' prior")
     p.add_argument("--data-dir", default=None, help="dataset folder (cifar10, folder)")
-    p.add_argument("--index", type=int, default=0, help="test image index (with --dataset)")
+    p.add_argument("--index", type=index, default=0, help="test image index (with --dataset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random priors")
-    p.add_argument("--out", default="priors.png", help="output PNG")
 
     p = add("placements", "token windows on a test image, before/after the oracle (PAPER §1/§2)",
-            _cmd_placements)
+            _cmd_placements, "placements.png")
     add_model_options(p)
-    p.add_argument("--oracle-steps", type=int, default=0,
-                   help="also run SPoT-ON for this many steps and show the result beside")
-    p.add_argument("--objective", choices=("label", "entropy"), default="label",
-                   help="oracle objective")
-    p.add_argument("--lr", type=float, default=None, help="oracle learning rate")
-    p.add_argument("--out", default="placements.png", help="output PNG")
+    add_search_options(p, "--oracle-steps", 0, "also run SPoT-ON for this many steps and show "
+                       "the result beside (0: no search)")
 
-    p = add("trajectories", "SPoT-ON search paths on test images (PAPER §4)", _cmd_trajectories)
+    p = add("trajectories", "SPoT-ON search paths on test images (PAPER §4)", _cmd_trajectories,
+            "trajectories.png")
     add_model_options(p)
-    p.add_argument("--n-images", type=int, default=4, help="how many test images")
     add_search_options(p)
-    p.add_argument("--out", default="trajectories.png", help="output PNG")
+    p.add_argument("--n-images", type=count, default=4, help="how many test images")
     p.add_argument("--gif", default=None, help="also animate the first image into this .gif")
-    p.add_argument("--fps", type=float, default=4, help="GIF frames per second")
+    p.add_argument("--fps", type=_positive, default=4, help="GIF frames per second")
 
     p = add("budget", "accuracy vs token budget from oracle.py's results.json (PAPER §6)",
-            _cmd_budget)
+            _cmd_budget, "budget.png")
     p.add_argument("--results", required=True, help="results.json (or the folder holding it)")
     p.add_argument("--metric", choices=tuple(METRICS), default="top1", help="which accuracy")
-    p.add_argument("--out", default="budget.png", help="output PNG")
 
-    p = add("saliency", "saliency map vs oracle placement (PAPER §6, finding 3)", _cmd_saliency)
+    p = add("saliency", "saliency map vs oracle placement (PAPER §6, finding 3)", _cmd_saliency,
+            "saliency.png")
     add_model_options(p)
     add_search_options(p)
-    p.add_argument("--out", default="saliency.png", help="output PNG")
     return parser
 
 
 def main(argv=None):
-    """Entry point; argv defaults to sys.argv[1:]. Returns 0 (errors exit with a message)."""
+    """Entry point; argv defaults to sys.argv[1:]. Returns 0; a bad flag, file or dataset
+    exits with status 2 and one 'error: ...' line, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("tokens", "n_images", "window", "image_size"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("oracle_steps", "index"):
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    args.out = _output_path(parser, "--out", args.out, IMAGE_FORMATS)
+    if getattr(args, "gif", None):
+        args.gif = _output_path(parser, "--gif", args.gif, ("gif",))
     try:
         args.func(args)
-    except ValueError as error:          # bad combinations, e.g. --window larger than the image
-        sys.exit(f"error: {error}")
-    print(f"wrote {args.out}" + (f" and {args.gif}" if getattr(args, "gif", None) else ""))
+    except Exception as error:
+        import data  # its DataError (missing data) is a message for the user, like ValueError
+
+        if not isinstance(error, (ValueError, data.DataError)):
+            raise
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    print("wrote " + " and ".join(str(path) for path in (args.out, getattr(args, "gif", None))
+                                  if path))
     return 0
 
 

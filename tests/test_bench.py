@@ -1,20 +1,180 @@
-"""bench.py runs end to end in its --quick mode (tiny sizes): a smoke test, not a timing test."""
+"""bench.py: smoke runs of its sections at tiny sizes (timing tests they are not), the
+like-for-like models it compares, its --precision rule, and the two sections that read a
+trained checkpoint (oracle-sweep, oracle-time) on a tiny untrained one."""
+import dataclasses
 import json
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
 
 import bench
+import cli
+import data
+import oracle
 import spot
+import train
 
 
-def test_quick_bench_writes_every_requested_section_and_restores_attention(tmp_path):
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and does not stall when other jobs share the CPU.
+    (bench.main's --threads would also change the thread count for the rest of the session.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_bench_writes_every_requested_section(tmp_path, monkeypatch):
+    """Sections 1, 2 and 5. The fused-attention contender calls torch's kernel from its own
+    modules: spot.attention stays what it is all along (nothing is swapped while timing)."""
+    original, fused_kernel, fused_calls = spot.attention, F.scaled_dot_product_attention, []
+
+    def fused(*args, **kwargs):
+        fused_calls.append(spot.attention is original)
+        return fused_kernel(*args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused)
+    monkeypatch.setattr(bench, "QUICK_TOKENIZER_CONFIGS", [(16, 4, 2)])
     path = tmp_path / "bench.json"
-    original = spot.attention
-    assert bench.main(["--quick", "--only", "train,attention", "--json", str(path)]) == 0
-    assert spot.attention is original          # the attention swap is undone after timing
+    assert bench.main(["--quick", "--model", "shapes", "--only", "tokenizer,train,attention", "--precision", "fp32",
+                       "--repeats", "1", "--warmup", "0", "--json", str(path)]) == 0
+    assert fused_calls and all(fused_calls)
     report = json.loads(path.read_text())
     results = report["results"]
-    assert set(results) == {"train", "attention"}
+    assert set(results) == {"tokenizer", "train", "attention"}
+    for row in results["tokenizer"]:          # both samplers, each against patchify
+        assert set(row["ms"]) == {"patchify", *bench.SAMPLERS} and set(row["ratio"]) == set(bench.SAMPLERS)
     assert [row["tokens"] for row in results["train"]] == list(bench.TOKEN_COUNTS)
     assert [row["precision"] for row in results["attention"]] == ["fp32", "bf16"]
     for row in results["train"] + results["attention"]:
         assert all(t > 0 for times in row["times_s"].values() for t in times)
     assert "## 5. Training step with spot.attention" in report["markdown"]
+    assert report["settings"]["cpu"] in report["markdown"]
+
+
+@pytest.mark.parametrize("fp32_ms, bf16_ms, expect", [(40, 60, False), (60, 40, True)])
+def test_precision_auto_is_train_pys_rule(monkeypatch, fp32_ms, bf16_ms, expect):
+    """--precision auto = cli.choose_precision timing the --model preset's step in both
+    precisions (cli.probe_step_seconds, stood in for here); fp32/bf16 force it, unmeasured."""
+    probes = []
+
+    def probe(model, batch_size, n_tokens, device, bf16, steps=3):
+        probes.append((model.config, batch_size, bf16))
+        return (bf16_ms if bf16 else fp32_ms) / 1e3
+    monkeypatch.setattr(cli, "probe_step_seconds", probe)
+    bf16, said = bench.choose_bf16(bench.parse_args(["--quick", "--model", "shapes"]))
+    assert bf16 is expect and said.startswith(f"precision: {'bf16' if expect else 'fp32'} (probe")
+    shapes = train.PRESETS["shapes"]["model"]
+    expected = [(shapes, 8, False), (shapes, 1, True)]          # bf16 first on 1/8 of the batch
+    if bf16_ms <= fp32_ms:                                       # (this stand-in ignores the batch)
+        expected.append((shapes, 8, True))
+    assert probes == expected
+    for forced in ("fp32", "bf16"):
+        assert bench.choose_bf16(bench.parse_args(["--precision", forced]))[0] is (forced == "bf16")
+    assert len(probes) == len(expected)
+
+
+def test_variants_share_one_config_and_agree_at_grid_centres():
+    """GridViT and FusedAttentionViT are SPoTViTs of the same SPoTConfig with the same weights;
+    check_like_for_like exits if either sampler differs from patchify or any logits differ."""
+    bench.check_like_for_like(torch.device("cpu"))
+    config = spot.SPoTConfig(image_size=16, window=4, dim=32, depth=1, heads=2)
+    models, _ = bench.build_models(config, torch.device("cpu"), bench.VARIANTS)
+    assert all(isinstance(m, spot.SPoTViT) and m.config is config for m in models.values())
+    assert isinstance(models["fused"].blocks[0].attn, bench.FusedAttention)
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.equal(bench.patchify(images, 4)[:, 0], images[:, :, :4, :4].flatten(1))
+
+
+# -----------------------------------------------------------------------------
+# oracle-sweep and oracle-time (moved here from oracle.py)
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return spot.SPoTViT(spot.SPoTConfig(image_size=16, window=4, num_classes=3, dim=32, depth=1,
+                                        heads=2))
+
+
+def test_sweep_and_time_oracle():
+    model = tiny_model()
+    images = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    labels = torch.randint(0, 3, (6,))
+    results = bench.sweep(model, images, labels, [2, 4], steps_grid=(1, 3), lr_grid=(1e-2,),
+                          batch_size=4, progress=False)
+    # 2 objectives x 2 budgets x 1 lr x {0, 1, 3} steps
+    assert len(results) == 12
+    assert {r["steps"] for r in results} == {0, 1, 3}
+    assert all(0 <= r["top1"] <= 100 for r in results)
+    # steps = 0 is the prior itself: same for both objectives' accuracy
+    zero = [r["top1"] for r in results if r["steps"] == 0 and r["tokens"] == 2]
+    assert zero[0] == zero[1]
+    text, best = bench.sweep_markdown(results, [2, 4], {"checkpoint": "x", "n_images": 6,
+                                                        "dataset": "d", "oracle_from": "isotropic"})
+    assert set(best) == set(oracle.OBJECTIVES) and "| lr | steps |" in text
+    g = torch.Generator().manual_seed(0)
+    imgs, labs, pos = torch.rand(2, 3, 16, 16, generator=g), torch.tensor([0, 2]), torch.rand(2, 4, 2, generator=g)
+    t = bench.time_oracle(model, imgs, labs, pos, steps=2, repeats=1)
+    assert t["step_vs_forward_backward"] > 0 and t["search_vs_forward"] > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    """A tiny untrained checkpoint as train.py writes one, and a stand-in for its dataset."""
+    model = tiny_model()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
+                "classes": ["0", "1", "2"],
+                "args": {"dataset": "shapes", "data_dir": None, "image_size": 16, "seed": 0}}, path)
+    g = torch.Generator().manual_seed(0)
+    split = lambda n: data.Split((torch.rand(n, 3, 16, 16, generator=g) * 255).to(torch.uint8),  # noqa: E731
+                                 torch.randint(0, 3, (n,), generator=g))
+    dataset = types.SimpleNamespace(name="shapes", train=split(12), val=None, test=split(6),
+                                    classes=["0", "1", "2"], image_size=(16, 16))
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
+    return str(path)
+
+
+def test_cli_oracle_sweep_and_time(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    assert bench.main(["--only", "oracle-sweep,oracle-time", "--checkpoint", checkpoint,
+                       "--limit", "4", "--tokens", "2", "--batch-size", "4", "--oracle-steps", "2",
+                       "--repeats", "1", "--warmup", "0", "--out", str(out),
+                       "--json", str(tmp_path / "bench.json")]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert set(sweep["best"]) == set(oracle.OBJECTIVES) and sweep["settings"]["n_images"] == 4
+    assert "*train* images" in (out / "sweep.md").read_text()
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing["timing"]) == {"2"} and timing["settings"]["cpu"] == bench.cpu_name()
+    markdown = json.loads((tmp_path / "bench.json").read_text())["markdown"]
+    assert "## SPoT-ON (steps, lr) sweep" in markdown and "## Oracle cost on" in markdown
+
+
+def test_cli_bad_checkpoint_is_a_message(tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert bench.main(["--only", "oracle-time", "--checkpoint", str(bad),
+                       "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad} could not be read" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--only", "oracle-sweep", "--out", "{tmp}/o"], "--checkpoint"),
+    (["--checkpoint", "{tmp}/c.pt"], "--checkpoint"),
+    (["--only", "tokenizer,nope"], "--only"),
+    (["--tokens", "4,0"], "--tokens"),
+    (["--only", "train", "--tokens", "65"], "--tokens"),
+    (["--oracle-lr", "nan"], "--oracle-lr"),
+    (["--oracle-steps", "-1"], "--oracle-steps"),
+    (["--repeats", "0"], "--repeats"),
+    (["--json", "{tmp}"], "--json"),
+    (["--only", "oracle-time", "--checkpoint", "{tmp}/c.pt", "--out", "{tmp}/a_file"], "--out"),
+])
+def test_cli_checks_flags_first(tmp_path, capsys, argv, named):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args([a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """Tests for visualize.py: every figure is a real, non-blank PNG, and bad input is a clear
 ValueError. Synthetic inputs only (random images, hand-made trajectories, a hand-written
 results dict), so the whole file runs in a few seconds."""
+import dataclasses
 import json
 import re
-import sys
 import types
 
 import matplotlib
@@ -198,6 +198,32 @@ def test_trajectory_gif(tmp_path, image, trajectory):
     assert first.var() > 1e-4
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_gif_failing_mid_write_leaves_no_partial_file(tmp_path, monkeypatch, image, trajectory,
+                                                      existing):
+    """A frame fails after the first: the target holds what it held before (nothing, or the
+    old GIF), and no temporary file is left behind."""
+    from matplotlib.animation import PillowWriter
+
+    path = tmp_path / "t.gif"
+    if existing:
+        path.write_bytes(b"the previous gif")
+    grab_frame = PillowWriter.grab_frame
+    calls = []
+
+    def failing_grab_frame(self, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("disk full")
+        grab_frame(self, **kwargs)
+    monkeypatch.setattr(PillowWriter, "grab_frame", failing_grab_frame)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_trajectory_gif(image, trajectory[:, 0], K, path)
+    assert [p.name for p in tmp_path.iterdir()] == (["t.gif"] if existing else [])
+    if existing:
+        assert path.read_bytes() == b"the previous gif"
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"path": "out.png"}, "path"),
     ({"fps": 0}, "fps"),
@@ -290,7 +316,17 @@ def test_cli_priors(tmp_path, capsys):
     assert main(["priors", "--image-size", "32", "--window", "4", "--tokens", "16",
                  "--out", str(out)]) == 0
     assert_png(out)
-    assert "wrote" in capsys.readouterr().out
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+
+
+def test_cli_says_the_name_it_really_wrote(tmp_path, capsys):
+    """matplotlib appends .png to a name without an extension: 'wrote' must name that file."""
+    main(["priors", "--tokens", "4", "--priors", "isotropic", "--out", str(tmp_path / "fig")])
+    assert_png(tmp_path / "fig.png")
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'fig.png'}"
+    main(["priors", "--tokens", "4", "--priors", "isotropic", "--out", str(tmp_path / "fig.svg")])
+    assert (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "fig.svg"]   # no leftovers
 
 
 def test_cli_budget(tmp_path):
@@ -303,49 +339,136 @@ def test_cli_budget(tmp_path):
         assert_png(out)
 
 
-def test_cli_errors_are_messages_not_tracebacks(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["budget", "--results", str(tmp_path / "missing.json"), "--out", "x.png"])
-    with pytest.raises(SystemExit, match="window"):
-        main(["priors", "--image-size", "8", "--window", "16", "--out", str(tmp_path / "p.png")])
-    with pytest.raises(SystemExit):                              # argparse: bad metric choice
-        main(["budget", "--results", "r.json", "--metric", "top5"])
+def exit_message(capsys, argv):
+    """Run main(argv), expecting a clean failure: exit status 2 and one 'error:' message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error:" in err and "Traceback" not in err
+    return err
 
 
-def test_cli_checkpoint_commands_with_stand_ins(tmp_path, monkeypatch):
-    """placements / trajectories / saliency, end to end, with a tiny untrained checkpoint and
-    stand-ins for data.load_dataset and oracle.oracle_search (their own tests cover them)."""
-    import data
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert "does not exist" in exit_message(capsys, ["budget", "--results", str(missing),
+                                                     "--out", str(tmp_path / "x.png")])
+    assert "window" in exit_message(capsys, ["priors", "--image-size", "8", "--window", "16",
+                                             "--out", str(tmp_path / "p.png")])
+    assert "--metric" in exit_message(capsys, ["budget", "--results", "r.json", "--metric", "top5"])
 
+
+@pytest.mark.parametrize("flag, value", [
+    ("--tokens", "0"), ("--tokens", "two"), ("--index", "-1"), ("--n-images", "0"),
+    ("--steps", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"), ("--fps", "nan"),
+    ("--out", "{tmp}/fig.v2"),
+    ("--out", "{tmp}/a_file/fig.png"),      # its folder would be a file
+    ("--out", "{tmp}"),                     # a folder, not a file name
+    ("--gif", "{tmp}/anim.png"),
+])
+def test_cli_checks_flags_before_loading_anything(tmp_path, capsys, monkeypatch, flag, value):
+    """Every bad flag is reported by name at parse time: the checkpoint (which does not even
+    exist here) is never opened."""
+    import cli
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded the checkpoint before checking the flags")
+    monkeypatch.setattr(cli, "load_model_and_data", must_not_load)
+    (tmp_path / "a_file").write_text("")
+    argv = ["trajectories", "--checkpoint", str(tmp_path / "none.pt"),
+            "--out", str(tmp_path / "t.png"), flag, value.format(tmp=tmp_path)]
+    assert flag in exit_message(capsys, argv)
+
+
+def test_cli_placements_checks_oracle_steps(tmp_path, capsys):
+    assert "--oracle-steps" in exit_message(capsys, [
+        "placements", "--checkpoint", str(tmp_path / "none.pt"), "--oracle-steps", "-2",
+        "--out", str(tmp_path / "p.png")])
+    assert "--priors" in exit_message(capsys, ["priors", "--priors", "uniform,nope",
+                                               "--out", str(tmp_path / "p.png")])
+
+
+def save_tiny_checkpoint(path):
     torch.manual_seed(0)
-    model = spot.SPoTViT(image_size=H, window=K, num_classes=3, dim=16, depth=1, heads=2)
-    checkpoint = tmp_path / "checkpoint.pt"
-    torch.save({"model_config": spot.model_config_dict(model), "model": model.state_dict(),
-                "args": {"dataset": "shapes", "data_dir": None, "image_size": H}}, checkpoint)
+    model = spot.SPoTViT(spot.SPoTConfig(image_size=H, window=K, num_classes=3, dim=16, depth=1,
+                                         heads=2))
+    torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
+                "classes": ["a", "b", "c"],
+                "args": {"dataset": "shapes", "data_dir": None, "image_size": H, "seed": 0}}, path)
+    return path
+
+
+@pytest.fixture
+def fake_shapes(monkeypatch):
+    """data.load_dataset -> 6 random test images of 3 classes (the real shapes take seconds)."""
+    import data
 
     split = types.SimpleNamespace(images=torch.randint(0, 256, (6, 3, H, W), dtype=torch.uint8),
                                   labels=torch.tensor([0, 1, 2, 0, 1, 2]))
-    fake_dataset = types.SimpleNamespace(train=split, test=split, classes=["a", "b", "c"],
-                                         image_size=(H, W))
-    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: fake_dataset)
+    dataset = types.SimpleNamespace(name="shapes", train=split, val=None, test=split,
+                                    classes=["a", "b", "c"], image_size=(H, W))
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
+    return dataset
 
-    def oracle_search(model, images, labels, positions, steps=3, lr=0.01, objective="label"):
-        trajectory = torch.stack([positions + 0.01 * s for s in range(steps + 1)]).clamp(0, 1)
-        return types.SimpleNamespace(positions=trajectory[-1], trajectory=trajectory,
-                                     losses=torch.zeros(steps + 1, len(images)))
-    monkeypatch.setitem(sys.modules, "oracle", types.SimpleNamespace(oracle_search=oracle_search))
 
-    ckpt = ["--checkpoint", str(checkpoint), "--tokens", "9"]
+def test_cli_checkpoint_commands(tmp_path, fake_shapes):
+    """placements / trajectories / saliency end to end: a tiny untrained checkpoint, the real
+    oracle search (2 steps), and a stand-in dataset."""
+    ckpt = ["--checkpoint", str(save_tiny_checkpoint(tmp_path / "checkpoint.pt")), "--tokens", "9"]
     main(["placements", *ckpt, "--index", "1", "--oracle-steps", "2",
           "--out", str(tmp_path / "pl.png")])
-    main(["trajectories", *ckpt, "--n-images", "2", "--steps", "3",
+    main(["trajectories", *ckpt, "--n-images", "2", "--steps", "2",
           "--out", str(tmp_path / "tr.png"), "--gif", str(tmp_path / "tr.gif")])
-    main(["saliency", *ckpt, "--prior", "center", "--out", str(tmp_path / "sa.png")])
+    main(["saliency", *ckpt, "--prior", "center", "--steps", "2", "--lr", "0.02",
+          "--out", str(tmp_path / "sa.png")])
     for name in ("pl.png", "tr.png", "sa.png"):
         assert_png(tmp_path / name)
     assert (tmp_path / "tr.gif").stat().st_size > 0
-    with pytest.raises(SystemExit, match="index"):
-        main(["placements", *ckpt, "--index", "99", "--out", str(tmp_path / "x.png")])
+
+
+def test_cli_index_past_the_test_split(tmp_path, capsys, fake_shapes):
+    ckpt = ["--checkpoint", str(save_tiny_checkpoint(tmp_path / "c.pt"))]
+    assert "--index 99" in exit_message(capsys, ["placements", *ckpt, "--index", "99",
+                                                 "--out", str(tmp_path / "x.png")])
+    assert "--n-images 4" in exit_message(capsys, ["trajectories", *ckpt, "--index", "3",
+                                                   "--out", str(tmp_path / "x.png")])
+
+
+def test_cli_reads_the_checkpoint_once_and_safely(tmp_path, monkeypatch, fake_shapes):
+    """One torch.load, with weights_only=True: a checkpoint is a downloaded file, and a full
+    unpickle of one could run any code."""
+    calls = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", load)
+    main(["placements", "--checkpoint", str(save_tiny_checkpoint(tmp_path / "c.pt")),
+          "--out", str(tmp_path / "p.png")])
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("command", ["placements", "trajectories", "saliency"])
+@pytest.mark.parametrize("damage, says", [
+    ("truncated", "could not be read"),
+    ("random", "could not be read"),
+    ("empty", "could not be read"),
+    ("folder", "is a directory"),
+    ("missing", "does not exist"),
+])
+def test_cli_bad_checkpoint_is_a_message_naming_the_file(tmp_path, capsys, command, damage, says):
+    path = tmp_path / "checkpoint.pt"
+    if damage == "truncated":
+        whole = save_tiny_checkpoint(tmp_path / "whole.pt").read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+    elif damage == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "folder":
+        path.mkdir()
+    err = exit_message(capsys, [command, "--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
+    assert str(path) in err and says in err
 
 
 def test_module_imports_without_optional_helpers():
