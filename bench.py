@@ -761,17 +761,6 @@ def other_load(before, after, wall):
     return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def verdict(ratio, goal):
     return f"{'met' if ratio <= goal else 'MISSED'} (<= {goal}x)"
 
@@ -881,8 +870,8 @@ def main(argv=None):
     config = train.PRESETS[args.model]["model"]
     settings = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
                 "python": platform.python_version(), "device": args.device.type,
-                "device_name": torch.cuda.get_device_name() if args.device.type == "cuda" else cpu_name(),
-                "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                "device_name": torch.cuda.get_device_name() if args.device.type == "cuda" else cli.cpu_name(),
+                "cpu": cli.cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                 "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
                 "precision": "bf16 autocast" if bf16 else "fp32", "precision_choice": decided,
                 "batch_size": args.batch_size, "tokens": args.tokens,

@@ -8,6 +8,7 @@ tool checks its flags the same way, once, before any data is loaded or any work 
 """
 
 import os
+import platform
 import signal
 import threading
 import time
@@ -70,6 +71,18 @@ def check_out_dir(out, flag):
 
 # -----------------------------------------------------------------------------
 # Device and precision
+
+def cpu_name():
+    """The CPU's model name, to print beside every timing (speed differs a lot between CPUs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
 
 def resolve_device(choice):
     if choice == "auto":

@@ -192,8 +192,10 @@ def check_args(args):
     if args.eval_prior == "grid" and max(args.budgets) > n_grid:
         raise ValueError(f"--eval-tokens up to {max(args.budgets)} exceeds the {n_grid} grid cells")
     cli.resolve_device(args.device)
-    if args.init_from and not Path(args.init_from).is_file():
-        raise ValueError(f"--init-from: {args.init_from} is not a checkpoint file")
+    try:
+        args.init_model = spot.load_checkpoint(args.init_from) if args.init_from else None
+    except ValueError as error:
+        raise ValueError(f"--init-from: {error}") from None
 
 
 def resumed_args(args, explicit, parser):
@@ -373,8 +375,8 @@ def build_model(args, dataset, device):
                                  image_std=dataset.std)
     torch.manual_seed(args.seed)
     model = spot.SPoTViT(config)
-    if args.init_from:
-        source = spot.load_checkpoint(args.init_from)
+    source = getattr(args, "init_model", None)
+    if source is not None and args.checkpoint is None:      # (a resume has its own weights)
         mine, theirs = dataclasses.asdict(config), dataclasses.asdict(source.config)
         differ = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine
                   if k not in ("image_mean", "image_std") and mine[k] != theirs[k]]
@@ -418,6 +420,10 @@ def start_or_resume(args, model, optimizer, scheduler, generators, device, rank,
         dist.broadcast(flag, 0)
         bf16 = bool(flag.item())
     args.precision_used = "bf16" if bf16 else "fp32"
+    if rank == 0:   # what made this run, beside its metrics (small enough to commit with them)
+        cli.write_atomic(Path(args.out) / "run.json", json.dumps(
+            {"command": " ".join(sys.argv), "cpu": cli.cpu_name(), "torch": torch.__version__,
+             "args": saved_args(args)}, indent=1, default=str))
     return state
 
 
@@ -540,7 +546,11 @@ def save_run(args, model, optimizer, scheduler, state, generators, classes, worl
             "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state,
             "rng": rng, "torch_rng": torch.get_rng_state(), "classes": classes,
-            "args": {k: v for k, v in vars(args).items() if k != "checkpoint"}})
+            "args": saved_args(args)})
+
+
+def saved_args(args):
+    return {k: v for k, v in vars(args).items() if k not in ("checkpoint", "init_model")}
 
 
 def log_metrics(metrics, args, split, log, is_main):

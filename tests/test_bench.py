@@ -147,7 +147,7 @@ def test_cli_oracle_sweep_and_time(tmp_path, checkpoint):
     assert set(sweep["best"]) == set(oracle.OBJECTIVES) and sweep["settings"]["n_images"] == 4
     assert "*train* images" in (out / "sweep.md").read_text()
     timing = json.loads((out / "timing.json").read_text())
-    assert set(timing["timing"]) == {"2"} and timing["settings"]["cpu"] == bench.cpu_name()
+    assert set(timing["timing"]) == {"2"} and timing["settings"]["cpu"] == cli.cpu_name()
     markdown = json.loads((tmp_path / "bench.json").read_text())["markdown"]
     assert "## SPoT-ON (steps, lr) sweep" in markdown and "## Oracle cost on" in markdown
 

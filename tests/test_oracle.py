@@ -372,6 +372,16 @@ def test_cli_missing_bad_or_directory_checkpoint(tmp_path, capsys):
         assert words in err and "Traceback" not in err
 
 
+def test_cli_bad_transfer_checkpoint_is_a_message(tmp_path, patched_data, capsys):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        oracle.main(["--checkpoint", ckpt, "--transfer-checkpoint", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and str(bad) in err and "Traceback" not in err
+
+
 def test_cli_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
     monkeypatch.setattr(oracle, "evaluate", lambda *a, **k: pytest.fail("computed the table"))

@@ -187,7 +187,8 @@ def test_out_must_be_a_writable_folder_without_an_old_run(tmp_path, capsys, monk
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    cases = [(tmp_path / "file", "is a file"), (old, "--resume"), (tmp_path / "none", "does not exist")]
+    cases = [(tmp_path / "file", "is a file"), (old, "--resume"), (tmp_path / "none", "does not exist"),
+             (tmp_path / "file" / "run", "not writable")]            # a folder inside a file
     if os.geteuid() != 0:                                      # root may write anywhere
         cases.append((locked / "run", "not writable"))
     for out, words in cases:
@@ -210,6 +211,28 @@ def test_resume_refuses_changed_flags_naming_each(tmp_path, capsys):
     assert (out / "checkpoint.pt").read_bytes() == before      # nothing was overwritten
     # flags that only change how it runs are fine
     assert train.main(["--out", str(out), "--resume", "--threads", "1", "--no-progress"]) == 0
+
+
+def test_unreadable_checkpoints_are_messages_naming_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    for argv, flag in [(["--out", str(run), "--resume"], "--resume"),
+                       (TINY + ["--out", str(tmp_path / "new"), "--init-from", str(run / "checkpoint.pt")],
+                        "--init-from")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and flag in err and "could not be read" in err
+        assert str(run / "checkpoint.pt") in err and "Traceback" not in err
+
+
+def test_data_dir_is_stored_absolute(tmp_path, monkeypatch):
+    """A relative --data-dir would resolve against wherever oracle.py later runs from."""
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(TINY + ["--data-dir", "some/data", "--out", str(tmp_path / "o")])
+    assert args.data_dir == str(tmp_path / "some" / "data")
 
 
 def test_init_from_retrofits_a_grid_vit(tmp_path, capsys):
