@@ -54,52 +54,6 @@ __all__ = [
 
 
 # -----------------------------------------------------------------------------
-# Input checks of the public functions (every error names the argument). Inner code trusts them.
-
-def to_hw(size, name="image_size"):
-    """An int or (H, W) pair -> (H, W) of positive ints."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
-        raise ValueError(f"{name} must be a positive int or a (height, width) pair of "
-                         f"positive ints, got {size!r}")
-    return tuple(size)
-
-
-def check_window(window, image_hw, name="window"):
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {window!r}")
-    if window > min(image_hw):
-        raise ValueError(f"{name}={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
-                         f"use a {name} <= {min(image_hw)}")
-
-
-def _check_images(images):
-    if not torch.is_tensor(images) or images.dim() != 4:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"images must be a 4-D tensor (B, C, H, W), got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point (e.g. uint8 / 255), got {images.dtype}")
-
-
-def _check_positions(positions, batch_size):
-    if not torch.is_tensor(positions) or positions.dim() != 3 or positions.shape[-1] != 2:
-        shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
-        raise ValueError(f"positions must be a tensor of shape (B, N, 2) holding (y, x) in [0, 1], "
-                         f"got {shape}")
-    if positions.shape[0] != batch_size:
-        raise ValueError(f"positions has batch size {positions.shape[0]} but images has "
-                         f"{batch_size}; pass one set of positions per image")
-    if positions.shape[1] < 1:
-        raise ValueError("positions must hold at least one token (N >= 1), got N = 0")
-    # Reading values of a GPU tensor makes the CPU wait for the GPU on every forward pass, so
-    # NaN/inf is caught for CPU tensors only (on CUDA it shows up as NaN logits instead).
-    if positions.device.type == "cpu" and not torch.isfinite(positions).all():
-        raise ValueError("positions contain NaN or inf; positions are (y, x) in [0, 1]")
-
-
-# -----------------------------------------------------------------------------
 # PAPER §2: reading a k x k window at a subpixel position
 
 def grid_positions(image_size, window):
@@ -559,6 +513,52 @@ def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
         raise ValueError(f"{path}: its model does not load ({str(error).splitlines()[0]})") from None
     model = model.to(map_location).eval()
     return (model, checkpoint) if return_checkpoint else model
+
+
+# -----------------------------------------------------------------------------
+# Input checks of the public functions (every error names the argument); inner code trusts them
+
+def to_hw(size, name="image_size"):
+    """An int or (H, W) pair -> (H, W) of positive ints."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair of "
+                         f"positive ints, got {size!r}")
+    return tuple(size)
+
+
+def check_window(window, image_hw, name="window"):
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {window!r}")
+    if window > min(image_hw):
+        raise ValueError(f"{name}={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
+                         f"use a {name} <= {min(image_hw)}")
+
+
+def _check_images(images):
+    if not torch.is_tensor(images) or images.dim() != 4:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a 4-D tensor (B, C, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point (e.g. uint8 / 255), got {images.dtype}")
+
+
+def _check_positions(positions, batch_size):
+    if not torch.is_tensor(positions) or positions.dim() != 3 or positions.shape[-1] != 2:
+        shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
+        raise ValueError(f"positions must be a tensor of shape (B, N, 2) holding (y, x) in [0, 1], "
+                         f"got {shape}")
+    if positions.shape[0] != batch_size:
+        raise ValueError(f"positions has batch size {positions.shape[0]} but images has "
+                         f"{batch_size}; pass one set of positions per image")
+    if positions.shape[1] < 1:
+        raise ValueError("positions must hold at least one token (N >= 1), got N = 0")
+    # Reading values of a GPU tensor makes the CPU wait for the GPU on every forward pass, so
+    # NaN/inf is caught for CPU tensors only (on CUDA it shows up as NaN logits instead).
+    if positions.device.type == "cpu" and not torch.isfinite(positions).all():
+        raise ValueError("positions contain NaN or inf; positions are (y, x) in [0, 1]")
 
 
 if __name__ == "__main__":

@@ -65,173 +65,6 @@ PRESETS = {
 }
 DEFAULT_TRAIN_PRIORS = "uniform,gaussian,sobol,isotropic,center,grid"
 MODEL_FLAGS = ("image_size", "window", "dim", "depth", "heads", "mlp_ratio")
-# Flags that may differ when a run is resumed: they change how it runs, not what it computes.
-RESUME_MAY_CHANGE = {"resume", "out", "threads", "device", "progress", "max_steps", "compile",
-                     "cache_dir"}
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Flags shown as (preset) default to the preset's value: " + "; ".join(
-            f"{name}: " + ", ".join(f"{k}={v}" for k, v in _flat(preset).items())
-            for name, preset in PRESETS.items()) + ". Presets marked NOT YET RUN have never been "
-            "trained to the end; their times are estimates.")
-    add = parser.add_argument
-    add("--dataset", default="shapes", choices=data.DATASETS,
-        help="shapes: built in; cifar10: pickle batches or class folders (downloaded if absent); "
-             "folder: DIR/train/<class>/*, DIR/val/<class>/* (default: shapes)")
-    add("--preset", default=None, choices=tuple(PRESETS), help="defaults for every (preset) flag "
-        "(default: the dataset's name)")
-    add("--data-dir", default=None, help="dataset folder (cifar10 and folder datasets)")
-    add("--image-size", type=int, default=None, help="image side in pixels (preset)")
-    add("--cache-dir", default=None, help="where decoded images are cached (default ~/.cache/spot)")
-    add("--val-size", type=float, default=None, help="training images held out for validation: "
-        "a count, or a fraction < 1, per class in proportion; 0 = none (preset)")
-    add("--train-limit", type=int, default=None, help="use only N training images (a fixed random subset)")
-    add("--test-limit", type=int, default=None, help="evaluate on only the first N val/test images")
-    for name, kind in (("window", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)):
-        add(f"--{name}", type=kind, default=None, help="model (preset)")
-    add("--tokens", default=None, help="tokens per training batch: N, a range A-B drawn per batch, "
-        "a list A,B,C, or 'all' for the full grid (preset)")
-    add("--train-priors", default=None, help=f"comma-separated priors, one drawn per batch, from "
-        f"{spot.PRIORS} (preset, else {DEFAULT_TRAIN_PRIORS})")
-    add("--eval-tokens", default="16", help="extra budgets evaluated each epoch with --eval-prior, "
-        "besides the full grid (comma-separated; default: 16)")
-    add("--eval-prior", default="isotropic", choices=spot.PRIORS, help="(default: isotropic)")
-    add("--init-from", default=None, help="start from this checkpoint's model weights (PAPER §5 "
-        "retrofitting: a grid-trained ViT fine-tuned into SPoT); the optimizer starts fresh")
-    add("--epochs", type=int, default=None, help="training epochs (preset)")
-    add("--batch-size", type=int, default=None, help="global batch size, split over processes (preset)")
-    add("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
-    add("--min-lr-ratio", type=float, default=0.01, help="final lr / --lr (default 0.01)")
-    add("--warmup-epochs", type=float, default=None, help="linear warm-up length (preset)")
-    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay on weights (default 0.05)")
-    add("--label-smoothing", type=float, default=0.1, help="(default 0.1)")
-    add("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    add("--augment-padding", type=int, default=None, help="random-crop padding in pixels (preset)")
-    add("--no-flip", action="store_true", help="disable random horizontal flips")
-    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total; "
-        "the schedule still follows --epochs, so a capped run can be --resume'd to the end")
-    add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="(default: auto = CUDA if available)")
-    add("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="bf16 autocast or "
-        "fp32; auto = bf16 on CUDA GPUs that support it, and on the CPU whichever a short probe of "
-        "this model measures faster (default: auto)")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    add("--seed", type=int, default=0, help="seed for data order, augmentation, positions, init")
-    add("--out", default=None, help="run folder (default: runs/<dataset>)")
-    add("--resume", action="store_true", help="continue the run in --out with its own flags")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars (default: on)")
-    return parser
-
-
-def _flat(preset):
-    """A preset as flag values: its SPoTConfig's model flags, then the rest."""
-    model = {k: v[0] if k == "image_size" else v for k, v in dataclasses.asdict(preset["model"]).items()
-             if k in MODEL_FLAGS}
-    return {**model, **{k: v for k, v in preset.items() if k != "model"}}
-
-
-def parse_args(argv=None):
-    """Command line -> checked args. Every flag is checked here, before any data is loaded; a
-    --resume takes the run's stored flags and refuses ones that would change what it computes."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**{
-        a.dest: None for a in parser._actions}))).items() if v is not None and v is not False}
-    for key, value in _flat(PRESETS[args.preset or args.dataset]).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.train_priors = args.train_priors or DEFAULT_TRAIN_PRIORS
-    args.out = args.out or os.path.join("runs", args.dataset)
-    args.data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
-    try:
-        check_args(args)
-        cli.check_out_dir(args.out, "--out")
-    except ValueError as error:
-        parser.error(str(error))
-    args.checkpoint = None
-    if args.resume:
-        args = resumed_args(args, explicit, parser)
-    elif any((Path(args.out) / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
-        parser.error(f"--out {args.out} already holds a run; pass --resume to continue it, or "
-                     f"choose another --out")
-    return args
-
-
-def check_args(args):
-    """Raise ValueError naming the flag for any value that cannot work."""
-    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("train_limit", 1),
-                      ("test_limit", 1), ("max_steps", 1), ("threads", 1), ("augment_padding", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name, low, high in (("lr", 0, math.inf), ("min_lr_ratio", 0, 1), ("warmup_epochs", 0, math.inf),
-                            ("weight_decay", 0, math.inf), ("label_smoothing", 0, 1),
-                            ("grad_clip", 0, math.inf), ("val_size", 0, math.inf)):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and low <= value <= high) or (name == "lr" and value == 0) \
-                or (name == "label_smoothing" and value == 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in "
-                             f"[{low}, {high}]{' (not 0)' if name == 'lr' else ''}, got {value}")
-    if args.val_size >= 1 and args.val_size != int(args.val_size):
-        raise ValueError(f"--val-size must be a whole count or a fraction below 1, got {args.val_size}")
-    args.val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
-    model = dataclasses.replace(PRESETS["shapes"]["model"], **{
-        k: getattr(args, k) for k in MODEL_FLAGS})                    # raises for a bad model
-    n_grid = len(spot.grid_positions(model.image_size, model.window))
-    args.token_choices = cli.parse_tokens(args.tokens, n_grid, "--tokens")
-    args.budgets = cli.parse_tokens(args.eval_tokens, n_grid, "--eval-tokens")
-    priors = [p.strip() for p in args.train_priors.split(",") if p.strip()]
-    if not priors or any(p not in spot.PRIORS for p in priors):
-        raise ValueError(f"--train-priors: unknown prior(s) in {args.train_priors!r}; choose from {spot.PRIORS}")
-    args.train_priors = ",".join(priors)
-    if "grid" in priors and max(args.token_choices) > n_grid:
-        raise ValueError(f"--tokens up to {max(args.token_choices)} but prior 'grid' has only {n_grid} "
-                         f"cells ({args.image_size}/{args.window} squared); lower --tokens or drop 'grid'")
-    if args.eval_prior == "grid" and max(args.budgets) > n_grid:
-        raise ValueError(f"--eval-tokens up to {max(args.budgets)} exceeds the {n_grid} grid cells")
-    cli.resolve_device(args.device)
-    try:
-        args.init_model = spot.load_checkpoint(args.init_from) if args.init_from else None
-    except ValueError as error:
-        raise ValueError(f"--init-from: {error}") from None
-
-
-def resumed_args(args, explicit, parser):
-    """--resume: the run's own flags, from its checkpoint; a flag given again must not differ."""
-    path = Path(args.out) / "checkpoint.pt"
-    if not path.is_file():
-        parser.error(f"--resume but {path} does not exist; start a new run without --resume, or "
-                     f"point --out at the folder of the run to continue")
-    try:
-        _, checkpoint = spot.load_checkpoint(path, return_checkpoint=True)
-    except ValueError as error:
-        parser.error(f"--resume: {error}")
-    stored = checkpoint.get("args") or {}
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run has {stored.get(k)!r})"
-               for k in sorted(explicit - RESUME_MAY_CHANGE) if getattr(args, k) != stored.get(k)]
-    if changed:
-        parser.error(f"--resume: {path} was trained with other flags; these differ: "
-                     f"{'; '.join(changed)}. Resume without them, or start a new run in another --out")
-    merged = argparse.Namespace(**{**stored, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE}})
-    merged.checkpoint = checkpoint
-    return merged
-
-
-# -----------------------------------------------------------------------------
-# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
-
-def setup_distributed(device):
-    """-> (rank, world_size, device). A plain `python train.py` is world_size 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 # -----------------------------------------------------------------------------
@@ -530,6 +363,178 @@ def train_epoch(model, optimizer, scheduler, train_split, state, args, generator
     if finished:
         state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+def setup_distributed(device):
+    """-> (rank, world_size, device). A plain `python train.py` is world_size 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# -----------------------------------------------------------------------------
+# The command line: flags, their checks, and --resume (out of the way of the method)
+
+# Flags that may differ when a run is resumed: they change how it runs, not what it computes.
+RESUME_MAY_CHANGE = {"resume", "out", "threads", "device", "progress", "max_steps", "compile",
+                     "cache_dir"}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags shown as (preset) default to the preset's value: " + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in _flat(preset).items())
+            for name, preset in PRESETS.items()) + ". Presets marked NOT YET RUN have never been "
+            "trained to the end; their times are estimates.")
+    add = parser.add_argument
+    add("--dataset", default="shapes", choices=data.DATASETS,
+        help="shapes: built in; cifar10: pickle batches or class folders (downloaded if absent); "
+             "folder: DIR/train/<class>/*, DIR/val/<class>/* (default: shapes)")
+    add("--preset", default=None, choices=tuple(PRESETS), help="defaults for every (preset) flag "
+        "(default: the dataset's name)")
+    add("--data-dir", default=None, help="dataset folder (cifar10 and folder datasets)")
+    add("--image-size", type=int, default=None, help="image side in pixels (preset)")
+    add("--cache-dir", default=None, help="where decoded images are cached (default ~/.cache/spot)")
+    add("--val-size", type=float, default=None, help="training images held out for validation: "
+        "a count, or a fraction < 1, per class in proportion; 0 = none (preset)")
+    add("--train-limit", type=int, default=None, help="use only N training images (a fixed random subset)")
+    add("--test-limit", type=int, default=None, help="evaluate on only the first N val/test images")
+    for name, kind in (("window", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)):
+        add(f"--{name}", type=kind, default=None, help="model (preset)")
+    add("--tokens", default=None, help="tokens per training batch: N, a range A-B drawn per batch, "
+        "a list A,B,C, or 'all' for the full grid (preset)")
+    add("--train-priors", default=None, help=f"comma-separated priors, one drawn per batch, from "
+        f"{spot.PRIORS} (preset, else {DEFAULT_TRAIN_PRIORS})")
+    add("--eval-tokens", default="16", help="extra budgets evaluated each epoch with --eval-prior, "
+        "besides the full grid (comma-separated; default: 16)")
+    add("--eval-prior", default="isotropic", choices=spot.PRIORS, help="(default: isotropic)")
+    add("--init-from", default=None, help="start from this checkpoint's model weights (PAPER §5 "
+        "retrofitting: a grid-trained ViT fine-tuned into SPoT); the optimizer starts fresh")
+    add("--epochs", type=int, default=None, help="training epochs (preset)")
+    add("--batch-size", type=int, default=None, help="global batch size, split over processes (preset)")
+    add("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
+    add("--min-lr-ratio", type=float, default=0.01, help="final lr / --lr (default 0.01)")
+    add("--warmup-epochs", type=float, default=None, help="linear warm-up length (preset)")
+    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay on weights (default 0.05)")
+    add("--label-smoothing", type=float, default=0.1, help="(default 0.1)")
+    add("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    add("--augment-padding", type=int, default=None, help="random-crop padding in pixels (preset)")
+    add("--no-flip", action="store_true", help="disable random horizontal flips")
+    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total; "
+        "the schedule still follows --epochs, so a capped run can be --resume'd to the end")
+    add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="(default: auto = CUDA if available)")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="bf16 autocast or "
+        "fp32; auto = bf16 on CUDA GPUs that support it, and on the CPU whichever a short probe of "
+        "this model measures faster (default: auto)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    add("--seed", type=int, default=0, help="seed for data order, augmentation, positions, init")
+    add("--out", default=None, help="run folder (default: runs/<dataset>)")
+    add("--resume", action="store_true", help="continue the run in --out with its own flags")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars (default: on)")
+    return parser
+
+
+def _flat(preset):
+    """A preset as flag values: its SPoTConfig's model flags, then the rest."""
+    model = {k: v[0] if k == "image_size" else v for k, v in dataclasses.asdict(preset["model"]).items()
+             if k in MODEL_FLAGS}
+    return {**model, **{k: v for k, v in preset.items() if k != "model"}}
+
+
+def parse_args(argv=None):
+    """Command line -> checked args. Every flag is checked here, before any data is loaded; a
+    --resume takes the run's stored flags and refuses ones that would change what it computes."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**{
+        a.dest: None for a in parser._actions}))).items() if v is not None and v is not False}
+    for key, value in _flat(PRESETS[args.preset or args.dataset]).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.train_priors = args.train_priors or DEFAULT_TRAIN_PRIORS
+    args.out = args.out or os.path.join("runs", args.dataset)
+    args.data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
+    try:
+        check_args(args)
+        cli.check_out_dir(args.out, "--out")
+    except ValueError as error:
+        parser.error(str(error))
+    args.checkpoint = None
+    if args.resume:
+        args = resumed_args(args, explicit, parser)
+    elif any((Path(args.out) / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
+        parser.error(f"--out {args.out} already holds a run; pass --resume to continue it, or "
+                     f"choose another --out")
+    return args
+
+
+def check_args(args):
+    """Raise ValueError naming the flag for any value that cannot work."""
+    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("train_limit", 1),
+                      ("test_limit", 1), ("max_steps", 1), ("threads", 1), ("augment_padding", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name, low, high in (("lr", 0, math.inf), ("min_lr_ratio", 0, 1), ("warmup_epochs", 0, math.inf),
+                            ("weight_decay", 0, math.inf), ("label_smoothing", 0, 1),
+                            ("grad_clip", 0, math.inf), ("val_size", 0, math.inf)):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and low <= value <= high) or (name == "lr" and value == 0) \
+                or (name == "label_smoothing" and value == 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in "
+                             f"[{low}, {high}]{' (not 0)' if name == 'lr' else ''}, got {value}")
+    if args.val_size >= 1 and args.val_size != int(args.val_size):
+        raise ValueError(f"--val-size must be a whole count or a fraction below 1, got {args.val_size}")
+    args.val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
+    model = dataclasses.replace(PRESETS["shapes"]["model"], **{
+        k: getattr(args, k) for k in MODEL_FLAGS})                    # raises for a bad model
+    n_grid = len(spot.grid_positions(model.image_size, model.window))
+    args.token_choices = cli.parse_tokens(args.tokens, n_grid, "--tokens")
+    args.budgets = cli.parse_tokens(args.eval_tokens, n_grid, "--eval-tokens")
+    priors = [p.strip() for p in args.train_priors.split(",") if p.strip()]
+    if not priors or any(p not in spot.PRIORS for p in priors):
+        raise ValueError(f"--train-priors: unknown prior(s) in {args.train_priors!r}; choose from {spot.PRIORS}")
+    args.train_priors = ",".join(priors)
+    if "grid" in priors and max(args.token_choices) > n_grid:
+        raise ValueError(f"--tokens up to {max(args.token_choices)} but prior 'grid' has only {n_grid} "
+                         f"cells ({args.image_size}/{args.window} squared); lower --tokens or drop 'grid'")
+    if args.eval_prior == "grid" and max(args.budgets) > n_grid:
+        raise ValueError(f"--eval-tokens up to {max(args.budgets)} exceeds the {n_grid} grid cells")
+    cli.resolve_device(args.device)
+    try:
+        args.init_model = spot.load_checkpoint(args.init_from) if args.init_from else None
+    except ValueError as error:
+        raise ValueError(f"--init-from: {error}") from None
+
+
+def resumed_args(args, explicit, parser):
+    """--resume: the run's own flags, from its checkpoint; a flag given again must not differ."""
+    path = Path(args.out) / "checkpoint.pt"
+    if not path.is_file():
+        parser.error(f"--resume but {path} does not exist; start a new run without --resume, or "
+                     f"point --out at the folder of the run to continue")
+    try:
+        _, checkpoint = spot.load_checkpoint(path, return_checkpoint=True)
+    except ValueError as error:
+        parser.error(f"--resume: {error}")
+    stored = checkpoint.get("args") or {}
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run has {stored.get(k)!r})"
+               for k in sorted(explicit - RESUME_MAY_CHANGE) if getattr(args, k) != stored.get(k)]
+    if changed:
+        parser.error(f"--resume: {path} was trained with other flags; these differ: "
+                     f"{'; '.join(changed)}. Resume without them, or start a new run in another --out")
+    merged = argparse.Namespace(**{**stored, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE}})
+    merged.checkpoint = checkpoint
+    return merged
 
 
 # -----------------------------------------------------------------------------
