@@ -499,8 +499,8 @@ def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:   # truncated, empty, random bytes, or holding code (refused)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} could not be read as a checkpoint ({first_line}); it is "
+        reason = str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
+        raise ValueError(f"{path} could not be read as a checkpoint ({reason}); it is "
                          f"truncated, not a checkpoint, or holds objects other than tensors and "
                          f"plain data, which are refused because loading them could run code") from None
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:

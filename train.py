@@ -484,14 +484,13 @@ def check_args(args):
                       ("test_limit", 1), ("max_steps", 1), ("threads", 1), ("augment_padding", 0)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name, low, high in (("lr", 0, math.inf), ("min_lr_ratio", 0, 1), ("warmup_epochs", 0, math.inf),
-                            ("weight_decay", 0, math.inf), ("label_smoothing", 0, 1),
-                            ("grad_clip", 0, math.inf), ("val_size", 0, math.inf)):
+    for name, accepted, ok in (("lr", "> 0", lambda v: v > 0), ("min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1),
+                               ("label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
+                               ("warmup_epochs", ">= 0", None), ("weight_decay", ">= 0", None),
+                               ("grad_clip", ">= 0", None), ("val_size", ">= 0", None)):
         value = getattr(args, name)
-        if not (math.isfinite(value) and low <= value <= high) or (name == "lr" and value == 0) \
-                or (name == "label_smoothing" and value == 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in "
-                             f"[{low}, {high}]{' (not 0)' if name == 'lr' else ''}, got {value}")
+        if not (math.isfinite(value) and (ok or (lambda v: v >= 0))(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {accepted}, got {value}")
     if args.val_size >= 1 and args.val_size != int(args.val_size):
         raise ValueError(f"--val-size must be a whole count or a fraction below 1, got {args.val_size}")
     args.val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
