@@ -7,6 +7,8 @@ Nothing here is in the paper; a reader of the method can skip this file. It exis
 tool checks its flags the same way, once, before any data is loaded or any work is done.
 """
 
+import argparse
+import math
 import os
 import platform
 import signal
@@ -22,7 +24,61 @@ import spot
 
 
 # -----------------------------------------------------------------------------
-# Flags
+# Flags: argparse types that check a value where the flag is declared (argparse then names the
+# flag in its error, before any work is done)
+
+def int_at_least(low):
+    """An argparse type: an int >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def float_in(low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite float in [low, high], or (low, ...) / (..., high) when open
+    (float() alone would accept 'nan' and 'inf')."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+        return value
+    return parse
+
+
+def count_or_fraction(text):
+    """An argparse type: an int >= 0 (a count) or a float in (0, 1) (a fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 0 and value == int(value):
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a count (an int >= 0) or a fraction in (0, 1), "
+                                         f"got {text!r}")
+    return value
+
+
+def prior_list(text):
+    """An argparse type: comma-separated prior names -> a list."""
+    priors = [p.strip() for p in text.split(",") if p.strip()]
+    if not priors or any(p not in spot.PRIORS for p in priors):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names from {','.join(spot.PRIORS)}, "
+                                         f"got {text!r}")
+    return priors
+
 
 def parse_tokens(text, n_grid, flag="--tokens"):
     """'64' | '16-64' | '8,16,32' | 'all' -> sorted list of allowed token counts, at most 4x the

@@ -46,10 +46,8 @@ Try it:   python data.py                                   (generates `shapes`, 
           python data.py folder --data-dir DIR --image-size 64 --preview preview.png
 """
 
-import argparse
 import math
 import numbers
-import time
 from dataclasses import dataclass
 
 import torch
@@ -452,55 +450,5 @@ def augment(images, generator=None, padding=4, flip=True):
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]   # (B, C, H, W)
 
 
-# -----------------------------------------------------------------------------
-# python data.py: load a dataset and print a summary (optionally save a preview grid)
-
-def _int_or_float(text):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _main():
-    p = argparse.ArgumentParser(description="Load a dataset and print a summary.")
-    p.add_argument("name", nargs="?", default="shapes", choices=DATASETS)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=_int_or_float, default=0,
-                   help="hold out this many train images (or this fraction, e.g. 0.1)")
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--preview", default=None, help="save a grid of 8 x 8 train images here (PNG)")
-    args = p.parse_args()
-    t = time.time()
-    try:
-        d = load_dataset(args.name, args.data_dir, args.image_size, seed=args.seed,
-                         download=not args.no_download, val_size=args.val_size)
-    except (ValueError, DataError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{d.name}: loaded in {time.time() - t:.1f} s")
-    print(f"  train {tuple(d.train.images.shape)} {d.train.images.dtype}, "
-          f"test {tuple(d.test.images.shape)}, image_size {d.image_size}")
-    if d.val is not None:
-        print(f"  val {tuple(d.val.images.shape)} (held out of train), per class: "
-              f"{torch.bincount(d.val.labels, minlength=len(d.classes)).tolist()}")
-    print(f"  {len(d.classes)} classes: {', '.join(d.classes)}")
-    print(f"  train images per class: {torch.bincount(d.train.labels).tolist()}")
-    print(f"  mean {d.mean}  std {d.std}")
-    if args.preview:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(8, 8, figsize=(10, 10.5))
-        for ax, img, lab in zip(axes.flat, d.train.images[:64], d.train.labels[:64]):
-            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(d.classes[int(lab)], fontsize=7)
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(args.preview, dpi=100)
-        print(f"  preview -> {args.preview}")
-
-
-if __name__ == "__main__":
-    _main()
+if __name__ == "__main__":      # python data.py: a summary of a dataset (data_io.summary_main)
+    data_io.summary_main()

@@ -472,45 +472,33 @@ def parse_args(argv=None):
     add("--dataset", default=None, choices=data.DATASETS,
         help="dataset (default: the one stored in the checkpoint)")
     add("--data-dir", default=None, help="dataset folder (default: the checkpoint's)")
-    add("--image-size", type=int, default=None, help="image side (default: the checkpoint's)")
+    add("--image-size", type=cli.int_at_least(1), default=None, help="image side (default: the checkpoint's)")
     add("--cache-dir", default=None, help="decoded-image cache (default: the checkpoint's or data.py's)")
     add("--split", default="test", choices=("test", "val"),
         help="images to evaluate: the test split, or the validation split held out of train by "
              "train.py's --val-size (choose settings on val; read test once, for the final table)")
     add("--tokens", default="4,8,16,32,64", help="token budgets, comma-separated")
-    add("--priors", default="grid,uniform,gaussian,sobol,isotropic,center,salient",
+    add("--priors", type=cli.prior_list, default="grid,uniform,gaussian,sobol,isotropic,center,salient",
         help=f"priors to evaluate, from {spot.PRIORS}")
-    add("--draws", type=int, default=1, help="position draws per random prior (for the interval)")
+    add("--draws", type=cli.int_at_least(1), default=1, help="position draws per random prior (for the interval)")
     add("--oracle-from", default="isotropic", choices=spot.PRIORS, help="prior the SPoT-ON search starts from")
-    add("--oracle-steps", type=int, default=DEFAULT_STEPS, help="Adam steps of the search")
-    add("--oracle-lr", type=float, default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
-    add("--limit", type=int, default=None, help="evaluate the first N images of --split (default: all)")
-    add("--knn-limit", type=int, default=5000, help="kNN bank = first M train images (0 = no kNN)")
-    add("--knn-k", type=int, default=20, help="neighbours of the kNN vote")
-    add("--knn-temperature", type=float, default=0.07, help="kNN vote weight exp(sim / T)")
+    add("--oracle-steps", type=cli.int_at_least(0), default=DEFAULT_STEPS, help="Adam steps of the search")
+    add("--oracle-lr", type=cli.float_in(0, low_open=True), default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
+    add("--limit", type=cli.int_at_least(1), default=None, help="evaluate the first N images of --split (default: all)")
+    add("--knn-limit", type=cli.int_at_least(0), default=5000, help="kNN bank = first M train images (0 = no kNN)")
+    add("--knn-k", type=cli.int_at_least(1), default=20, help="neighbours of the kNN vote")
+    add("--knn-temperature", type=cli.float_in(0, low_open=True), default=0.07, help="kNN vote weight exp(sim / T)")
     add("--transfer-checkpoint", default=None,
         help="a second model: its oracle positions are evaluated on --checkpoint (and vice versa)")
-    add("--batch-size", type=int, default=128)
+    add("--batch-size", type=cli.int_at_least(1), default=128)
     add("--seed", type=int, default=0, help="seed of the position draws and the bootstrap")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    add("--threads", type=cli.int_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
     add("--out", required=True, help="output folder")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = parser.parse_args(argv)
 
     args.tokens = cli.parse_int_list(args.tokens, "--tokens", parser)
-    args.priors = [p.strip() for p in args.priors.split(",") if p.strip()]
-    unknown = [p for p in args.priors if p not in spot.PRIORS]
-    if unknown or not args.priors:
-        parser.error(f"--priors: unknown prior(s) {unknown or args.priors}; choose from {spot.PRIORS}")
-    for name, low in (("oracle_steps", 0), ("knn_limit", 0), ("batch_size", 1), ("knn_k", 1),
-                      ("limit", 1), ("draws", 1), ("threads", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("oracle_lr", "knn_temperature"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
     for name in ("checkpoint", "transfer_checkpoint"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():

@@ -402,14 +402,14 @@ def build_parser():
     add("--preset", default=None, choices=tuple(PRESETS), help="defaults for every (preset) flag "
         "(default: the dataset's name)")
     add("--data-dir", default=None, help="dataset folder (cifar10 and folder datasets)")
-    add("--image-size", type=int, default=None, help="image side in pixels (preset)")
+    add("--image-size", type=cli.int_at_least(1), default=None, help="image side in pixels (preset)")
     add("--cache-dir", default=None, help="where decoded images are cached (default ~/.cache/spot)")
-    add("--val-size", type=float, default=None, help="training images held out for validation: "
+    add("--val-size", type=cli.count_or_fraction, default=None, help="training images held out for validation: "
         "a count, or a fraction < 1, per class in proportion; 0 = none (preset)")
-    add("--train-limit", type=int, default=None, help="use only N training images (a fixed random subset)")
-    add("--test-limit", type=int, default=None, help="evaluate on only the first N val/test images")
+    add("--train-limit", type=cli.int_at_least(1), default=None, help="use only N training images (a fixed random subset)")
+    add("--test-limit", type=cli.int_at_least(1), default=None, help="evaluate on only the first N val/test images")
     for name, kind in (("window", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)):
-        add(f"--{name}", type=kind, default=None, help="model (preset)")
+        add(f"--{name}", type=kind, default=None, help="model (preset)")   # SPoTConfig checks them
     add("--tokens", default=None, help="tokens per training batch: N, a range A-B drawn per batch, "
         "a list A,B,C, or 'all' for the full grid (preset)")
     add("--train-priors", default=None, help=f"comma-separated priors, one drawn per batch, from "
@@ -419,24 +419,24 @@ def build_parser():
     add("--eval-prior", default="isotropic", choices=spot.PRIORS, help="(default: isotropic)")
     add("--init-from", default=None, help="start from this checkpoint's model weights (PAPER §5 "
         "retrofitting: a grid-trained ViT fine-tuned into SPoT); the optimizer starts fresh")
-    add("--epochs", type=int, default=None, help="training epochs (preset)")
-    add("--batch-size", type=int, default=None, help="global batch size, split over processes (preset)")
-    add("--lr", type=float, default=None, help="peak AdamW learning rate (preset)")
-    add("--min-lr-ratio", type=float, default=0.01, help="final lr / --lr (default 0.01)")
-    add("--warmup-epochs", type=float, default=None, help="linear warm-up length (preset)")
-    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay on weights (default 0.05)")
-    add("--label-smoothing", type=float, default=0.1, help="(default 0.1)")
-    add("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    add("--augment-padding", type=int, default=None, help="random-crop padding in pixels (preset)")
+    add("--epochs", type=cli.int_at_least(1), default=None, help="training epochs (preset)")
+    add("--batch-size", type=cli.int_at_least(1), default=None, help="global batch size, split over processes (preset)")
+    add("--lr", type=cli.float_in(0, low_open=True), default=None, help="peak AdamW learning rate (preset)")
+    add("--min-lr-ratio", type=cli.float_in(0, 1), default=0.01, help="final lr / --lr (default 0.01)")
+    add("--warmup-epochs", type=cli.float_in(0), default=None, help="linear warm-up length (preset)")
+    add("--weight-decay", type=cli.float_in(0), default=0.05, help="AdamW weight decay on weights (default 0.05)")
+    add("--label-smoothing", type=cli.float_in(0, 1, high_open=True), default=0.1, help="(default 0.1)")
+    add("--grad-clip", type=cli.float_in(0), default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    add("--augment-padding", type=cli.int_at_least(0), default=None, help="random-crop padding in pixels (preset)")
     add("--no-flip", action="store_true", help="disable random horizontal flips")
-    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total; "
+    add("--max-steps", type=cli.int_at_least(1), default=None, help="stop after this many optimizer steps in total; "
         "the schedule still follows --epochs, so a capped run can be --resume'd to the end")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="(default: auto = CUDA if available)")
     add("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="bf16 autocast or "
         "fp32; auto = bf16 on CUDA GPUs that support it, and on the CPU whichever a short probe of "
         "this model measures faster (default: auto)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    add("--threads", type=cli.int_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
     add("--seed", type=int, default=0, help="seed for data order, augmentation, positions, init")
     add("--out", default=None, help="run folder (default: runs/<dataset>)")
     add("--resume", action="store_true", help="continue the run in --out with its own flags")
@@ -480,20 +480,6 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Raise ValueError naming the flag for any value that cannot work."""
-    for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("train_limit", 1),
-                      ("test_limit", 1), ("max_steps", 1), ("threads", 1), ("augment_padding", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name, accepted, ok in (("lr", "> 0", lambda v: v > 0), ("min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1),
-                               ("label_smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
-                               ("warmup_epochs", ">= 0", None), ("weight_decay", ">= 0", None),
-                               ("grad_clip", ">= 0", None), ("val_size", ">= 0", None)):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and (ok or (lambda v: v >= 0))(value)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {accepted}, got {value}")
-    if args.val_size >= 1 and args.val_size != int(args.val_size):
-        raise ValueError(f"--val-size must be a whole count or a fraction below 1, got {args.val_size}")
-    args.val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
     model = dataclasses.replace(PRESETS["shapes"]["model"], **{
         k: getattr(args, k) for k in MODEL_FLAGS})                    # raises for a bad model
     n_grid = len(spot.grid_positions(model.image_size, model.window))

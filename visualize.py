@@ -608,39 +608,6 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 IMAGE_FORMATS = ("png", *sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"png"}))
 
 
-def _int_at_least(low):
-    """An argparse type: an int >= low. argparse turns the error into 'argument --flag: ...'
-    while parsing, so a bad flag is reported before any checkpoint or dataset is loaded."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def _positive(text):
-    """An argparse type: a finite float > 0 (float() alone accepts 'inf' and 'nan')."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _prior_names(text):
-    priors = [p for p in text.split(",") if p]
-    if not priors or any(p not in spot.PRIORS for p in priors):
-        raise argparse.ArgumentTypeError(f"must be comma-separated names from "
-                                         f"{','.join(spot.PRIORS)}, got {text!r}")
-    return priors
-
-
 def _output_path(parser, flag, path, formats):
     """--out / --gif, checked at parse time -> the Path that will be written: no extension means
     formats[0], and its folder is created and proven writable (cli.check_out_dir)."""
@@ -761,7 +728,7 @@ def build_parser():
         epilog="Every command writes a figure (--out; no extension means .png) and never opens "
                "a window. Run 'python visualize.py COMMAND --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    count, index = _int_at_least(1), _int_at_least(0)
+    count, index = cli.int_at_least(1), cli.int_at_least(0)
 
     def add(name, help_text, func, out):
         sub = commands.add_parser(name, help=help_text, description=help_text,
@@ -775,7 +742,7 @@ def build_parser():
         sub.add_argument("--objective", choices=("label", "entropy"), default="label",
                          help="oracle objective: the true label, or label-free prediction entropy")
         sub.add_argument(steps_flag, type=index, default=steps_default, help=steps_help)
-        sub.add_argument("--lr", type=_positive, default=None,
+        sub.add_argument("--lr", type=cli.float_in(0, low_open=True), default=None,
                          help="oracle learning rate in [0, 1] units (default: oracle.py's)")
 
     def add_model_options(sub):
@@ -792,7 +759,7 @@ def build_parser():
                    help="canvas size in pixels (default 32, or the dataset's size)")
     p.add_argument("--window", type=count, default=4, help="token window k in pixels")
     p.add_argument("--tokens", type=count, default=16, help="tokens per prior")
-    p.add_argument("--priors", type=_prior_names, default=list(spot.PRIORS),
+    p.add_argument("--priors", type=cli.prior_list, default=list(spot.PRIORS),
                    help="comma-separated prior names")
     p.add_argument("--dataset", default=None, help="draw on a test image of this dataset "
                    "(shapes, cifar10, folder); enables the 'salient' prior")
@@ -812,7 +779,7 @@ def build_parser():
     add_search_options(p)
     p.add_argument("--n-images", type=count, default=4, help="how many test images")
     p.add_argument("--gif", default=None, help="also animate the first image into this .gif")
-    p.add_argument("--fps", type=_positive, default=4, help="GIF frames per second")
+    p.add_argument("--fps", type=cli.float_in(0, low_open=True), default=4, help="GIF frames per second")
 
     p = add("budget", "accuracy vs token budget from oracle.py's results.json (PAPER §6)",
             _cmd_budget, "budget.png")
