@@ -179,6 +179,18 @@ def snap_to_grid(positions, image_size, window):
     return cells[dist.argmin(dim=-1)]                                                      # (..., N, 2)
 
 
+def saliency_read(images, positions, window):
+    """PAPER §6, finding 3 as a number: how salient is what the tokens read? -> (B,)
+
+    The mean of spot.saliency_map inside each image's k x k token windows, divided by the map's
+    mean over the image: 1 = the tokens read average pixels, 2 = twice as salient as average.
+    images (B, C, H, W) in [0, 1], positions (B, N, 2); windows hanging outside read zero.
+    """
+    saliency = spot.saliency_map(images)                                     # (B, H, W), sums to 1
+    windows = spot.extract_patches(saliency[:, None], positions, window)     # (B, N, 1, k, k)
+    return windows.mean(dim=(1, 2, 3, 4)) * saliency[0].numel()
+
+
 # -----------------------------------------------------------------------------
 # PAPER §5: kNN accuracy on the class-token feature
 
@@ -343,11 +355,13 @@ def prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature
 
 
 def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batch_size, progress,
-                transfer_model=None, transfer_source=None, model_source=None):
+                transfer_model=None, transfer_source=None, model_source=None, saliency_limit=500):
     """PAPER §4 and §6, the SPoT-ON rows, per budget: the label oracle, its label-free (entropy)
     twin, the oracle snapped to the grid, and (with a second model) oracle positions found by the
-    other model -> (rows, transfer_reverse). Every search starts from the very positions of the
-    `oracle_from` prior row (same seed), so the gain is measured on identical starting points.
+    other model -> (rows, transfer_reverse, saliency). Every search starts from the very positions
+    of the `oracle_from` prior row (same seed), so the gain is measured on identical starting points.
+    saliency: finding 3 on the first `saliency_limit` images, the saliency read (saliency_read)
+    by the start, the oracle and the salient prior, each a mean with its 95 % interval.
 
     SPoT-ON rows get no kNN: oracle positions are chosen with the test label, so a kNN on them
     would leak it.
@@ -358,7 +372,7 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
     search = lambda net, labels, start, objective, desc: search_split(
         net, test_x, labels, start, device, batch_size, steps, lr, objective, progress, desc)
     correct = lambda net, positions: predict(net, test_x, positions, device, batch_size)[0] == test_y
-    rows, reverse = [], []
+    rows, reverse, saliency = [], [], []
     for tokens in budgets:
         methods = ["spot-on", "spot-on-entropy", "spot-on-snapped"]
         extra = {"spot-on-transfer": {"source": transfer_source}} if transfer_model else {}
@@ -384,20 +398,30 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
                             "tokens": tokens, "top1_prior": on_other(start),
                             "top1_own_oracle": on_other(transfer_positions),
                             "top1_transfer": on_other(oracle_positions)})
-    return rows, reverse
+        if saliency_limit:
+            images = test_x[:saliency_limit].float() / 255
+            salient = draw_positions("salient", test_x[:saliency_limit], tokens, config.image_size,
+                                     config.window, seed_for(seed, "salient", tokens, "test"), device)
+            for name, positions in ((oracle_from, start), ("spot-on", oracle_positions), ("salient", salient)):
+                mean, low, high = bootstrap_interval(saliency_read(images, positions[:saliency_limit],
+                                                                   config.window), seed=seed)
+                saliency.append({"positions": name, "tokens": tokens, "mean": mean / 100,
+                                 "low": low / 100, "high": high / 100, "n_images": len(images)})
+    return rows, reverse, saliency
 
 
 def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEFAULT_STEPS,
-             lr=DEFAULT_LR, limit=None, knn_limit=5000, knn_k=20, knn_temperature=0.07, draws=1,
-             transfer_model=None, transfer_source=None, model_source=None, split="test",
-             batch_size=128, seed=0, device="cpu", progress=True):
-    """Every prior x budget, then SPoT-ON -> (rows, transfer_reverse).
+             lr=DEFAULT_LR, limit=None, search_limit=None, saliency_limit=500, knn_limit=5000,
+             knn_k=20, knn_temperature=0.07, draws=1, transfer_model=None, transfer_source=None,
+             model_source=None, split="test", batch_size=128, seed=0, device="cpu", progress=True):
+    """Every prior x budget, then SPoT-ON -> (rows, transfer_reverse, saliency).
 
     rows: [{"method", "prior", "tokens", "top1", "top1_low", "top1_high", "knn", "knn_low",
     "knn_high", "n_images", "draws"(, "source")}], accuracies in percent with 95 % intervals, or
     None where not applicable (the grid prior above the grid size, kNN for SPoT-ON).
     The images are the first `limit` of `split` ("test", or "val" to choose settings without
-    touching the test set); the kNN bank is the first `knn_limit` train images.
+    touching the test set), and the searches run on the first `search_limit` of those (a search
+    costs ~2 x steps forward passes per image); the kNN bank is the first `knn_limit` train images.
     """
     images = getattr(dataset, split)
     n = len(images) if limit is None else min(limit, len(images))
@@ -406,9 +430,11 @@ def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEF
     bank = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
     rows = prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed,
                       device, batch_size, progress)
-    more, reverse = search_rows(model, test, budgets, oracle_from, steps, lr, seed, device,
-                                batch_size, progress, transfer_model, transfer_source, model_source)
-    return rows + more, reverse
+    searched = tuple(t[:search_limit] for t in test)
+    more, reverse, saliency = search_rows(model, searched, budgets, oracle_from, steps, lr, seed,
+                                          device, batch_size, progress, transfer_model,
+                                          transfer_source, model_source, saliency_limit)
+    return rows + more, reverse, saliency
 
 
 def _cell(row):
@@ -425,7 +451,7 @@ METHOD_LABELS = {"prior": "SPoT", "spot-on": "SPoT-ON (label oracle)",
                  "spot-on-snapped": "SPoT-ON snapped to grid", "spot-on-transfer": "SPoT-ON transfer"}
 
 
-def results_markdown(rows, budgets, settings, reverse=()):
+def results_markdown(rows, budgets, settings, reverse=(), saliency=()):
     """The table of PAPER §6: grid row first, then the other priors, then the SPoT-ON rows."""
     lines = [f"# SPoT evaluation: {settings.get('run') or settings['checkpoint']}", "",
              f"{settings['dataset']} {settings['split']} split, {settings['n_test']} images; kNN "
@@ -455,6 +481,16 @@ def results_markdown(rows, budgets, settings, reverse=()):
                   "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['tokens']} | {r['top1_prior']:.1f} | "
                   f"{r['top1_own_oracle']:.1f} | {r['top1_transfer']:.1f} |" for r in reverse]
+    if saliency:
+        names = list(dict.fromkeys(r["positions"] for r in saliency))
+        cell = {(r["positions"], r["tokens"]): r for r in saliency}
+        lines += ["", f"Finding 3: the saliency the tokens read, relative to the image mean (1 = "
+                  f"average pixels), on the first {saliency[0]['n_images']} images, ± half the 95 % "
+                  f"interval.", "", "| Positions | " + " | ".join(f"{b} T" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        lines += [f"| {name} | " + " | ".join(
+            f"{cell[name, b]['mean']:.2f} ±{(cell[name, b]['high'] - cell[name, b]['low']) / 2:.2f}"
+            if (name, b) in cell else "n/a" for b in budgets) + " |" for name in names]
     return "\n".join(lines) + "\n"
 
 
@@ -485,6 +521,10 @@ def parse_args(argv=None):
     add("--oracle-steps", type=cli.int_at_least(0), default=DEFAULT_STEPS, help="Adam steps of the search")
     add("--oracle-lr", type=cli.float_in(0, low_open=True), default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
     add("--limit", type=cli.int_at_least(1), default=None, help="evaluate the first N images of --split (default: all)")
+    add("--search-limit", type=cli.int_at_least(1), default=None,
+        help="run the SPoT-ON searches on the first N of those (default: all)")
+    add("--saliency-limit", type=cli.int_at_least(0), default=500,
+        help="finding 3: saliency read by the tokens on the first N searched images (0 = off)")
     add("--knn-limit", type=cli.int_at_least(0), default=5000, help="kNN bank = first M train images (0 = no kNN)")
     add("--knn-k", type=cli.int_at_least(1), default=20, help="neighbours of the kNN vote")
     add("--knn-temperature", type=cli.float_in(0, low_open=True), default=0.07, help="kNN vote weight exp(sim / T)")
@@ -539,9 +579,10 @@ def main(argv=None):
     if args.split == "val" and dataset.val is None:
         parser.error("--split val: this run held out no validation images (train.py --val-size 0)")
 
-    rows, reverse = evaluate(
+    rows, reverse, saliency = evaluate(
         model, dataset, args.tokens, args.priors, oracle_from=args.oracle_from,
-        steps=args.oracle_steps, lr=args.oracle_lr, limit=args.limit, knn_limit=args.knn_limit,
+        steps=args.oracle_steps, lr=args.oracle_lr, limit=args.limit, search_limit=args.search_limit,
+        saliency_limit=args.saliency_limit, knn_limit=args.knn_limit,
         knn_k=args.knn_k, knn_temperature=args.knn_temperature, draws=args.draws,
         transfer_model=transfer_model, transfer_source=args.transfer_checkpoint,
         model_source=args.checkpoint, split=args.split, batch_size=args.batch_size,
@@ -552,13 +593,15 @@ def main(argv=None):
                 "dataset": dataset.name, "data_dir": (saved.get("args") or {}).get("data_dir"),
                 "image_size": list(model.config.image_size), "model_config": asdict(model.config),
                 "n_test": min(args.limit or n_images, n_images),
+                "n_searched": min(args.search_limit or n_images, args.limit or n_images, n_images),
                 "n_bank": min(args.knn_limit, len(dataset.train)),
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "torch": torch.__version__}
-    results = {"settings": settings, "rows": rows, **({"transfer_reverse": reverse} if reverse else {})}
+    results = {"settings": settings, "rows": rows, **({"transfer_reverse": reverse} if reverse else {}),
+               **({"saliency": saliency} if saliency else {})}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = results_markdown(rows, args.tokens, settings, reverse)
+    text = results_markdown(rows, args.tokens, settings, reverse, saliency)
     cli.write_atomic(out / "results.json", json.dumps(results, indent=2))
     cli.write_atomic(out / "results.md", text)
     print(text)

@@ -318,13 +318,31 @@ def test_cli_writes_table(tmp_path, patched_data):
         [(r["method"], r["prior"], r["tokens"], r["top1"], r["knn"]) for r in rows]
 
 
+def test_saliency_read_is_relative_to_the_image_mean():
+    images = torch.full((1, 3, 32, 32), 0.4)
+    images[:, :, 8:16, 8:16] = 1.0                                   # one bright square
+    on = torch.tensor([[[8 / 32, 8 / 32]]])         # a 4 x 4 window on its corner (saliency = edges)
+    off = torch.tensor([[[28 / 32, 28 / 32]]])                       # far from it
+    read_on, read_off = oracle.saliency_read(images, on, 4), oracle.saliency_read(images, off, 4)
+    assert read_on.shape == (1,) and read_on.item() > 1.5 > 0.5 > read_off.item()
+    # a window covering the whole image reads exactly the image mean
+    assert oracle.saliency_read(images, torch.tensor([[[0.5, 0.5]]]), 32).item() == pytest.approx(1.0, rel=1e-4)
+
+
 def test_cli_draws_and_validation_split(tmp_path, patched_data):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
-    argv = ["--checkpoint", ckpt, "--tokens", "2", "--priors", "uniform,isotropic", "--draws", "3",
+    argv = ["--checkpoint", ckpt, "--tokens", "2,4", "--priors", "uniform,isotropic", "--draws", "3",
             "--knn-limit", "0", "--oracle-steps", "1", "--split", "val", "--name", "tiny-spot",
-            "--no-progress", "--out", str(tmp_path / "v")]
+            "--search-limit", "6", "--saliency-limit", "5", "--no-progress", "--out", str(tmp_path / "v")]
     assert oracle.main(argv) == 0
     results = json.loads((tmp_path / "v" / "results.json").read_text())
+    assert {r["n_images"] for r in results["rows"] if r["method"] == "prior"} == {12}
+    assert {r["n_images"] for r in results["rows"] if r["method"] != "prior"} == {6}
+    saliency = results["saliency"]                           # finding 3, per budget
+    assert {(r["positions"], r["tokens"]) for r in saliency} == {
+        (p, n) for p in ("isotropic", "spot-on", "salient") for n in (2, 4)}
+    assert all(r["low"] <= r["mean"] <= r["high"] and r["n_images"] == 5 for r in saliency)
+    assert "Finding 3" in (tmp_path / "v" / "results.md").read_text()
     assert results["settings"]["split"] == "val" and results["settings"]["run"] == "tiny-spot"
     draws = {r["prior"]: r["draws"] for r in results["rows"] if r["method"] == "prior"}
     assert draws == {"uniform": 3, "isotropic": 1}           # a lattice has nothing to redraw
