@@ -49,7 +49,8 @@ PRESETS = {
     "shapes": dict(model=spot.SPoTConfig(image_size=32, window=4, dim=128, depth=4, heads=4, mlp_ratio=2.0),
                    epochs=20, batch_size=128, lr=1e-3, warmup_epochs=1, tokens="16-64",
                    augment_padding=4, val_size=1000),
-    # The CIFAR-10 CPU recipe measured in the README (about 30 minutes on 2 CPU cores).
+    # The CIFAR-10 CPU recipe (NOTES.md: 29 minutes on a 2-core CPU with fast bf16; 2-4x longer
+    # on CPUs without it: scale --epochs to your budget).
     "cifar10-cpu": dict(model=spot.SPoTConfig(image_size=32, window=4, dim=192, depth=6, heads=3, mlp_ratio=2.0),
                         epochs=25, batch_size=128, lr=1e-3, warmup_epochs=1, tokens="16-64",
                         train_priors="uniform,sobol,isotropic,center,grid", augment_padding=0,
@@ -393,8 +394,8 @@ def build_parser():
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Flags shown as (preset) default to the preset's value: " + "; ".join(
             f"{name}: " + ", ".join(f"{k}={v}" for k, v in _flat(preset).items())
-            for name, preset in PRESETS.items()) + ". Presets marked NOT YET RUN have never been "
-            "trained to the end; their times are estimates.")
+            for name, preset in PRESETS.items()) + ". shapes is measured in the README, cifar10-cpu in NOTES.md; "
+            "cifar10 and folder are GPU recipes that have NOT YET been run to the end.")
     add = parser.add_argument
     add("--dataset", default="shapes", choices=data.DATASETS,
         help="shapes: built in; cifar10: pickle batches or class folders (downloaded if absent); "
