@@ -305,7 +305,7 @@ def run(args):
         log_metrics(metrics, args, eval_name, log, is_main)
         if args.max_steps is not None and state["step"] >= args.max_steps:
             break
-    if state["epoch"] == args.epochs and eval_name == "val":   # the test split, read once
+    if state["epoch"] == args.epochs and eval_name == "val" and args.final_test:   # test, read once
         log_metrics({"epoch": args.epochs, "final": True, **evaluate_on(dataset.test, "test")},
                     args, "test", log, is_main)
     log(f"done: {state['epoch']} epochs, {state['step']} steps in {time.time() - start_time:.0f} s | "
@@ -418,6 +418,9 @@ def build_parser():
     add("--eval-tokens", default="16", help="extra budgets evaluated each epoch with --eval-prior, "
         "besides the full grid (comma-separated; default: 16)")
     add("--eval-prior", default="isotropic", choices=spot.PRIORS, help="(default: isotropic)")
+    add("--final-test", action=argparse.BooleanOptionalAction, default=True, help="read the test "
+        "split once, after the last epoch (default: on); --no-final-test for runs that only choose "
+        "settings on validation, so they never see test")
     add("--init-from", default=None, help="start from this checkpoint's model weights (PAPER §5 "
         "retrofitting: a grid-trained ViT fine-tuned into SPoT); the optimizer starts fresh")
     add("--epochs", type=cli.int_at_least(1), default=None, help="training epochs (preset)")

@@ -178,6 +178,12 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, monkeypatch, ex
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_no_final_test_never_reads_the_test_split(tmp_path):
+    train.main(TINY + ["--epochs", "1", "--no-final-test", "--out", str(tmp_path / "probe")])
+    metrics = read_metrics(tmp_path / "probe")
+    assert len(metrics) == 1 and not any(k.startswith("test") for k in metrics[0])
+
+
 def test_out_must_be_a_writable_folder_without_an_old_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
     (tmp_path / "file").write_text("")
