@@ -179,14 +179,16 @@ def snap_to_grid(positions, image_size, window):
     return cells[dist.argmin(dim=-1)]                                                      # (..., N, 2)
 
 
-def saliency_read(images, positions, window):
+def saliency_read(images, positions, window, saliency=None):
     """PAPER §6, finding 3 as a number: how salient is what the tokens read? -> (B,)
 
     The mean of spot.saliency_map inside each image's k x k token windows, divided by the map's
     mean over the image: 1 = the tokens read average pixels, 2 = twice as salient as average.
     images (B, C, H, W) in [0, 1], positions (B, N, 2); windows hanging outside read zero.
+    saliency: the images' maps (B, H, W), when already computed (they do not depend on positions).
     """
-    saliency = spot.saliency_map(images)                                     # (B, H, W), sums to 1
+    if saliency is None:
+        saliency = spot.saliency_map(images)                                 # (B, H, W), sums to 1
     windows = spot.extract_patches(saliency[:, None], positions, window)     # (B, N, 1, k, k)
     return windows.mean(dim=(1, 2, 3, 4)) * saliency[0].numel()
 
@@ -373,6 +375,9 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
         net, test_x, labels, start, device, batch_size, steps, lr, objective, progress, desc)
     correct = lambda net, positions: predict(net, test_x, positions, device, batch_size)[0] == test_y
     rows, reverse, saliency = [], [], []
+    if saliency_limit:      # the images and their saliency maps, once for every budget
+        salient_x = test_x[:saliency_limit]
+        salient_maps = spot.saliency_map(salient_x.float() / 255)                # (n, H, W)
     for tokens in budgets:
         methods = ["spot-on", "spot-on-entropy", "spot-on-snapped"]
         extra = {"spot-on-transfer": {"source": transfer_source}} if transfer_model else {}
@@ -399,14 +404,13 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
                             "top1_own_oracle": on_other(transfer_positions),
                             "top1_transfer": on_other(oracle_positions)})
         if saliency_limit:
-            images = test_x[:saliency_limit].float() / 255
-            salient = draw_positions("salient", test_x[:saliency_limit], tokens, config.image_size,
+            salient = draw_positions("salient", salient_x, tokens, config.image_size,
                                      config.window, seed_for(seed, "salient", tokens, "test"), device)
             for name, positions in ((oracle_from, start), ("spot-on", oracle_positions), ("salient", salient)):
-                mean, low, high = bootstrap_interval(saliency_read(images, positions[:saliency_limit],
-                                                                   config.window), seed=seed)
+                read = saliency_read(None, positions[:saliency_limit], config.window, salient_maps)
+                mean, low, high = bootstrap_interval(read, seed=seed)
                 saliency.append({"positions": name, "tokens": tokens, "mean": mean / 100,
-                                 "low": low / 100, "high": high / 100, "n_images": len(images)})
+                                 "low": low / 100, "high": high / 100, "n_images": len(salient_x)})
     return rows, reverse, saliency
 
 

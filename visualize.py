@@ -527,14 +527,6 @@ def plot_budget_curves(results, path=None, metric="top1", ax=None):
 # -----------------------------------------------------------------------------
 # PAPER §6, finding 3: do oracle tokens go where the saliency is?
 
-def _saliency_at(saliency, positions, window):
-    """Mean saliency each token reads: bilinear average over its window (window=None: the map's
-    value at the centre, i.e. a 1 x 1 window). Uses spot.extract_patches on the map itself."""
-    patches = spot.extract_patches(saliency[None, None], torch.as_tensor(positions).float()[None],
-                                   window or 1)                           # (1, N, 1, k, k)
-    return patches.mean().item()
-
-
 def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None, path=None):
     """The image's saliency map beside the image, with the oracle's final positions on both.
 
@@ -555,13 +547,17 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
     if window is not None:
         spot.check_window(window, (height, width))
 
+    import oracle  # lazily: only this figure needs oracle.saliency_read
+
     tensor = torch.from_numpy(img.transpose(2, 0, 1).copy())[None]        # (1, 3, H, W)
     saliency = spot.saliency_map(tensor)[0]                               # (H, W), sums to 1
     mean = saliency.mean().item()
-    ratio_end = _saliency_at(saliency, end, window) / mean
-    report = f"saliency read / image mean: oracle {ratio_end:.2f}x"
+    # Saliency read / image mean (no window: the map's value at each centre, a 1 x 1 window).
+    ratio = lambda pos: oracle.saliency_read(None, torch.as_tensor(pos).float()[None], window or 1,
+                                             saliency[None]).item()
+    report = f"saliency read / image mean: oracle {ratio(end):.2f}x"
     if start is not None:
-        report += f", start {_saliency_at(saliency, start, window) / mean:.2f}x"
+        report += f", start {ratio(start):.2f}x"
 
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.2 * height / width + 0.9), layout="constrained")
     _show_image(axes[0], img, margin=(window or 0) / 2)
