@@ -434,6 +434,8 @@ def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEF
     bank = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
     rows = prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed,
                       device, batch_size, progress)
+    if search_limit == 0:                                    # prior rows only
+        return rows, [], []
     searched = tuple(t[:search_limit] for t in test)
     more, reverse, saliency = search_rows(model, searched, budgets, oracle_from, steps, lr, seed,
                                           device, batch_size, progress, transfer_model,
@@ -525,8 +527,9 @@ def parse_args(argv=None):
     add("--oracle-steps", type=cli.int_at_least(0), default=DEFAULT_STEPS, help="Adam steps of the search")
     add("--oracle-lr", type=cli.float_in(0, low_open=True), default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
     add("--limit", type=cli.int_at_least(1), default=None, help="evaluate the first N images of --split (default: all)")
-    add("--search-limit", type=cli.int_at_least(1), default=None,
-        help="run the SPoT-ON searches on the first N of those (default: all)")
+    add("--search-limit", type=cli.int_at_least(0), default=None,
+        help="run the SPoT-ON searches on the first N of those (default: all; 0 = no SPoT-ON rows, "
+             "e.g. for a grid-trained baseline)")
     add("--saliency-limit", type=cli.int_at_least(0), default=500,
         help="finding 3: saliency read by the tokens on the first N searched images (0 = off)")
     add("--knn-limit", type=cli.int_at_least(0), default=5000, help="kNN bank = first M train images (0 = no kNN)")
@@ -597,7 +600,8 @@ def main(argv=None):
                 "dataset": dataset.name, "data_dir": (saved.get("args") or {}).get("data_dir"),
                 "image_size": list(model.config.image_size), "model_config": asdict(model.config),
                 "n_test": min(args.limit or n_images, n_images),
-                "n_searched": min(args.search_limit or n_images, args.limit or n_images, n_images),
+                "n_searched": min(n_images if args.search_limit is None else args.search_limit,
+                                  args.limit or n_images, n_images),
                 "n_bank": min(args.knn_limit, len(dataset.train)),
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "torch": torch.__version__}

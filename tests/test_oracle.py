@@ -348,6 +348,17 @@ def test_cli_draws_and_validation_split(tmp_path, patched_data):
     assert draws == {"uniform": 3, "isotropic": 1}           # a lattice has nothing to redraw
 
 
+def test_cli_search_limit_zero_gives_prior_rows_only(tmp_path, patched_data):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    argv = ["--checkpoint", ckpt, "--tokens", "2,4", "--priors", "grid,isotropic", "--knn-limit", "0",
+            "--search-limit", "0", "--no-progress", "--out", str(tmp_path / "p")]
+    assert oracle.main(argv) == 0
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert {r["method"] for r in results["rows"]} == {"prior"} and len(results["rows"]) == 4
+    assert "saliency" not in results and results["settings"]["n_searched"] == 0
+    assert "SPoT-ON" not in (tmp_path / "p" / "results.md").read_text().split("\n", 3)[3]
+
+
 def test_cli_refuses_a_dataset_with_other_classes(tmp_path, patched_data, capsys):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
     saved = torch.load(ckpt, weights_only=True)
