@@ -457,46 +457,105 @@ METHOD_LABELS = {"prior": "SPoT", "spot-on": "SPoT-ON (label oracle)",
                  "spot-on-snapped": "SPoT-ON snapped to grid", "spot-on-transfer": "SPoT-ON transfer"}
 
 
-def results_markdown(rows, budgets, settings, reverse=(), saliency=()):
-    """The table of PAPER §6: grid row first, then the other priors, then the SPoT-ON rows."""
-    lines = [f"# SPoT evaluation: {settings.get('run') or settings['checkpoint']}", "",
-             f"{settings['dataset']} {settings['split']} split, {settings['n_test']} images; kNN "
-             f"bank {settings['n_bank']} train images (k={settings['knn_k']}, "
-             f"T={settings['knn_temperature']}). Cell = top-1 % / kNN %, each ± half its 95 % "
-             f"bootstrap interval over images ({settings['draws']} position draw(s) for random "
-             f"priors); \"–\" = not computed, \"n/a\" = not applicable. SPoT-ON: "
-             f"{settings['oracle_steps']} Adam steps, lr {settings['oracle_lr']}, from the "
-             f"{settings['oracle_from']} prior.", "",
-             "| Method | Prior | " + " | ".join(f"{b} T" for b in budgets) + " |",
-             "|---|---|" + "---|" * len(budgets)]
+def _table_lines(rows, budgets, model=None):
+    """Markdown rows of the §6 table: the grid row first, then the other priors in their
+    command-line order, then the SPoT-ON rows; with model=, a first column naming the run."""
     table = {}
     for r in rows:
         table.setdefault((r["method"], r["prior"], r.get("source")), {})[r["tokens"]] = r
     methods = list(METHOD_LABELS)
     keys = sorted(table, key=lambda k: (methods.index(k[0]), k[0] == "prior" and k[1] != "grid"))
-    for key in keys:     # sorted() is stable: priors keep their command-line order after grid
-        method, prior, source = key
+    lines = []
+    for method, prior, source in keys:     # sorted() is stable: priors keep their order after grid
         label = "ViT (patch grid)" if (method, prior) == ("prior", "grid") else METHOD_LABELS[method]
         if source:
-            label += f" from {Path(source).parent.name or source}"
-        lines.append(f"| {label} | {prior} | " + " | ".join(_cell(table[key].get(b)) for b in budgets) + " |")
+            label += f" from {run_name(source)}"
+        cells = [_cell(table[method, prior, source].get(b)) for b in budgets]
+        lines.append("| " + " | ".join(([model] if model else []) + [label, prior] + cells) + " |")
+    return lines
+
+
+def _saliency_lines(saliency, budgets, model=None):
+    """Finding 3's table rows: mean saliency read per position set and budget, ± half the interval."""
+    cell = {(r["positions"], r["tokens"]): r for r in saliency}
+    return ["| " + " | ".join(([model] if model else []) + [name] + [
+        f"{cell[name, b]['mean']:.2f} ±{(cell[name, b]['high'] - cell[name, b]['low']) / 2:.2f}"
+        if (name, b) in cell else "n/a" for b in budgets]) + " |"
+        for name in dict.fromkeys(r["positions"] for r in saliency)]
+
+
+def run_name(checkpoint):
+    """runs/cifar10-spot/checkpoint.pt -> 'cifar10-spot'; any other file -> its stem."""
+    path = Path(checkpoint).resolve()
+    return path.parent.name if path.name == "checkpoint.pt" else path.stem
+
+
+def _reverse_lines(reverse):
+    return [f"| {run_name(r['model'])} | {r['tokens']} | {r['top1_prior']:.1f} | "
+            f"{r['top1_own_oracle']:.1f} | {r['top1_transfer']:.1f} |" for r in reverse]
+
+
+CELL_TEXT = ("Cell = top-1 % / kNN %, each ± half its 95 % bootstrap interval over images; \"–\" "
+             "= not computed, \"n/a\" = not applicable.")
+REVERSE_HEADER = ["| Model | Tokens | its prior | its own oracle | our oracle positions |",
+                  "|---|---|---|---|---|"]
+
+
+def results_markdown(rows, budgets, settings, reverse=(), saliency=()):
+    """The table of PAPER §6 for one model: grid row first, then the other priors, then SPoT-ON."""
+    lines = [f"# SPoT evaluation: {settings.get('run') or settings['checkpoint']}", "",
+             f"{settings['dataset']} {settings['split']} split, {settings['n_test']} images; kNN "
+             f"bank {settings['n_bank']} train images (k={settings['knn_k']}, "
+             f"T={settings['knn_temperature']}). {CELL_TEXT} {settings['draws']} position draw(s) "
+             f"for random priors." + (f" SPoT-ON: {settings['oracle_steps']} Adam steps, lr "
+             f"{settings['oracle_lr']}, from the {settings['oracle_from']} prior, on the first "
+             f"{settings['n_searched']} images." if settings.get("n_searched") else ""), "",
+             "| Method | Prior | " + " | ".join(f"{b} T" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    lines += _table_lines(rows, budgets)
     if reverse:
         lines += ["", "Transfer, the other way: positions found with this model, evaluated on the "
-                  "transfer model (top-1 %).", "",
-                  "| Model | Tokens | its prior | its own oracle | our oracle positions |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['tokens']} | {r['top1_prior']:.1f} | "
-                  f"{r['top1_own_oracle']:.1f} | {r['top1_transfer']:.1f} |" for r in reverse]
+                  "transfer model (top-1 %).", ""] + REVERSE_HEADER + _reverse_lines(reverse)
     if saliency:
-        names = list(dict.fromkeys(r["positions"] for r in saliency))
-        cell = {(r["positions"], r["tokens"]): r for r in saliency}
         lines += ["", f"Finding 3: the saliency the tokens read, relative to the image mean (1 = "
                   f"average pixels), on the first {saliency[0]['n_images']} images, ± half the 95 % "
                   f"interval.", "", "| Positions | " + " | ".join(f"{b} T" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
-        lines += [f"| {name} | " + " | ".join(
-            f"{cell[name, b]['mean']:.2f} ±{(cell[name, b]['high'] - cell[name, b]['low']) / 2:.2f}"
-            if (name, b) in cell else "n/a" for b in budgets) + " |" for name in names]
+                  "|---|" + "---|" * len(budgets)] + _saliency_lines(saliency, budgets)
+    return "\n".join(lines) + "\n"
+
+
+def combined_markdown(results_list):
+    """One §6 table for several models on the same data (e.g. the grid ViT, the retrofit and
+    SPoT from scratch), a first column naming each run -> markdown text. results_list: the dicts
+    oracle.py writes to results.json."""
+    budgets = sorted({r["tokens"] for results in results_list for r in results["rows"]})
+    runs = [results["settings"]["run"] for results in results_list]
+    lines = [f"# SPoT evaluation: {', '.join(runs)}", "", CELL_TEXT, ""]
+    for results in results_list:
+        s = results["settings"]
+        lines.append(f"- **{s['run']}**: {s['dataset']} {s['split']} split, {s['n_test']} images, "
+                     f"{s['draws']} position draw(s) per random prior, kNN bank {s['n_bank']} "
+                     f"train images" + (f"; SPoT-ON ({s['oracle_steps']} Adam steps, lr "
+                                       f"{s['oracle_lr']}, from {s['oracle_from']}) on the first "
+                                       f"{s['n_searched']}" if s.get("n_searched") else ""))
+    lines += ["", "| Model | Method | Prior | " + " | ".join(f"{b} T" for b in budgets) + " |",
+              "|---|---|---|" + "---|" * len(budgets)]
+    for results in results_list:
+        lines += _table_lines(results["rows"], budgets, results["settings"]["run"])
+    reverse = [r for results in results_list for r in results.get("transfer_reverse", [])]
+    if reverse:
+        lines += ["", "Transfer, the other way: oracle positions found with the first model, "
+                  "evaluated on the second (top-1 %).", ""] + REVERSE_HEADER + _reverse_lines(reverse)
+    with_saliency = [results for results in results_list if results.get("saliency")]
+    if with_saliency:
+        n_images = sorted({r["n_images"] for results in with_saliency for r in results["saliency"]})
+        lines += ["", f"Finding 3: the saliency the tokens read, relative to the image mean (1 = "
+                  f"average pixels), on the first {'/'.join(map(str, n_images))} images, ± half "
+                  f"the 95 % interval.", "",
+                  "| Model | Positions | " + " | ".join(f"{b} T" for b in budgets) + " |",
+                  "|---|---|" + "---|" * len(budgets)]
+        for results in with_saliency:
+            lines += _saliency_lines(results["saliency"], budgets, results["settings"]["run"])
     return "\n".join(lines) + "\n"
 
 
@@ -596,7 +655,7 @@ def main(argv=None):
         seed=args.seed, device=args.device, progress=args.progress)
     n_images = len(getattr(dataset, args.split))
     settings = {**vars(args), "device": str(args.device),
-                "run": args.name or Path(args.checkpoint).resolve().parent.name,
+                "run": args.name or run_name(args.checkpoint),
                 "dataset": dataset.name, "data_dir": (saved.get("args") or {}).get("data_dir"),
                 "image_size": list(model.config.image_size), "model_config": asdict(model.config),
                 "n_test": min(args.limit or n_images, n_images),

@@ -25,6 +25,7 @@ Try it (the CLI always writes files; it never opens a window):
     python visualize.py trajectories --checkpoint runs/shapes/checkpoint.pt --tokens 16 \\
                                      --n-images 4 --out traj.png --gif traj.gif
     python visualize.py budget --results runs/oracle/results.json --out budget.png --metric top1
+    python visualize.py table --results runs/grid-eval runs/spot-eval --out table.md  # one table
     python visualize.py saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 --out sal.png
 
 Drawing convention (the same as spot.py's coordinates)
@@ -465,7 +466,8 @@ def plot_budget_curves(results, path=None, metric="top1", ax=None):
              or a path to results.json (or its folder), as written by oracle.py
     metric:  "top1" or "knn"; rows whose value is null are left out of the line
     Solid lines are priors without search, dashed ones oracle (SPoT-ON) variants, the colour is
-    the prior; the patch-grid baseline (prior "grid", no search) is a thick black line.
+    the prior; the patch-grid baseline (prior "grid", no search) is a thick black line; shaded
+    bands are the rows' 95 % intervals where results.json has them (oracle.py writes them).
     Returns the Figure.
     """
     if metric not in METRICS:
@@ -473,12 +475,15 @@ def plot_budget_curves(results, path=None, metric="top1", ax=None):
     results = _load_results(results)
 
     # Group into lines: (method, prior) -> {tokens: value}
-    lines = {}
+    lines, bands = {}, {}           # (method, prior) -> {tokens: value} / {tokens: (low, high)}
     for row in results["rows"]:
         value = row.get(metric)
         if value is None:
             continue
-        lines.setdefault((row["method"], row["prior"]), {})[int(row["tokens"])] = float(value)
+        key, tokens = (row["method"], row["prior"]), int(row["tokens"])
+        lines.setdefault(key, {})[tokens] = float(value)
+        if row.get(f"{metric}_low") is not None:             # the row's 95 % interval
+            bands.setdefault(key, {})[tokens] = (row[f"{metric}_low"], row[f"{metric}_high"])
     if not lines:
         raise ValueError(f"results has no non-null {metric!r} values to plot; "
                          f"try metric={'knn' if metric == 'top1' else 'top1'!r}")
@@ -505,6 +510,9 @@ def plot_budget_curves(results, path=None, metric="top1", ax=None):
         label = "patch grid (ViT baseline)" if baseline else f"{name}: {prior}"
         ax.plot(tokens, values, ls=style, marker=marker, color=color, ms=5,
                 lw=2.6 if baseline else 1.5, zorder=5 if baseline else 3, label=label)
+        band = bands.get((method, prior), {})
+        if len(band) == len(tokens):                          # shade the 95 % intervals
+            ax.fill_between(tokens, *zip(*(band[t] for t in tokens)), color=color, alpha=0.12, lw=0)
 
     all_tokens = sorted({t for line in lines.values() for t in line})
     ax.set_xscale("log", base=2)
@@ -515,10 +523,14 @@ def plot_budget_curves(results, path=None, metric="top1", ax=None):
     ax.set_ylabel(METRICS[metric])
     ax.grid(True, alpha=0.3)
     settings = results.get("settings") or {}
-    where = ", ".join(f"{k}={settings[k]}" for k in ("dataset", "checkpoint") if k in settings)
+    where = ", ".join(f"{k}={settings[k]}" for k in ("run", "dataset", "split") if k in settings) \
+        or settings.get("checkpoint", "")
     ax.set_title(f"{METRICS[metric].split(' (')[0]} vs token budget (PAPER §6)"
                  + (f"\n{where}" if where else ""), fontsize=10)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    if own_figure:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    else:                               # a panel of a bigger figure: the legend goes below it
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
     if own_figure:                      # never re-layout a figure the caller owns
         fig.tight_layout()
     return _finish(fig, path)
@@ -705,7 +717,22 @@ def _cmd_trajectories(args):
 
 
 def _cmd_budget(args):
-    plt.close(plot_budget_curves(args.results, path=args.out, metric=args.metric))
+    if len(args.results) == 1:
+        plt.close(plot_budget_curves(args.results[0], path=args.out, metric=args.metric))
+        return
+    # Several models (e.g. grid ViT, retrofit, SPoT from scratch): one panel each, shared y axis.
+    fig, axes = plt.subplots(1, len(args.results), figsize=(5.5 * len(args.results), 6.5), sharey=True)
+    for ax, results in zip(axes, args.results):
+        plot_budget_curves(results, metric=args.metric, ax=ax)
+    fig.tight_layout()
+    plt.close(_finish(fig, args.out))
+
+
+def _cmd_table(args):
+    import oracle                       # (its imports are heavier than this file's other commands)
+
+    text = oracle.combined_markdown([_load_results(results) for results in args.results])
+    cli.write_atomic(args.out, text)
 
 
 def _cmd_saliency(args):
@@ -779,8 +806,14 @@ def build_parser():
 
     p = add("budget", "accuracy vs token budget from oracle.py's results.json (PAPER §6)",
             _cmd_budget, "budget.png")
-    p.add_argument("--results", required=True, help="results.json (or the folder holding it)")
+    p.add_argument("--results", required=True, nargs="+",
+                   help="results.json (or the folder holding it); several: one panel each")
     p.add_argument("--metric", choices=tuple(METRICS), default="top1", help="which accuracy")
+
+    p = add("table", "one markdown table of PAPER §6 for several models' results.json",
+            _cmd_table, "table.md")
+    p.add_argument("--results", required=True, nargs="+",
+                   help="results.json files (or their folders), one per model, in table order")
 
     p = add("saliency", "saliency map vs oracle placement (PAPER §6, finding 3)", _cmd_saliency,
             "saliency.png")
@@ -794,7 +827,7 @@ def main(argv=None):
     exits with status 2 and one 'error: ...' line, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.out = _output_path(parser, "--out", args.out, IMAGE_FORMATS)
+    args.out = _output_path(parser, "--out", args.out, ("md",) if args.command == "table" else IMAGE_FORMATS)
     if getattr(args, "gif", None):
         args.gif = _output_path(parser, "--gif", args.gif, ("gif",))
     try:

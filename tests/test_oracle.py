@@ -359,6 +359,39 @@ def test_cli_search_limit_zero_gives_prior_rows_only(tmp_path, patched_data):
     assert "SPoT-ON" not in (tmp_path / "p" / "results.md").read_text().split("\n", 3)[3]
 
 
+def test_combined_table_of_several_models_repeats_each_models_cells(tmp_path, patched_data):
+    """visualize.py table: one §6 table for a grid baseline (prior rows only) and a SPoT model
+    (with SPoT-ON, transfer and finding 3): each model's cells are exactly its own results.md's."""
+    import visualize
+
+    grid, spot_ckpt = write_checkpoint(tmp_path / "g.pt", 0), write_checkpoint(tmp_path / "s.pt", 1)
+    common = ["--tokens", "2,4", "--priors", "grid,isotropic", "--knn-limit", "8", "--oracle-steps", "1",
+              "--no-progress"]
+    assert oracle.main(["--checkpoint", grid, "--name", "tiny-grid-vit", "--search-limit", "0",
+                        "--out", str(tmp_path / "g")] + common) == 0
+    assert oracle.main(["--checkpoint", spot_ckpt, "--name", "tiny-spot", "--transfer-checkpoint", grid,
+                        "--search-limit", "5", "--saliency-limit", "4", "--out", str(tmp_path / "s")] + common) == 0
+    out = tmp_path / "t.md"
+    assert visualize.main(["table", "--results", str(tmp_path / "g"), str(tmp_path / "s" / "results.json"),
+                           "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| tiny-")]
+    grid_rows = [r for r in rows if r.startswith("| tiny-grid-vit |")]
+    assert len(grid_rows) == 2 and "ViT (patch grid)" in grid_rows[0]       # grid, isotropic
+    assert any("SPoT-ON (label oracle)" in r for r in rows if r.startswith("| tiny-spot |"))
+    for name, run in (("g", "tiny-grid-vit"), ("s", "tiny-spot")):    # the same cells as its own table
+        own = [line for line in (tmp_path / name / "results.md").read_text().splitlines()
+               if line.startswith(("| ViT", "| SPoT"))]
+        mine = ["| " + r[len(f"| {run} | "):] for r in rows if r.startswith(f"| {run} | ")
+                and not r.startswith(tuple(f"| {run} | {p} |" for p in ("isotropic", "spot-on", "salient")))]
+        assert own and mine == own
+    assert "| g | 2 |" in text                                   # the reverse transfer, by run name
+    assert "| tiny-spot | spot-on |" in text                     # finding 3 with its model column
+    assert visualize.main(["budget", "--results", str(tmp_path / "g"), str(tmp_path / "s"),
+                           "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
 def test_cli_refuses_a_dataset_with_other_classes(tmp_path, patched_data, capsys):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
     saved = torch.load(ckpt, weights_only=True)
