@@ -25,8 +25,9 @@ ViT, so every number below is measured side by side with the standard-ViT equiva
 
 Two more sections read a model trained by train.py (--checkpoint) and are run only on request:
 
-  oracle-sweep    SPoT-ON's top-1 over a (steps, lr) grid on the first --limit TRAIN images (the
-                  test split never chooses a default): how oracle.DEFAULT_STEPS and DEFAULT_LR
+  oracle-sweep    SPoT-ON's top-1 over a (steps, lr) grid on the first --limit VALIDATION images
+                  (train.py's --val-size; training images if the run held none out; the test
+                  split never chooses a default): how oracle.DEFAULT_STEPS and DEFAULT_LR
                   were chosen. Writes OUT/sweep.json and OUT/sweep.md.
   oracle-time     one search's cost per image next to a forward and a forward + backward, in
                   fp32 as oracle.py runs it. Writes OUT/timing.json.
@@ -141,7 +142,7 @@ def parse_args(argv=None):
     add("--checkpoint", default=None, help="checkpoint.pt written by train.py")
     add("--data-dir", default=None, help="its dataset folder (default: the one it stores)")
     add("--out", default=None, help="folder for sweep.json, sweep.md and timing.json")
-    add("--limit", type=int, default=500, help="oracle-sweep: the first N train images (default 500)")
+    add("--limit", type=int, default=500, help="oracle-sweep: the first N validation (else train) images (default 500)")
     add("--oracle-from", default="isotropic", choices=spot.PRIORS,
         help="prior the searches start from (default: isotropic)")
     add("--oracle-steps", type=int, default=oracle.DEFAULT_STEPS,
@@ -600,7 +601,7 @@ def sweep_markdown(results, budgets, settings):
     """-> (markdown tables, {objective: (steps, lr, mean top-1)} of the best searching cell).
     settings: needs checkpoint, n_images, dataset, oracle_from."""
     lines = [f"# SPoT-ON (steps, lr) sweep: {settings['checkpoint']}", "",
-             f"First {settings['n_images']} *train* images of {settings['dataset']} (the test split "
+             f"First {settings['n_images']} *{settings['split']}* images of {settings['dataset']} (the test split "
              f"is never used to choose the defaults); start prior {settings['oracle_from']}. "
              "Cell = top-1 % (mean objective). steps = 0 is the prior itself.", ""]
     best = {}
@@ -629,9 +630,11 @@ def sweep_markdown(results, budgets, settings):
 
 def bench_oracle_sweep(args, loaded, settings):
     model, dataset, _ = loaded
-    n = min(args.limit, len(dataset.train))
-    settings = {**settings, "n_images": n}
-    results = sweep(model, dataset.train.images[:n], dataset.train.labels[:n], args.tokens,
+    split = "val" if dataset.val is not None else "train"     # held-out images when there are any
+    images = getattr(dataset, split)
+    n = min(args.limit, len(images))
+    settings = {**settings, "n_images": n, "split": split}
+    results = sweep(model, images.images[:n], images.labels[:n], args.tokens,
                     prior=args.oracle_from, batch_size=args.batch_size, seed=args.seed,
                     device=args.device)
     text, best = sweep_markdown(results, args.tokens, settings)

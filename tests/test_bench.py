@@ -110,7 +110,7 @@ def test_sweep_and_time_oracle():
     # steps = 0 is the prior itself: same for both objectives' accuracy
     zero = [r["top1"] for r in results if r["steps"] == 0 and r["tokens"] == 2]
     assert zero[0] == zero[1]
-    text, best = bench.sweep_markdown(results, [2, 4], {"checkpoint": "x", "n_images": 6,
+    text, best = bench.sweep_markdown(results, [2, 4], {"checkpoint": "x", "n_images": 6, "split": "val",
                                                         "dataset": "d", "oracle_from": "isotropic"})
     assert set(best) == set(oracle.OBJECTIVES) and "| lr | steps |" in text
     g = torch.Generator().manual_seed(0)
@@ -145,7 +145,14 @@ def test_cli_oracle_sweep_and_time(tmp_path, checkpoint):
                        "--json", str(tmp_path / "bench.json")]) == 0
     sweep = json.loads((out / "sweep.json").read_text())
     assert set(sweep["best"]) == set(oracle.OBJECTIVES) and sweep["settings"]["n_images"] == 4
-    assert "*train* images" in (out / "sweep.md").read_text()
+    assert "*train* images" in (out / "sweep.md").read_text()     # the run held out no validation
+    dataset = data.load_dataset()                                   # (the fixture's stand-in)
+    dataset.val = data.Split(dataset.train.images[:5], dataset.train.labels[:5])
+    assert bench.main(["--only", "oracle-sweep", "--checkpoint", checkpoint, "--limit", "40",
+                       "--tokens", "2", "--batch-size", "4", "--out", str(tmp_path / "v")]) == 0
+    on_val = json.loads((tmp_path / "v" / "sweep.json").read_text())["settings"]
+    assert (on_val["split"], on_val["n_images"]) == ("val", 5)
+    assert "*val* images" in (tmp_path / "v" / "sweep.md").read_text()
     timing = json.loads((out / "timing.json").read_text())
     assert set(timing["timing"]) == {"2"} and timing["settings"]["cpu"] == cli.cpu_name()
     markdown = json.loads((tmp_path / "bench.json").read_text())["markdown"]
