@@ -631,12 +631,19 @@ def _output_path(parser, flag, path, formats):
     return path
 
 
+# ImageNet class folders are WordNet ids; figures title them by name (Imagenette's ten classes).
+WORDNET_NAMES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+                 "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+                 "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
+                 "n03888257": "parachute"}
+
+
 def _model_and_test_split(checkpoint):
     """Checkpoint -> (model, test split, class names) of the dataset the model was trained on
     (named by the train args inside the checkpoint). cli.load_model_and_data reads the file
     once, with weights_only=True, and words every failure as a message naming the file."""
     model, dataset, _ = cli.load_model_and_data(checkpoint)
-    return model, dataset.test, list(dataset.classes)
+    return model, dataset.test, [WORDNET_NAMES.get(name, name) for name in dataset.classes]
 
 
 def _pick(split, first, count=1):
