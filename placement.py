@@ -1,0 +1,255 @@
+"""
+placement.py -- beyond the paper: label-free token placement, learned ("glance, then place").
+
+The paper's open direction (PAPER §4 end, §6): SPoT-ON shows how much a few well-placed tokens
+can do, but it needs the label. Here a frozen SPoT model places its own tokens, with no label
+at test time, in the spirit of PS-ViT's progressive sampling:
+
+    1. glance  read G tokens from the isotropic prior (a fixed, image-independent lattice);
+    2. place   a small head reads the glance's output tokens and proposes K = N - G more
+               positions: one query per point of a base lattice, each attending to the glance
+               and moving its point by up to `max_shift` of the image;
+    3. read    the same frozen model reads all N = G + K tokens and predicts.
+
+Every token the model reads counts toward the budget: a 16-token "glance, then place" reads
+4 + 12 tokens and is compared with 16-token priors. Its compute is one forward pass at G tokens
+plus one at N (oracle.py reports the multiple of one N-token pass). The head learns from the
+training split's labels with the classification loss, end to end *through the bilinear sampler*
+(PAPER §2: positions are differentiable), which is what SPoT makes possible; the backbone never
+changes, so the gain over a prior is due to placement alone.
+
+    python placement.py --checkpoint runs/cifar10-spot/checkpoint.pt --out runs/cifar10-placer
+    python oracle.py --checkpoint runs/cifar10-spot/checkpoint.pt --placer runs/cifar10-placer/placer.pt ...
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cli
+import data
+import spot
+
+
+@dataclass
+class PlacerConfig:
+    """Everything that defines a GlancePlacer (the backbone's fields are copied from its config)."""
+    image_size: tuple = (32, 32)   # the backbone's (H, W)
+    window: int = 4                # the backbone's k
+    dim: int = 192                 # the backbone's token width
+    width: int = 128               # the head's width (divisible by 4 and by heads)
+    heads: int = 4
+    glance_fraction: float = 0.25  # G = round(fraction * N), at least 1 and at most N - 1
+    max_shift: float = 0.5         # how far a placed token may move from its base point, image units
+
+    def __post_init__(self):
+        self.image_size = spot.to_hw(self.image_size)
+        if self.width % 4 or self.width % self.heads:
+            raise ValueError(f"width must be divisible by 4 and by heads={self.heads}, got {self.width}")
+        if not 0 < self.glance_fraction < 1:
+            raise ValueError(f"glance_fraction must be in (0, 1), got {self.glance_fraction}")
+        if not 0 < self.max_shift <= 1:
+            raise ValueError(f"max_shift must be in (0, 1], got {self.max_shift}")
+
+
+def glance_size(n_tokens, fraction):
+    """G, the tokens of the glance out of a budget of N (N >= 2: at least one is placed)."""
+    if n_tokens < 2:
+        raise ValueError(f"n_tokens must be >= 2 to glance and place, got {n_tokens}")
+    return min(n_tokens - 1, max(1, round(fraction * n_tokens)))
+
+
+class GlancePlacer(nn.Module):
+    """The placement head: glance tokens -> K positions, one per point of a base lattice.
+
+    Each base point becomes a query (its sin-cos position embedding, projected); the queries
+    attend to the glance's output tokens (class token included) and an MLP turns what they read
+    into a shift of their point. The last layer starts at zero, so an untrained head places its
+    tokens exactly on the base lattice: it starts as the isotropic prior and can only learn away.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.query = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(config.dim)
+        self.key_value = nn.Linear(config.dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
+                                 nn.Linear(2 * width, 2))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, glance_tokens, base):
+        """glance_tokens (B, 1 + G, dim): the frozen model's output tokens for the glance;
+        base (K, 2): the lattice the placed tokens start from -> positions (B, K, 2) in [0, 1]."""
+        config = self.config
+        B, K, heads = len(glance_tokens), len(base), config.heads
+        embed = spot.sincos_pos_embed(base[None], config.width, config.image_size, config.window)
+        query = self.query(embed).expand(B, K, -1)                                    # (B, K, W)
+        key, value = self.key_value(self.norm(glance_tokens)).chunk(2, dim=-1)        # (B, 1+G, W)
+        split = lambda t: t.reshape(B, t.shape[1], heads, -1).transpose(1, 2)       # (B, h, T, W/h)
+        read = F.scaled_dot_product_attention(split(query), split(key), split(value))
+        x = query + self.proj(read.transpose(1, 2).reshape(B, K, -1))                 # (B, K, W)
+        shift = config.max_shift * torch.tanh(self.mlp(x))                            # (B, K, 2)
+        return (base + shift).clamp(0, 1)
+
+
+def place(model, placer, images, n_tokens):
+    """Glance, then place: images (B, C, H, W) in [0, 1] -> positions (B, N, 2), the G glance
+    positions first. No label goes in; the model reads G tokens here and the caller N."""
+    G = glance_size(n_tokens, placer.config.glance_fraction)
+    glance = spot.isotropic_positions(G).to(images.device).expand(len(images), G, 2)
+    with torch.no_grad():                     # the glance is fixed: nothing to learn through it
+        glance_tokens = model.forward_features(images, glance)                    # (B, 1 + G, D)
+    base = spot.isotropic_positions(n_tokens - G).to(images.device)               # (K, 2)
+    return torch.cat([glance, placer(glance_tokens, base)], dim=1)                # (B, N, 2)
+
+
+def load_placer(path, map_location="cpu"):
+    """placer.pt (written by this file's CLI) -> (GlancePlacer in eval mode, the saved dict).
+    Read with weights_only=True: a file someone sends you cannot run code."""
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        placer = GlancePlacer(PlacerConfig(**saved["placer_config"]))
+        placer.load_state_dict(saved["placer"])
+    except Exception as error:                # truncated, not a placer, another torch format, ...
+        raise ValueError(f"{path} is not a placer written by placement.py ({type(error).__name__}: "
+                         f"{error})") from None
+    return placer.to(map_location).eval(), saved
+
+
+# -----------------------------------------------------------------------------
+# Training the head on the training split (the backbone stays frozen)
+
+@torch.no_grad()
+def placed_accuracy(model, placer, split, budgets, device, batch_size):
+    """Top-1 % with glance-then-place and with the isotropic prior, per budget -> dict."""
+    placer.eval()
+    correct = {f"{kind}@{n}": 0 for n in budgets for kind in ("placed", "isotropic")}
+    for start in range(0, len(split), batch_size):
+        images = split.images[start:start + batch_size].to(device).float().div_(255)
+        labels = split.labels[start:start + batch_size].to(device)
+        for n in budgets:
+            lattice = spot.isotropic_positions(n).to(device).expand(len(images), n, 2)
+            for kind, positions in (("placed", place(model, placer, images, n)), ("isotropic", lattice)):
+                correct[f"{kind}@{n}"] += (model(images, positions).argmax(1) == labels).sum().item()
+    placer.train()
+    return {f"val_{key}": 100 * value / len(split) for key, value in correct.items()}
+
+
+def train_placer(model, placer, dataset, budgets, epochs, batch_size, lr, seed, device,
+                 out, progress=True, log=print):
+    """AdamW on the head only, one budget per batch; each epoch ends with validation and an
+    atomic save of out/placer.pt. -> the list of per-epoch metrics."""
+    model.requires_grad_(False).eval()
+    placer.train()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(placer.parameters(), lr=lr, weight_decay=0.01)
+    steps_per_epoch = len(dataset.train) // batch_size
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    history = []
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(dataset.train), generator=generator)
+        total, n_seen = 0.0, 0
+        for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress,
+                         dynamic_ncols=True, leave=False):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            images = data.augment(dataset.train.images[batch].float().div_(255), generator, padding=0)
+            images, labels = images.to(device), dataset.train.labels[batch].to(device)
+            n_tokens = budgets[torch.randint(len(budgets), (), generator=generator).item()]
+            loss = F.cross_entropy(model(images, place(model, placer, images, n_tokens)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()                    # through the sampler into the head (PAPER §2)
+            optimizer.step()
+            scheduler.step()
+            total, n_seen = total + loss.item() * len(batch), n_seen + len(batch)
+        metrics = {"epoch": epoch, "train_loss": total / n_seen,
+                   **placed_accuracy(model, placer, dataset.val, budgets, device, batch_size)}
+        history.append(metrics)
+        log(json.dumps(metrics))
+        with open(out / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(metrics) + "\n")
+        cli.save_checkpoint(out / "placer.pt", {"placer_config": asdict(placer.config),
+                                                "placer": placer.state_dict(), "epoch": epoch})
+    return history
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="the frozen SPoT model (checkpoint.pt from train.py)")
+    add("--budgets", default="8,16", help="token budgets N to train for (comma-separated, >= 2)")
+    add("--glance-fraction", type=cli.float_in(0, 1, low_open=True, high_open=True), default=0.25,
+        help="G = round(fraction * N) glance tokens, the rest are placed")
+    add("--width", type=cli.int_at_least(4), default=128, help="the head's width")
+    add("--max-shift", type=cli.float_in(0, 1, low_open=True), default=0.5,
+        help="largest move of a placed token from its base point (image units)")
+    add("--epochs", type=cli.int_at_least(1), default=5)
+    add("--batch-size", type=cli.int_at_least(1), default=128)
+    add("--lr", type=cli.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr (cosine decay)")
+    add("--seed", type=int, default=0)
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add("--threads", type=cli.int_at_least(1), default=None, help="CPU threads (default: all cores)")
+    add("--out", required=True, help="folder for placer.pt, metrics.jsonl and run.json")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    args = parser.parse_args(argv)
+    args.budgets = cli.parse_int_list(args.budgets, "--budgets", parser)
+    if min(args.budgets) < 2:
+        parser.error(f"--budgets: each budget must be >= 2 (a glance and at least one placed "
+                     f"token), got {min(args.budgets)}")
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint: {args.checkpoint} is not a file (expected train.py's checkpoint.pt)")
+    try:
+        args.device = cli.resolve_device(args.device)
+        cli.check_out_dir(args.out, "--out")
+        PlacerConfig(width=args.width, glance_fraction=args.glance_fraction, max_shift=args.max_shift)
+    except ValueError as error:
+        parser.error(str(error))
+    if (Path(args.out) / "placer.pt").exists():
+        parser.error(f"--out: {args.out} already holds a placer.pt; choose a new folder")
+    return parser, args
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, dataset, _ = cli.load_model_and_data(args.checkpoint, args.device)
+    except (ValueError, data.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if dataset.val is None:
+        parser.error("the checkpoint's run held out no validation images (train.py --val-size): "
+                     "the head's epochs are judged on validation, never on test")
+    config = model.config
+    torch.manual_seed(args.seed)                                # the head's initial weights
+    placer = GlancePlacer(PlacerConfig(image_size=config.image_size, window=config.window,
+                                       dim=config.dim, width=args.width,
+                                       glance_fraction=args.glance_fraction,
+                                       max_shift=args.max_shift)).to(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"argv": sys.argv, "args": {**vars(args), "device": str(args.device)}, "cpu": cli.cpu_name()}
+    cli.write_atomic(out / "run.json", json.dumps(run, indent=2))
+    train_placer(model, placer, dataset, args.budgets, args.epochs, args.batch_size, args.lr,
+                 args.seed, args.device, out, args.progress)
+    print(f"wrote {out / 'placer.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

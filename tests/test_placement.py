@@ -1,0 +1,131 @@
+"""placement.py: glance-then-place is differentiable end to end, uses no label, reads exactly
+the budget, starts as the isotropic prior, learns, and its CLI trains and reloads a head."""
+
+import inspect
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+import placement  # noqa: E402
+import spot  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, size=16):
+    torch.manual_seed(seed)
+    model = spot.SPoTViT(spot.SPoTConfig(image_size=size, window=4, num_classes=3, dim=32, depth=1, heads=2))
+    placer = placement.GlancePlacer(placement.PlacerConfig(image_size=size, window=4, dim=32, width=16, heads=2))
+    return model.eval().requires_grad_(False), placer
+
+
+def test_glance_size_bounds():
+    assert [placement.glance_size(n, 0.25) for n in (2, 4, 8, 16, 64)] == [1, 1, 2, 4, 16]
+    assert placement.glance_size(4, 0.9) == 3                     # at least one token is placed
+    with pytest.raises(ValueError, match="n_tokens"):
+        placement.glance_size(1, 0.25)
+
+
+def test_untrained_head_places_the_base_lattice_and_reads_exactly_the_budget():
+    model, placer = tiny()
+    images = torch.rand(3, 3, 16, 16)
+    seen = []
+    model.patch_embed.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    positions = placement.place(model, placer, images, 8)
+    assert positions.shape == (3, 8, 2) and positions.min() >= 0 and positions.max() <= 1
+    assert torch.equal(positions[:, :2], spot.isotropic_positions(2).expand(3, 2, 2))     # glance
+    assert torch.allclose(positions[:, 2:], spot.isotropic_positions(6).expand(3, 6, 2))  # zero init
+    model(images, positions)
+    assert seen == [2, 8]            # the glance read 2 tokens, the final pass the budget of 8
+
+
+def test_gradient_reaches_the_head_through_the_sampler_and_not_the_backbone():
+    model, placer = tiny()
+    with torch.no_grad():
+        placer.mlp[-1].weight.normal_(0, 0.1)                     # off the zero init
+    images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    loss = F.cross_entropy(model(images, placement.place(model, placer, images, 8)), labels)
+    loss.backward()
+    assert placer.mlp[-1].weight.grad.abs().sum() > 0 and placer.query.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_label_goes_in():
+    assert list(inspect.signature(placement.place).parameters) == ["model", "placer", "images", "n_tokens"]
+    model, placer = tiny()
+    images = torch.rand(5, 3, 16, 16)
+    # positions depend on each image alone: a batch of one gives the same as inside a batch
+    together = placement.place(model, placer, images, 8)
+    alone = torch.cat([placement.place(model, placer, images[i:i + 1], 8) for i in range(5)])
+    assert torch.allclose(together, alone, atol=1e-6)
+
+
+def blob_dataset(n, seed):
+    """Class = which quadrant holds a small bright blob, on a noisy background: a 2-token
+    isotropic read sees the blob only by chance, a placed token can go and look."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 16, 16, generator=g) * 0.2
+    labels = torch.randint(0, 3, (n,), generator=g)
+    corners = torch.tensor([[2, 2], [2, 10], [10, 6]])
+    jitter = torch.randint(0, 3, (n, 2), generator=g)
+    for i in range(n):
+        y, x = (corners[labels[i]] + jitter[i]).tolist()
+        images[i, :, y:y + 3, x:x + 3] = 1.0
+    return data.Split((images * 255).to(torch.uint8), labels)
+
+
+def test_cli_trains_a_head_that_beats_its_start_and_reloads(tmp_path, monkeypatch):
+    model, _ = tiny(seed=1)
+    train, val = blob_dataset(384, 0), blob_dataset(96, 1)
+    # a backbone that sees blobs: train it briefly on random positions, as train.py would
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(150):
+        batch = torch.randint(0, len(train), (64,), generator=g)
+        images = train.images[batch].float() / 255
+        positions = spot.sample_positions("uniform", 64, 16, 16, 4, generator=g)
+        loss = F.cross_entropy(model(images, positions), train.labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict(), "classes": ["0", "1", "2"],
+                "args": {"dataset": "shapes", "data_dir": None, "seed": 0, "val_size": 96}}, checkpoint)
+    dataset = data.Dataset(name="shapes", train=train, test=val, classes=["0", "1", "2"], mean=(0.5,) * 3,
+                           std=(0.5,) * 3, image_size=(16, 16), val=val)
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
+    out = tmp_path / "placer"
+    argv = ["--checkpoint", str(checkpoint), "--budgets", "2", "--glance-fraction", "0.5", "--width", "16",
+            "--epochs", "6", "--batch-size", "32", "--lr", "3e-3", "--no-progress", "--out", str(out)]
+    assert placement.main(argv) == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 6
+    # 1 glance + 1 placed token: the learned token finds the blob far more often than the lattice's
+    assert history[-1]["val_placed@2"] >= history[-1]["val_isotropic@2"] + 15
+    placer, _ = placement.load_placer(out / "placer.pt")
+    again = placement.placed_accuracy(spot.load_checkpoint(checkpoint), placer, val, [2], "cpu", 32)
+    assert again["val_placed@2"] == history[-1]["val_placed@2"]
+    assert json.loads((out / "run.json").read_text())["args"]["budgets"] == [2]
+    with pytest.raises(SystemExit):                              # never overwrite a trained head
+        placement.main(argv)
+
+
+def test_load_placer_refuses_other_files(tmp_path):
+    bad = tmp_path / "placer.pt"
+    bad.write_bytes(b"not a placer")
+    with pytest.raises(ValueError, match="placer.pt"):
+        placement.load_placer(bad)
