@@ -35,6 +35,7 @@ import datetime
 import json
 import math
 import sys
+import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import placement
 import spot
 
 __all__ = ["OBJECTIVES", "DEFAULT_STEPS", "DEFAULT_LR", "OracleResult", "oracle_search",
@@ -356,6 +358,39 @@ def prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature
     return rows
 
 
+def learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, seed, device,
+                 batch_size):
+    """Beyond the paper (placement.py): glance-then-place, label-free, per budget -> rows with
+    top-1 and kNN (no label is used, so the kNN bank is read the same way) and the cost:
+    seconds per image, and that time as a multiple of reading the isotropic prior at the budget."""
+    config = model.config
+    (test_x, test_y), (bank_x, bank_y) = test, bank
+    rows = []
+    for tokens in budgets:
+        if tokens < 2:                                   # nothing to glance with and place
+            rows.append(table_row("spot-learned", "isotropic", tokens))
+            continue
+        lattice = draw_positions("isotropic", test_x, tokens, config.image_size, config.window, 0, device)
+        started = time.perf_counter()
+        predict(model, test_x, lattice, device, batch_size)
+        prior_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        positions = placement.place_split(model, placer, test_x, tokens, device, batch_size)
+        predictions, features = predict(model, test_x, positions, device, batch_size, want_features=len(bank_x) > 0)
+        seconds = time.perf_counter() - started
+        knn_correct = None
+        if len(bank_x):
+            bank_positions = placement.place_split(model, placer, bank_x, tokens, device, batch_size)
+            bank_features = predict(model, bank_x, bank_positions, device, batch_size, True)[1]
+            knn_correct = knn_predict(bank_features, bank_y, features, config.num_classes, knn_k,
+                                      knn_temperature) == test_y
+        rows.append(table_row("spot-learned", "isotropic", tokens, predictions == test_y, knn_correct,
+                              seed, glance=placement.glance_size(tokens, placer.config.glance_fraction),
+                              ms_per_image=1000 * seconds / len(test_x),
+                              cost_vs_prior=seconds / prior_seconds))
+    return rows
+
+
 def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batch_size, progress,
                 transfer_model=None, transfer_source=None, model_source=None, saliency_limit=500):
     """PAPER §4 and §6, the SPoT-ON rows, per budget: the label oracle, its label-free (entropy)
@@ -417,8 +452,10 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
 def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEFAULT_STEPS,
              lr=DEFAULT_LR, limit=None, search_limit=None, saliency_limit=500, knn_limit=5000,
              knn_k=20, knn_temperature=0.07, draws=1, transfer_model=None, transfer_source=None,
-             model_source=None, split="test", batch_size=128, seed=0, device="cpu", progress=True):
-    """Every prior x budget, then SPoT-ON -> (rows, transfer_reverse, saliency).
+             model_source=None, split="test", batch_size=128, seed=0, device="cpu", progress=True,
+             placer=None):
+    """Every prior x budget, (with a placer: glance-then-place,) then SPoT-ON
+    -> (rows, transfer_reverse, saliency).
 
     rows: [{"method", "prior", "tokens", "top1", "top1_low", "top1_high", "knn", "knn_low",
     "knn_high", "n_images", "draws"(, "source")}], accuracies in percent with 95 % intervals, or
@@ -434,6 +471,9 @@ def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEF
     bank = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
     rows = prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed,
                       device, batch_size, progress)
+    if placer is not None:
+        rows += learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, seed,
+                             device, batch_size)
     if search_limit == 0:                                    # prior rows only
         return rows, [], []
     searched = tuple(t[:search_limit] for t in test)
@@ -452,7 +492,8 @@ def _cell(row):
     return f"{text('top1')} / " + ("–" if row["knn"] is None else text("knn"))
 
 
-METHOD_LABELS = {"prior": "SPoT", "spot-on": "SPoT-ON (label oracle)",
+METHOD_LABELS = {"prior": "SPoT", "spot-learned": "SPoT-learned (glance + place, label-free)",
+                 "spot-on": "SPoT-ON (label oracle)",
                  "spot-on-entropy": "SPoT-ON (entropy, label-free)",
                  "spot-on-snapped": "SPoT-ON snapped to grid", "spot-on-transfer": "SPoT-ON transfer"}
 
@@ -596,6 +637,8 @@ def parse_args(argv=None):
     add("--knn-temperature", type=cli.float_in(0, low_open=True), default=0.07, help="kNN vote weight exp(sim / T)")
     add("--transfer-checkpoint", default=None,
         help="a second model: its oracle positions are evaluated on --checkpoint (and vice versa)")
+    add("--placer", default=None, help="a placement head from placement.py: adds the label-free "
+        "'SPoT-learned' rows (glance, then place) with their cost")
     add("--batch-size", type=cli.int_at_least(1), default=128)
     add("--seed", type=int, default=0, help="seed of the position draws and the bootstrap")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -605,12 +648,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     args.tokens = cli.parse_int_list(args.tokens, "--tokens", parser)
-    for name in ("checkpoint", "transfer_checkpoint"):
+    for name in ("checkpoint", "transfer_checkpoint", "placer"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             parser.error(f"--{name.replace('_', '-')}: {path} " + ("is a directory; pass the checkpoint.pt "
-                         "inside it" if Path(path).is_dir() else "does not exist (expected a "
-                         "checkpoint.pt written by train.py)"))
+                         "inside it" if Path(path).is_dir() else "does not exist (expected "
+                         + ("a placer.pt written by placement.py)" if name == "placer" else
+                            "a checkpoint.pt written by train.py)")))
     try:
         args.device = cli.resolve_device(args.device)
         cli.check_out_dir(args.out, "--out")
@@ -635,6 +679,12 @@ def main(argv=None):
                     (model.config.image_size, model.config.num_classes):
                 parser.error("--transfer-checkpoint: the model must read the same images and "
                              "predict the same classes as --checkpoint")
+        placer = None
+        if args.placer:
+            placer = placement.load_placer(args.placer, args.device)[0]
+            if (placer.config.image_size, placer.config.window, placer.config.dim) != \
+                    (model.config.image_size, model.config.window, model.config.dim):
+                parser.error("--placer: it was trained for another model (image size, window or width differ)")
         dataset = cli.load_data_for(args.checkpoint, saved, args.dataset, args.data_dir,
                                 args.image_size, args.cache_dir, args.progress)
     except ValueError as error:
@@ -652,7 +702,7 @@ def main(argv=None):
         knn_k=args.knn_k, knn_temperature=args.knn_temperature, draws=args.draws,
         transfer_model=transfer_model, transfer_source=args.transfer_checkpoint,
         model_source=args.checkpoint, split=args.split, batch_size=args.batch_size,
-        seed=args.seed, device=args.device, progress=args.progress)
+        seed=args.seed, device=args.device, progress=args.progress, placer=placer)
     n_images = len(getattr(dataset, args.split))
     settings = {**vars(args), "device": str(args.device),
                 "run": args.name or run_name(args.checkpoint),

@@ -114,6 +114,14 @@ def place(model, placer, images, n_tokens):
     return torch.cat([glance, placer(glance_tokens, base)], dim=1)                # (B, N, 2)
 
 
+@torch.no_grad()
+def place_split(model, placer, images_uint8, n_tokens, device, batch_size=256):
+    """place() over a whole split of uint8 images, in batches -> positions (n, N, 2) on the CPU."""
+    placer.eval()
+    return torch.cat([place(model, placer, images_uint8[start:start + batch_size].to(device).float().div_(255),
+                            n_tokens).cpu() for start in range(0, len(images_uint8), batch_size)])
+
+
 def load_placer(path, map_location="cpu"):
     """placer.pt (written by this file's CLI) -> (GlancePlacer in eval mode, the saved dict).
     Read with weights_only=True: a file someone sends you cannot run code."""

@@ -129,3 +129,44 @@ def test_load_placer_refuses_other_files(tmp_path):
     bad.write_bytes(b"not a placer")
     with pytest.raises(ValueError, match="placer.pt"):
         placement.load_placer(bad)
+
+
+def test_oracle_table_gets_label_free_learned_rows_with_their_cost(tmp_path, monkeypatch):
+    import oracle
+
+    model, placer = tiny()
+    with torch.no_grad():
+        placer.mlp[-1].weight.normal_(0, 0.1)
+    checkpoint, placer_file = tmp_path / "checkpoint.pt", tmp_path / "placer.pt"
+    torch.save({"model_config": asdict(model.config), "model": model.state_dict(), "classes": ["0", "1", "2"],
+                "args": {"dataset": "shapes", "data_dir": None, "seed": 0}}, checkpoint)
+    torch.save({"placer_config": asdict(placer.config), "placer": placer.state_dict()}, placer_file)
+    test = blob_dataset(20, 2)
+    dataset = data.Dataset(name="shapes", train=blob_dataset(30, 3), test=test, classes=["0", "1", "2"],
+                           mean=(0.5,) * 3, std=(0.5,) * 3, image_size=(16, 16))
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
+    argv = ["--checkpoint", str(checkpoint), "--placer", str(placer_file), "--tokens", "1,4,8",
+            "--priors", "isotropic", "--knn-limit", "10", "--search-limit", "0", "--no-progress"]
+    assert oracle.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    rows = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
+    learned = {r["tokens"]: r for r in rows if r["method"] == "spot-learned"}
+    assert learned[1]["top1"] is None                         # 1 token: nothing to place
+    for n in (4, 8):
+        row = learned[n]
+        assert row["knn"] is not None and row["n_images"] == 20 and row["glance"] == placement.glance_size(n, 0.25)
+        assert row["ms_per_image"] > 0 and row["cost_vs_prior"] > 1   # a glance costs something
+        positions = placement.place_split(model, placer, test.images, n, "cpu")
+        expected = (model(test.images.float() / 255, positions).argmax(1) == test.labels).float().mean().item()
+        assert row["top1"] == pytest.approx(100 * expected)
+    assert "SPoT-learned (glance + place, label-free)" in (tmp_path / "a" / "results.md").read_text()
+    # no label is read: the same images with other labels give the same positions, hence predictions
+    shuffled = data.Split(test.images, test.labels.roll(1))
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: data.Dataset(
+        name="shapes", train=dataset.train, test=shuffled, classes=["0", "1", "2"], mean=(0.5,) * 3,
+        std=(0.5,) * 3, image_size=(16, 16)))
+    assert oracle.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    again = {r["tokens"]: r for r in json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+             if r["method"] == "spot-learned"}
+    positions = placement.place_split(model, placer, test.images, 8, "cpu")
+    predicted = model(test.images.float() / 255, positions).argmax(1)
+    assert again[8]["top1"] == pytest.approx(100 * (predicted == shuffled.labels).float().mean().item())
