@@ -10,6 +10,9 @@ save it: a PNG when the path has no extension). Read them beside PAPER.md:
     plot_priors             PAPER §3     one panel per spatial prior (the paper's Figure 2)
     plot_trajectories       PAPER §4     SPoT-ON paths: prior start -> oracle end, per token
     save_trajectory_gif     PAPER §4     the same search, animated, for one image
+    plot_training_curves    PAPER §5     validation accuracy vs training time: grid ViT, its
+                                         retrofit (its clock starts where the grid ViT's ended),
+                                         SPoT from scratch
     plot_budget_curves      PAPER §6     accuracy vs token budget, one line per (method, prior);
                                          findings 1 and 2 (off-grid beats grid when sparse;
                                          centre priors win at few tokens, coverage at many)
@@ -26,6 +29,7 @@ Try it (the CLI always writes files; it never opens a window):
                                      --n-images 4 --out traj.png --gif traj.gif
     python visualize.py budget --results runs/oracle/results.json --out budget.png --metric top1
     python visualize.py table --results runs/grid-eval runs/spot-eval --out table.md  # one table
+    python visualize.py training --runs runs/grid-vit runs/retrofit runs/spot --keys val_acc,val_acc@4
     python visualize.py saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 --out sal.png
 
 Drawing convention (the same as spot.py's coordinates)
@@ -537,6 +541,56 @@ def plot_budget_curves(results, path=None, metric="top1", ax=None):
 
 
 # -----------------------------------------------------------------------------
+# PAPER §5: training curves (the grid ViT, its retrofit, SPoT from scratch)
+
+def _load_run(run):
+    """A run folder (metrics.jsonl, run.json as train.py writes them) -> (name, epochs, args)."""
+    folder = Path(run)
+    if folder.is_file():
+        folder = folder.parent
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ValueError(f"{folder} holds no metrics.jsonl (pass run folders written by train.py)")
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    epochs = [m for m in lines if not m.get("final") and not m.get("partial")]
+    info = folder / "run.json"
+    args = json.loads(info.read_text()).get("args", {}) if info.is_file() else {}
+    return folder.name, epochs, args
+
+
+def plot_training_curves(runs, keys=("val_acc", "val_acc@16"), path=None):
+    """Validation accuracy vs training time, one line per run, one panel per metric -- PAPER §5.
+
+    runs: run folders. A run started with --init-from another run in the list (retrofitting)
+    starts its clock where that run's ended, so the x axis is the total CPU time behind a model.
+    keys: metrics.jsonl fields, e.g. "val_acc" (full grid) and "val_acc@16" (16 isotropic tokens).
+    """
+    loaded = {name: (epochs, args) for name, epochs, args in map(_load_run, runs)}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, (epochs, args) in loaded.items():
+            source = Path(args.get("init_from") or "").parent.name
+            parent = loaded.get(source, ([], {}))[0]
+            start = parent[-1]["elapsed_s"] if parent else 0.0
+            points = [(start + m["elapsed_s"], m[key]) for m in epochs if key in m]
+            handover = [m[key] for m in parent if key in m]
+            if points and handover:          # a retrofit starts from its source's last value
+                points.insert(0, (start, handover[-1]))
+            if points:
+                minutes, values = zip(*((t / 60, v) for t, v in points))
+                ax.plot(minutes, values, marker="o", ms=3,
+                        label=name + (f" (from {source})" if parent else ""))
+        ax.set_xlabel("training time (minutes on the CPU of the runs)")
+        ax.set_ylabel(f"{key} (%)")
+        ax.set_title("validation, full grid" if key == "val_acc" else
+                     f"validation, {key.split('@')[-1]} isotropic tokens", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+# -----------------------------------------------------------------------------
 # PAPER §6, finding 3: do oracle tokens go where the saliency is?
 
 def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None, path=None):
@@ -735,6 +789,10 @@ def _cmd_budget(args):
     plt.close(_finish(fig, args.out))
 
 
+def _cmd_training(args):
+    plt.close(plot_training_curves(args.runs, keys=args.keys.split(","), path=args.out))
+
+
 def _cmd_table(args):
     import oracle                       # (its imports are heavier than this file's other commands)
 
@@ -816,6 +874,12 @@ def build_parser():
     p.add_argument("--results", required=True, nargs="+",
                    help="results.json (or the folder holding it); several: one panel each")
     p.add_argument("--metric", choices=tuple(METRICS), default="top1", help="which accuracy")
+
+    p = add("training", "validation accuracy vs training time of train.py runs (PAPER §5)",
+            _cmd_training, "training.png")
+    p.add_argument("--runs", required=True, nargs="+", help="run folders (metrics.jsonl, run.json)")
+    p.add_argument("--keys", default="val_acc,val_acc@16",
+                   help="metrics.jsonl fields, one panel each (comma-separated)")
 
     p = add("table", "one markdown table of PAPER §6 for several models' results.json",
             _cmd_table, "table.md")

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 import spot  # noqa: E402
 import visualize  # noqa: E402
-from visualize import (main, plot_budget_curves, plot_placements, plot_priors,  # noqa: E402
+from visualize import (main, plot_budget_curves, plot_placements, plot_priors, plot_training_curves,  # noqa: E402
                        plot_saliency_vs_oracle, plot_trajectories, save_trajectory_gif)
 
 H = W = 32
@@ -474,3 +474,27 @@ def test_cli_bad_checkpoint_is_a_message_naming_the_file(tmp_path, capsys, comma
 def test_module_imports_without_optional_helpers():
     """visualize imports data and oracle lazily: importing it pulls in neither."""
     assert "oracle" not in vars(visualize) and "data" not in vars(visualize)
+
+
+def test_training_curves_start_a_retrofit_where_its_source_ended(tmp_path):
+    def write_run(name, values, init_from=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [{"epoch": i + 1, "elapsed_s": 60.0 * (i + 1), "val_acc": v, "val_acc@16": v - 10}
+                 for i, v in enumerate(values)] + [{"final": True, "test_acc": 1.0, "elapsed_s": 999}]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+        (folder / "run.json").write_text(json.dumps({"args": {"init_from": init_from}}))
+        return str(folder)
+
+    grid = write_run("grid-vit", [40, 50, 60])
+    retrofit = write_run("retrofit", [70, 75], init_from="runs/grid-vit/checkpoint.pt")
+    fig = plot_training_curves([grid, retrofit], path=tmp_path / "t.png")
+    assert_png(tmp_path / "t.png")
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    assert list(lines["grid-vit"].get_xdata()) == [1, 2, 3]          # minutes; the final line skipped
+    assert list(lines["retrofit (from grid-vit)"].get_xdata()) == [3, 4, 5]
+    assert list(lines["retrofit (from grid-vit)"].get_ydata()) == [60, 70, 75]
+    assert list(fig.axes[1].lines[1].get_ydata()) == [50, 60, 65]   # val_acc@16
+    assert main(["training", "--runs", grid, retrofit, "--keys", "val_acc", "--out", str(tmp_path / "c.png")]) == 0
+    with pytest.raises(ValueError, match="metrics.jsonl"):
+        plot_training_curves([str(tmp_path)])
