@@ -19,3 +19,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and it does not stall when other jobs share the CPU
+    (two spinning OpenMP threads on a busy 2-core machine can be 10x slower). A module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`; the count is restored after it,
+    also when a CLI under test (bench.main's --threads) changed it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

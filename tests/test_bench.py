@@ -17,14 +17,7 @@ import spot
 import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and does not stall when other jobs share the CPU.
-    (bench.main's --threads would also change the thread count for the rest of the session.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
 
 
 def test_quick_bench_writes_every_requested_section(tmp_path, monkeypatch):

@@ -14,14 +14,7 @@ from dataclasses import asdict
 from spot import SPoTConfig, SPoTViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is fastest, and it does not stall when other jobs
-    share the CPU (two spinning OpenMP threads on a busy 2-core machine can be 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
 
 
 def tiny_model(seed=0, num_classes=3):
