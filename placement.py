@@ -5,11 +5,14 @@ The paper's open direction (PAPER §4 end, §6): SPoT-ON shows how much a few we
 can do, but it needs the label. Here a frozen SPoT model places its own tokens, with no label
 at test time, in the spirit of PS-ViT's progressive sampling:
 
-    1. glance  read G tokens from the isotropic prior (a fixed, image-independent lattice);
-    2. place   a small head reads the glance's output tokens and proposes K = N - G more
-               positions: one query per point of a base lattice, each attending to the glance
-               and moving its point by up to `max_shift` of the image;
+    1. glance  read G of the N points of the isotropic lattice (a fixed, image-independent
+               prior), spread out by farthest-point sampling;
+    2. place   a small head reads the glance's output tokens and moves the other K = N - G
+               lattice points: one query per point, each attending to the glance and moving its
+               point by up to `max_shift` of the image;
     3. read    the same frozen model reads all N = G + K tokens and predicts.
+
+An untrained head moves nothing, so it starts as exactly the N-token isotropic prior.
 
 Every token the model reads counts toward the budget: a 16-token "glance, then place" reads
 4 + 12 tokens and is compared with 16-token priors. Its compute is one forward pass at G tokens
@@ -72,7 +75,7 @@ class GlancePlacer(nn.Module):
     Each base point becomes a query (its sin-cos position embedding, projected); the queries
     attend to the glance's output tokens (class token included) and an MLP turns what they read
     into a shift of their point. The last layer starts at zero, so an untrained head places its
-    tokens exactly on the base lattice: it starts as the isotropic prior and can only learn away.
+    tokens exactly on the base lattice: it starts as the isotropic prior and learns away from it.
     """
 
     def __init__(self, config):
@@ -103,15 +106,31 @@ class GlancePlacer(nn.Module):
         return (base + shift).clamp(0, 1)
 
 
+def split_lattice(n_tokens, n_glance):
+    """The N-point isotropic lattice split into (glance (G, 2), base (N - G, 2)).
+
+    The glance points are picked by farthest-point sampling (first the point nearest the centre,
+    then each time the point farthest from those picked), so a glance of a few tokens still
+    covers the image; the rest of the lattice is the base the head moves.
+    """
+    lattice = spot.isotropic_positions(n_tokens)                                     # (N, 2)
+    picked = [int((lattice - 0.5).norm(dim=1).argmin())]
+    distance = (lattice - lattice[picked[0]]).norm(dim=1)                           # (N,)
+    for _ in range(n_glance - 1):
+        picked.append(int(distance.argmax()))
+        distance = torch.minimum(distance, (lattice - lattice[picked[-1]]).norm(dim=1))
+    rest = [i for i in range(n_tokens) if i not in picked]
+    return lattice[picked], lattice[rest]
+
+
 def place(model, placer, images, n_tokens):
     """Glance, then place: images (B, C, H, W) in [0, 1] -> positions (B, N, 2), the G glance
     positions first. No label goes in; the model reads G tokens here and the caller N."""
-    G = glance_size(n_tokens, placer.config.glance_fraction)
-    glance = spot.isotropic_positions(G).to(images.device).expand(len(images), G, 2)
+    glance, base = split_lattice(n_tokens, glance_size(n_tokens, placer.config.glance_fraction))
+    glance = glance.to(images.device).expand(len(images), -1, 2)                   # (B, G, 2)
     with torch.no_grad():                     # the glance is fixed: nothing to learn through it
         glance_tokens = model.forward_features(images, glance)                    # (B, 1 + G, D)
-    base = spot.isotropic_positions(n_tokens - G).to(images.device)               # (K, 2)
-    return torch.cat([glance, placer(glance_tokens, base)], dim=1)                # (B, N, 2)
+    return torch.cat([glance, placer(glance_tokens, base.to(images.device))], dim=1)  # (B, N, 2)
 
 
 @torch.no_grad()

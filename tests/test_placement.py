@@ -34,15 +34,31 @@ def test_glance_size_bounds():
         placement.glance_size(1, 0.25)
 
 
-def test_untrained_head_places_the_base_lattice_and_reads_exactly_the_budget():
+def as_set(points):
+    """(N, 2) points -> a sorted list of rounded tuples, to compare point sets in any order."""
+    return sorted(tuple(round(v, 6) for v in point) for point in points.tolist())
+
+
+def test_split_lattice_is_the_isotropic_lattice_with_a_spread_out_glance():
+    for n_tokens, n_glance in ((8, 2), (16, 4), (64, 16)):
+        glance, base = placement.split_lattice(n_tokens, n_glance)
+        assert glance.shape == (n_glance, 2) and base.shape == (n_tokens - n_glance, 2)
+        assert as_set(torch.cat([glance, base])) == as_set(spot.isotropic_positions(n_tokens))
+    glance, _ = placement.split_lattice(16, 4)       # 4 of the 4x4 lattice: one near each corner
+    assert as_set(glance) == as_set(torch.tensor([[.375, .375], [.875, .875], [.125, .875], [.875, .125]]))
+
+
+def test_untrained_head_places_the_isotropic_lattice_and_reads_exactly_the_budget():
     model, placer = tiny()
     images = torch.rand(3, 3, 16, 16)
     seen = []
     model.patch_embed.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
     positions = placement.place(model, placer, images, 8)
     assert positions.shape == (3, 8, 2) and positions.min() >= 0 and positions.max() <= 1
-    assert torch.equal(positions[:, :2], spot.isotropic_positions(2).expand(3, 2, 2))     # glance
-    assert torch.allclose(positions[:, 2:], spot.isotropic_positions(6).expand(3, 6, 2))  # zero init
+    glance, _ = placement.split_lattice(8, 2)
+    assert torch.equal(positions[:, :2], glance.expand(3, 2, 2))                      # the glance
+    for image_positions in positions:                                  # zero init: the prior itself
+        assert as_set(image_positions) == as_set(spot.isotropic_positions(8))
     model(images, positions)
     assert seen == [2, 8]            # the glance read 2 tokens, the final pass the budget of 8
 
