@@ -321,7 +321,7 @@ def table_row(method, prior, tokens, correct=None, knn_correct=None, seed=0, **e
 
 
 def prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed, device,
-               batch_size, progress):
+               batch_size, progress, per_image=None):
     """PAPER §6, the prior rows: every prior x budget, top-1 and kNN, `draws` position draws for
     the random priors (one for the deterministic isotropic and center lattices).
 
@@ -355,11 +355,13 @@ def prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature
                                                config.num_classes, knn_k, knn_temperature) == test_y)
         rows.append(table_row("prior", prior, tokens, torch.stack(correct),
                               torch.stack(knn_correct) if knn_correct else None, seed))
+        if per_image is not None:
+            per_image["prior", prior, tokens] = torch.stack(correct).cpu()          # (draws, n)
     return rows
 
 
 def learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, seed, device,
-                 batch_size):
+                 batch_size, per_image=None):
     """Beyond the paper (placement.py): glance-then-place, label-free, per budget -> rows with
     top-1 and kNN (no label is used, so the kNN bank is read the same way) and the cost:
     seconds per image, and that time as a multiple of reading the isotropic prior at the budget."""
@@ -384,6 +386,8 @@ def learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, see
             bank_features = predict(model, bank_x, bank_positions, device, batch_size, True)[1]
             knn_correct = knn_predict(bank_features, bank_y, features, config.num_classes, knn_k,
                                       knn_temperature) == test_y
+        if per_image is not None:
+            per_image["spot-learned", "isotropic", tokens] = (predictions == test_y).cpu()
         rows.append(table_row("spot-learned", "isotropic", tokens, predictions == test_y, knn_correct,
                               seed, glance=placement.glance_size(tokens, placer.config.glance_fraction),
                               ms_per_image=1000 * seconds / len(test_x),
@@ -392,7 +396,8 @@ def learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, see
 
 
 def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batch_size, progress,
-                transfer_model=None, transfer_source=None, model_source=None, saliency_limit=500):
+                transfer_model=None, transfer_source=None, model_source=None, saliency_limit=500,
+                per_image=None):
     """PAPER §4 and §6, the SPoT-ON rows, per budget: the label oracle, its label-free (entropy)
     twin, the oracle snapped to the grid, and (with a second model) oracle positions found by the
     other model -> (rows, transfer_reverse, saliency). Every search starts from the very positions
@@ -401,7 +406,8 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
     by the start, the oracle and the salient prior, each a mean with its 95 % interval.
 
     SPoT-ON rows get no kNN: oracle positions are chosen with the test label, so a kNN on them
-    would leak it.
+    would leak it. The oracle and entropy rows carry their cost (ms_per_image, cost_vs_prior).
+    per_image: a dict to fill with each row's 0/1 correctness per image, for gap_rows.
     """
     config = model.config
     n_grid = len(spot.grid_positions(config.image_size, config.window))
@@ -421,11 +427,26 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
             continue
         start = draw_positions(oracle_from, test_x, tokens, config.image_size, config.window,
                                seed_for(seed, oracle_from, tokens, "test"), device)   # (n, N, 2)
-        oracle_positions = search(model, test_y, start, "label", f"oracle {tokens}T")
-        entropy_positions = search(model, None, start, "entropy", f"entropy {tokens}T")
+        # The cost of a search: its wall time per image, and that time as a multiple of one
+        # forward pass at the same budget (reading the start positions), measured side by side.
+        started = time.perf_counter()
+        correct(model, start)
+        read_seconds = time.perf_counter() - started
+        timed = {}
+        for method, labels, objective in (("spot-on", test_y, "label"), ("spot-on-entropy", None, "entropy")):
+            started = time.perf_counter()
+            timed[method] = search(model, labels, start, objective, f"{objective} {tokens}T")
+            timed[method] = timed[method], time.perf_counter() - started
+        (oracle_positions, _), (entropy_positions, _) = timed["spot-on"], timed["spot-on-entropy"]
         snapped_positions = snap_to_grid(oracle_positions, config.image_size, config.window)
         for method, positions in zip(methods, (oracle_positions, entropy_positions, snapped_positions)):
-            rows.append(table_row(method, oracle_from, tokens, correct(model, positions), seed=seed))
+            hits = correct(model, positions)
+            cost = {} if method not in timed else {
+                "ms_per_image": 1000 * timed[method][1] / len(test_x),
+                "cost_vs_prior": timed[method][1] / read_seconds}
+            rows.append(table_row(method, oracle_from, tokens, hits, seed=seed, **cost))
+            if per_image is not None:
+                per_image[method, oracle_from, tokens] = hits.cpu()
         if transfer_model is not None:
             # PAPER §4, finding 4: positions found with another, independently trained model.
             transfer_positions = search(transfer_model, test_y, start, "label", f"transfer {tokens}T")
@@ -455,7 +476,7 @@ def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEF
              model_source=None, split="test", batch_size=128, seed=0, device="cpu", progress=True,
              placer=None):
     """Every prior x budget, (with a placer: glance-then-place,) then SPoT-ON
-    -> (rows, transfer_reverse, saliency).
+    -> (rows, transfer_reverse, saliency, gap_closed).
 
     rows: [{"method", "prior", "tokens", "top1", "top1_low", "top1_high", "knn", "knn_low",
     "knn_high", "n_images", "draws"(, "source")}], accuracies in percent with 95 % intervals, or
@@ -463,24 +484,83 @@ def evaluate(model, dataset, budgets, priors, oracle_from="isotropic", steps=DEF
     The images are the first `limit` of `split` ("test", or "val" to choose settings without
     touching the test set), and the searches run on the first `search_limit` of those (a search
     costs ~2 x steps forward passes per image); the kNN bank is the first `knn_limit` train images.
+    gap_closed: gap_rows, the label-free methods against the best prior and the oracle.
     """
     images = getattr(dataset, split)
     n = len(images) if limit is None else min(limit, len(images))
     test = images.images[:n], images.labels[:n]
     n_bank = min(knn_limit, len(dataset.train))
     bank = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
+    per_image = {}
     rows = prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature, seed,
-                      device, batch_size, progress)
+                      device, batch_size, progress, per_image)
     if placer is not None:
         rows += learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, seed,
-                             device, batch_size)
+                             device, batch_size, per_image)
     if search_limit == 0:                                    # prior rows only
-        return rows, [], []
+        return rows, [], [], []
     searched = tuple(t[:search_limit] for t in test)
     more, reverse, saliency = search_rows(model, searched, budgets, oracle_from, steps, lr, seed,
                                           device, batch_size, progress, transfer_model,
-                                          transfer_source, model_source, saliency_limit)
-    return rows + more, reverse, saliency
+                                          transfer_source, model_source, saliency_limit, per_image)
+    rows += more
+    return rows, reverse, saliency, gap_rows(rows, per_image, budgets, seed)
+
+
+LABEL_FREE = ("spot-learned", "spot-on-entropy")
+
+
+def gap_rows(rows, per_image, budgets, seed=0, resamples=1000):
+    """How much of the prior -> oracle gap each label-free method closes, per budget (issue 13).
+
+    The baseline is the best image-independent prior at that budget (the prior row with the
+    highest top-1 on all the evaluated images), and everything is compared on the images the
+    oracle searched, image by image:
+
+        gain       = acc(method) - acc(best prior)                              (points)
+        gap closed = (acc(method) - acc(best prior)) / (acc(oracle) - acc(best prior))
+
+    Both get a 95 % percentile bootstrap interval that resamples the *same* images for all
+    three (a paired bootstrap: an image hard for the prior is usually hard for the method too,
+    so the difference is known more precisely than either accuracy).
+    -> [{"method", "tokens", "best_prior", "gain", "gain_low", "gain_high", "gap_closed",
+         "gap_closed_low", "gap_closed_high", "n_images"}]
+    """
+    def accuracy(method, tokens, prior=None, n=None):
+        """Per-image accuracy (n,) of a recorded row, averaged over its position draws."""
+        key = next((k for k in per_image if k[0] == method and k[2] == tokens
+                    and prior in (None, k[1])), None)
+        if key is None:
+            return None
+        correct = per_image[key].float()
+        return correct.reshape(-1, correct.shape[-1])[:, :n].mean(0)
+
+    out, low, high = [], (1 - 0.95) / 2, (1 + 0.95) / 2
+    for tokens in budgets:
+        priors = [r for r in rows if r["method"] == "prior" and r["tokens"] == tokens
+                  and r["top1"] is not None]
+        oracle = accuracy("spot-on", tokens)
+        if not priors or oracle is None:
+            continue
+        n = len(oracle)
+        best = max(priors, key=lambda r: r["top1"])["prior"]
+        prior = accuracy("prior", tokens, best, n)
+        picks = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+        room = (oracle - prior)[picks].mean(1).clamp_min(1 / n)                     # (R,)
+        for method in LABEL_FREE:
+            found = accuracy(method, tokens, n=n)
+            if found is None:
+                continue
+            gain = (found - prior)[picks].mean(1)                                     # (R,)
+            mean_gain = (found - prior).mean()
+            out.append({"method": method, "tokens": tokens, "best_prior": best,
+                        "gain": 100 * mean_gain.item(),
+                        "gain_low": 100 * gain.quantile(low).item(),
+                        "gain_high": 100 * gain.quantile(high).item(),
+                        "gap_closed": (mean_gain / (oracle - prior).mean().clamp_min(1 / n)).item(),
+                        "gap_closed_low": (gain / room).quantile(low).item(),
+                        "gap_closed_high": (gain / room).quantile(high).item(), "n_images": n})
+    return out
 
 
 def _cell(row):
@@ -542,7 +622,7 @@ REVERSE_HEADER = ["| Model | Tokens | its prior | its own oracle | our oracle po
                   "|---|---|---|---|---|"]
 
 
-def results_markdown(rows, budgets, settings, reverse=(), saliency=()):
+def results_markdown(rows, budgets, settings, reverse=(), saliency=(), gap=()):
     """The table of PAPER §6 for one model: grid row first, then the other priors, then SPoT-ON."""
     lines = [f"# SPoT evaluation: {settings.get('run') or settings['checkpoint']}", "",
              f"{settings['dataset']} {settings['split']} split, {settings['n_test']} images; kNN "
@@ -562,7 +642,27 @@ def results_markdown(rows, budgets, settings, reverse=(), saliency=()):
                   f"average pixels), on the first {saliency[0]['n_images']} images, ± half the 95 % "
                   f"interval.", "", "| Positions | " + " | ".join(f"{b} T" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)] + _saliency_lines(saliency, budgets)
+    if gap:
+        lines += ["", f"{GAP_TEXT} Searched images: {gap[0]['n_images']}.", ""] + GAP_HEADER + _gap_lines(gap, rows)
     return "\n".join(lines) + "\n"
+
+
+GAP_TEXT = ("Label-free placement against the best fixed prior (issue 13), on the searched "
+            "images: the gain in points and the fraction of the prior -> oracle gap it closes, "
+            "each with its paired 95 % bootstrap interval; cost = wall time as a multiple of one "
+            "forward pass at the budget.")
+GAP_HEADER = ["| Method | Tokens | best prior | gain (points) | gap closed | cost |", "|---|---|---|---|---|---|"]
+
+
+def _gap_lines(gap, rows, model=None):
+    """One line per (label-free method, budget) of gap_rows; with model=, a first column."""
+    cost = {(r["method"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
+    return [f"| {model + ' | ' if model else ''}{METHOD_LABELS[g['method']]} | {g['tokens']} | {g['best_prior']} | "
+            f"{g['gain']:+.1f} [{g['gain_low']:+.1f}, {g['gain_high']:+.1f}] | "
+            f"{100 * g['gap_closed']:.1f} % [{100 * g['gap_closed_low']:.1f}, "
+            f"{100 * g['gap_closed_high']:.1f}] | "
+            + (f"{cost[g['method'], g['tokens']]:.0f}x" if cost.get((g['method'], g['tokens'])) else "–")
+            + " |" for g in gap]
 
 
 def combined_markdown(results_list):
@@ -597,6 +697,11 @@ def combined_markdown(results_list):
                   "|---|---|" + "---|" * len(budgets)]
         for results in with_saliency:
             lines += _saliency_lines(results["saliency"], budgets, results["settings"]["run"])
+    with_gap = [results for results in results_list if results.get("gap_closed")]
+    if with_gap:
+        lines += ["", GAP_TEXT, "", "| Model " + GAP_HEADER[0], "|---" + GAP_HEADER[1]]
+        for results in with_gap:
+            lines += _gap_lines(results["gap_closed"], results["rows"], results["settings"]["run"])
     return "\n".join(lines) + "\n"
 
 
@@ -695,7 +800,7 @@ def main(argv=None):
     if args.split == "val" and dataset.val is None:
         parser.error("--split val: this run held out no validation images (train.py --val-size 0)")
 
-    rows, reverse, saliency = evaluate(
+    rows, reverse, saliency, gap = evaluate(
         model, dataset, args.tokens, args.priors, oracle_from=args.oracle_from,
         steps=args.oracle_steps, lr=args.oracle_lr, limit=args.limit, search_limit=args.search_limit,
         saliency_limit=args.saliency_limit, knn_limit=args.knn_limit,
@@ -715,10 +820,10 @@ def main(argv=None):
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "torch": torch.__version__}
     results = {"settings": settings, "rows": rows, **({"transfer_reverse": reverse} if reverse else {}),
-               **({"saliency": saliency} if saliency else {})}
+               **({"saliency": saliency} if saliency else {}), **({"gap_closed": gap} if gap else {})}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = results_markdown(rows, args.tokens, settings, reverse, saliency)
+    text = results_markdown(rows, args.tokens, settings, reverse, saliency, gap)
     cli.write_atomic(out / "results.json", json.dumps(results, indent=2))
     cli.write_atomic(out / "results.md", text)
     print(text)

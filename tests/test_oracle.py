@@ -238,6 +238,29 @@ def test_bootstrap_interval_known_answers():
     assert oracle.bootstrap_interval(correct[:300], seed=3) == oracle.bootstrap_interval(correct[:300], seed=3)
 
 
+def test_gap_rows_known_answers():
+    # 1,000 images: the oracle gets all, the best prior (center, not the weaker isotropic) half,
+    # the label-free method three quarters: +25 points, half of the gap closed.
+    n = 1000
+    index = torch.arange(n)
+    per_image = {("prior", "isotropic", 8): (index % 4 == 0)[None],
+                 ("prior", "center", 8): torch.stack([index % 2 == 0, index % 2 == 0]),   # 2 draws
+                 ("spot-learned", "isotropic", 8): torch.cat([index % 4 != 3, torch.ones(500, dtype=torch.bool)]),
+                 ("spot-on", "isotropic", 8): torch.ones(n, dtype=torch.bool)}
+    rows = [{"method": "prior", "prior": prior, "tokens": 8, "top1": top1}
+            for prior, top1 in (("isotropic", 25.0), ("center", 50.0))]
+    (gap,) = oracle.gap_rows(rows, per_image, [8, 16])          # 16: nothing recorded, no row
+    assert gap["method"] == "spot-learned" and gap["best_prior"] == "center" and gap["n_images"] == n
+    assert gap["gain"] == pytest.approx(25.0) and gap["gap_closed"] == pytest.approx(0.5)
+    assert gap["gain_low"] < 25 < gap["gain_high"] and gap["gap_closed_low"] < 0.5 < gap["gap_closed_high"]
+    # paired: the method is right wherever the prior is, so the gain's interval (+-1.96 sqrt(
+    # 0.25 * 0.75 / n) = +-2.7 points) is narrower than that of two independent accuracies (75 %
+    # and 50 % of 1,000 images: +-1.96 sqrt((0.1875 + 0.25) / n) = +-4.1)
+    assert 2 * 2.3 < gap["gain_high"] - gap["gain_low"] < 2 * 3.1
+    # the comparison runs on the searched images only (the first 1,000), whatever the prior saw
+    assert (per_image["spot-learned", "isotropic", 8].shape[-1], gap["n_images"]) == (1500, 1000)
+
+
 # -----------------------------------------------------------------------------
 # The command line (a fake tiny dataset: the real shapes data take ~15 s to generate)
 

@@ -181,3 +181,17 @@ def test_oracle_table_gets_label_free_learned_rows_with_their_cost(tmp_path, mon
     positions = placement.place_split(model, placer, test.images, 8, "cpu")
     predicted = model(test.images.float() / 255, positions).argmax(1)
     assert again[8]["top1"] == pytest.approx(100 * (predicted == shuffled.labels).float().mean().item())
+    # with the searches: both label-free methods are measured against the best prior and the
+    # oracle on the searched images, and the entropy search reports its cost too
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
+    searched = argv[:-3] + ["--search-limit", "10", "--oracle-steps", "2", "--saliency-limit", "0",
+                            "--no-progress", "--out", str(tmp_path / "c")]
+    assert oracle.main(searched) == 0
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    gaps = {(g["method"], g["tokens"]): g for g in results["gap_closed"]}
+    assert set(gaps) == {(m, n) for m in ("spot-learned", "spot-on-entropy") for n in (4, 8)} | {
+        ("spot-on-entropy", 1)}                                 # 1 token: nothing to glance and place
+    assert all(g["n_images"] == 10 and g["best_prior"] == "isotropic" for g in gaps.values())
+    entropy = [r for r in results["rows"] if r["method"] == "spot-on-entropy" and r["tokens"] == 8][0]
+    assert entropy["cost_vs_prior"] > 1 and entropy["ms_per_image"] > 0
+    assert "gap closed" in (tmp_path / "c" / "results.md").read_text()
