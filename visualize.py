@@ -18,6 +18,8 @@ save it: a PNG when the path has no extension). Read them beside PAPER.md:
                                          centre priors win at few tokens, coverage at many)
     plot_saliency_vs_oracle PAPER §6     saliency map vs oracle placements: finding 3 (oracle
                                          tokens lean only slightly toward salient pixels)
+    label-free (command)    issue 13     the same N tokens placed by a prior, the learned head,
+                                         the label-free entropy search and the label oracle
 
 Try it (the CLI always writes files; it never opens a window):
 
@@ -31,6 +33,7 @@ Try it (the CLI always writes files; it never opens a window):
     python visualize.py table --results runs/grid-eval runs/spot-eval --out table.md  # one table
     python visualize.py training --runs runs/grid-vit runs/retrofit runs/spot --keys val_acc,val_acc@4
     python visualize.py saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 --out sal.png
+    python visualize.py label-free --checkpoint runs/shapes/checkpoint.pt --placer runs/placer/placer.pt
 
 Drawing convention (the same as spot.py's coordinates)
 ------------------------------------------------------
@@ -430,6 +433,7 @@ METHOD_STYLES = {
     "spot-on-entropy": ((0, (1, 1.5)), "^", "SPoT-ON (entropy oracle)"),
     "spot-on-snapped": ((0, (5, 2, 1, 2)), "v", "SPoT-ON snapped to grid"),
     "spot-on-transfer": ((0, (6, 3)), "D", "SPoT-ON transferred"),
+    "spot-learned": ((0, (3, 1, 1, 1)), "P", "SPoT-learned (glance + place)"),
 }
 PRIOR_COLORS = {"uniform": "#1f77b4", "gaussian": "#ff7f0e", "sobol": "#2ca02c",
                 "isotropic": "#d62728", "center": "#9467bd", "salient": "#8c564b",
@@ -777,6 +781,43 @@ def _cmd_trajectories(args):
                                       fps=args.fps))
 
 
+def _cmd_label_free(args):
+    """Issue 13: one row per test image, one column per way of placing the same N tokens --
+    the prior, the learned glance-then-place head (with --placer), the label-free entropy
+    search, and the label oracle (the only column that reads the label)."""
+    model, split, classes = _model_and_test_split(args.checkpoint)
+    images, labels = _pick(split, args.index, args.n_images)
+    start = _start_positions(model, args.prior, args.tokens, images, args.seed)
+    columns = [(f"prior '{args.prior}'", start)]
+    if args.placer:
+        import placement
+
+        placer = placement.load_placer(args.placer)[0]
+        if (placer.config.image_size, placer.config.window, placer.config.dim) != \
+                (model.config.image_size, model.config.window, model.config.dim):
+            raise ValueError(f"--placer {args.placer} was trained for another model (image size, "
+                             f"window or width differ from --checkpoint's)")
+        with torch.no_grad():
+            columns.append(("SPoT-learned (label-free)", placement.place(model, placer, images, args.tokens)))
+    for name, objective, y in (("entropy search (label-free)", "entropy", None),
+                               ("SPoT-ON (label oracle)", "label", labels)):
+        columns.append((name, _search(model, images, y, start, objective, args.steps, args.lr)
+                        .positions.detach()))
+    fig, axes = plt.subplots(len(images), len(columns), squeeze=False, layout="constrained",
+                             figsize=(3.3 * len(columns), 3.6 * len(images)))
+    for column, (name, positions) in enumerate(columns):
+        predictions = _predict(model, images, positions)
+        for row in range(len(images)):
+            verdict = "right" if predictions[row] == labels[row] else "wrong"
+            plot_placements(images[row], positions[row], model.config.window, ax=axes[row, column],
+                            title=f"{name}\n'{classes[predictions[row]]}' ({verdict})")
+            if column == 0:
+                axes[row, 0].set_ylabel(f"#{args.index + row} '{classes[labels[row]]}'", fontsize=9)
+    fig.suptitle(f"{args.tokens} tokens each, the same model; only the oracle reads the label",
+                 fontsize=10)
+    plt.close(_finish(fig, args.out))
+
+
 def _cmd_budget(args):
     if len(args.results) == 1:
         plt.close(plot_budget_curves(args.results[0], path=args.out, metric=args.metric))
@@ -826,9 +867,10 @@ def build_parser():
         return sub
 
     def add_search_options(sub, steps_flag="--steps", steps_default=None,
-                           steps_help="oracle optimizer steps (default: oracle.py's)"):
-        sub.add_argument("--objective", choices=("label", "entropy"), default="label",
-                         help="oracle objective: the true label, or label-free prediction entropy")
+                           steps_help="oracle optimizer steps (default: oracle.py's)", objective=True):
+        if objective:
+            sub.add_argument("--objective", choices=("label", "entropy"), default="label",
+                             help="oracle objective: the true label, or label-free prediction entropy")
         sub.add_argument(steps_flag, type=index, default=steps_default, help=steps_help)
         sub.add_argument("--lr", type=cli.float_in(0, low_open=True), default=None,
                          help="oracle learning rate in [0, 1] units (default: oracle.py's)")
@@ -868,6 +910,13 @@ def build_parser():
     p.add_argument("--n-images", type=count, default=4, help="how many test images")
     p.add_argument("--gif", default=None, help="also animate the first image into this .gif")
     p.add_argument("--fps", type=cli.float_in(0, low_open=True), default=4, help="GIF frames per second")
+
+    p = add("label-free", "label-free placements (prior, learned head, entropy search) vs the "
+            "label oracle's on test images (issue 13)", _cmd_label_free, "label_free.png")
+    add_model_options(p)
+    add_search_options(p, objective=False)          # both searches run, one per objective
+    p.add_argument("--placer", default=None, help="placer.pt from placement.py: adds its column")
+    p.add_argument("--n-images", type=count, default=3, help="how many test images (rows)")
 
     p = add("budget", "accuracy vs token budget from oracle.py's results.json (PAPER §6)",
             _cmd_budget, "budget.png")

@@ -425,6 +425,26 @@ def test_cli_checkpoint_commands(tmp_path, fake_shapes):
     assert (tmp_path / "tr.gif").stat().st_size > 0
 
 
+def test_cli_label_free_figure(tmp_path, capsys, fake_shapes):
+    """Issue 13's figure: prior, the learned head, the entropy search and the oracle side by side;
+    a placer made for another model is refused with a message, not a traceback."""
+    import placement
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint.pt")
+    model = spot.load_checkpoint(checkpoint)
+    config = model.config
+    for name, dim in (("placer.pt", config.dim), ("other.pt", config.dim + 4)):
+        placer = placement.GlancePlacer(placement.PlacerConfig(
+            image_size=config.image_size, window=config.window, dim=dim, width=16, heads=2))
+        torch.save({"placer_config": dataclasses.asdict(placer.config), "placer": placer.state_dict()},
+                   tmp_path / name)
+    args = ["label-free", "--checkpoint", str(checkpoint), "--tokens", "4", "--n-images", "2", "--steps", "2"]
+    main(args + ["--placer", str(tmp_path / "placer.pt"), "--out", str(tmp_path / "lf.png")])
+    assert_png(tmp_path / "lf.png")
+    assert "another model" in exit_message(capsys, args + ["--placer", str(tmp_path / "other.pt"),
+                                                           "--out", str(tmp_path / "x.png")])
+
+
 def test_cli_index_past_the_test_split(tmp_path, capsys, fake_shapes):
     ckpt = ["--checkpoint", str(save_tiny_checkpoint(tmp_path / "c.pt"))]
     assert "--index 99" in exit_message(capsys, ["placements", *ckpt, "--index", "99",
