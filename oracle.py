@@ -654,6 +654,11 @@ GAP_TEXT = ("Label-free placement against the best fixed prior (issue 13), on th
 GAP_HEADER = ["| Method | Tokens | best prior | gain (points) | gap closed | cost |", "|---|---|---|---|---|---|"]
 
 
+def _times(multiple):
+    """1.34 -> '1.3x', 38.2 -> '38x'."""
+    return f"{multiple:.1f}x" if multiple < 10 else f"{multiple:.0f}x"
+
+
 def _gap_lines(gap, rows, model=None):
     """One line per (label-free method, budget) of gap_rows; with model=, a first column."""
     cost = {(r["method"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
@@ -661,7 +666,7 @@ def _gap_lines(gap, rows, model=None):
             f"{g['gain']:+.1f} [{g['gain_low']:+.1f}, {g['gain_high']:+.1f}] | "
             f"{100 * g['gap_closed']:.1f} % [{100 * g['gap_closed_low']:.1f}, "
             f"{100 * g['gap_closed_high']:.1f}] | "
-            + (f"{cost[g['method'], g['tokens']]:.0f}x" if cost.get((g['method'], g['tokens'])) else "–")
+            + (_times(cost[g['method'], g['tokens']]) if cost.get((g['method'], g['tokens'])) else "–")
             + " |" for g in gap]
 
 
