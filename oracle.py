@@ -13,6 +13,8 @@ Read beside PAPER.md:
                                 subpixel precision itself worth?
     knn_predict      PAPER §5   DINO-style weighted kNN on the class-token feature
     evaluate         PAPER §6   the table: every prior x budget, then the SPoT-ON rows
+    gap_rows         §6 open    label-free placement (entropy search, placement.py's head) against
+                                the best prior: points gained, share of the oracle gap closed
 
 Run it on a checkpoint written by train.py:
 
@@ -51,7 +53,7 @@ import spot
 
 __all__ = ["OBJECTIVES", "DEFAULT_STEPS", "DEFAULT_LR", "OracleResult", "oracle_search",
            "per_image_objective", "snap_to_grid", "knn_predict", "knn_accuracy",
-           "bootstrap_interval", "evaluate", "main"]
+           "bootstrap_interval", "evaluate", "gap_rows", "main"]
 
 # -----------------------------------------------------------------------------
 # PAPER §4: the search
@@ -432,18 +434,18 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
         started = time.perf_counter()
         correct(model, start)
         read_seconds = time.perf_counter() - started
-        timed = {}
+        found, seconds = {}, {}
         for method, labels, objective in (("spot-on", test_y, "label"), ("spot-on-entropy", None, "entropy")):
             started = time.perf_counter()
-            timed[method] = search(model, labels, start, objective, f"{objective} {tokens}T")
-            timed[method] = timed[method], time.perf_counter() - started
-        (oracle_positions, _), (entropy_positions, _) = timed["spot-on"], timed["spot-on-entropy"]
+            found[method] = search(model, labels, start, objective, f"{objective} {tokens}T")
+            seconds[method] = time.perf_counter() - started
+        oracle_positions, entropy_positions = found["spot-on"], found["spot-on-entropy"]
         snapped_positions = snap_to_grid(oracle_positions, config.image_size, config.window)
         for method, positions in zip(methods, (oracle_positions, entropy_positions, snapped_positions)):
             hits = correct(model, positions)
-            cost = {} if method not in timed else {
-                "ms_per_image": 1000 * timed[method][1] / len(test_x),
-                "cost_vs_prior": timed[method][1] / read_seconds}
+            cost = {} if method not in seconds else {
+                "ms_per_image": 1000 * seconds[method] / len(test_x),
+                "cost_vs_prior": seconds[method] / read_seconds}
             rows.append(table_row(method, oracle_from, tokens, hits, seed=seed, **cost))
             if per_image is not None:
                 per_image[method, oracle_from, tokens] = hits.cpu()
