@@ -794,9 +794,10 @@ def main(argv=None):
         placer = None
         if args.placer:
             placer = placement.load_placer(args.placer, args.device)[0]
-            if (placer.config.image_size, placer.config.window, placer.config.dim) != \
-                    (model.config.image_size, model.config.window, model.config.dim):
-                parser.error("--placer: it was trained for another model (image size, window or width differ)")
+            try:
+                placement.check_fits(placer, model)
+            except ValueError as error:
+                parser.error(f"--placer: {error}")
         dataset = cli.load_data_for(args.checkpoint, saved, args.dataset, args.data_dir,
                                 args.image_size, args.cache_dir, args.progress)
     except ValueError as error:

@@ -154,6 +154,14 @@ def load_placer(path, map_location="cpu"):
     return placer.to(map_location).eval(), saved
 
 
+def check_fits(placer, model):
+    """Raise ValueError unless the placer was made for this model: the same image size, window
+    and token width (its queries live in the model's position-embedding space)."""
+    if (placer.config.image_size, placer.config.window, placer.config.dim) != \
+            (model.config.image_size, model.config.window, model.config.dim):
+        raise ValueError("it was trained for another model (image size, window or width differ)")
+
+
 # -----------------------------------------------------------------------------
 # Training the head on the training split (the backbone stays frozen)
 

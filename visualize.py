@@ -793,10 +793,10 @@ def _cmd_label_free(args):
         import placement
 
         placer = placement.load_placer(args.placer)[0]
-        if (placer.config.image_size, placer.config.window, placer.config.dim) != \
-                (model.config.image_size, model.config.window, model.config.dim):
-            raise ValueError(f"--placer {args.placer} was trained for another model (image size, "
-                             f"window or width differ from --checkpoint's)")
+        try:
+            placement.check_fits(placer, model)
+        except ValueError as error:
+            raise ValueError(f"--placer {args.placer}: {error}") from None
         with torch.no_grad():
             columns.append(("SPoT-learned (label-free)", placement.place(model, placer, images, args.tokens)))
     for name, objective, y in (("entropy search (label-free)", "entropy", None),
