@@ -25,7 +25,7 @@ In reading order (train.py, oracle.py and visualize.py import these):
     augment(images, generator)      random crop (zero padding) + horizontal flip, batched
 
 The file machinery -- downloading, safe unpickling, decoding JPEGs, the decode cache -- lives in
-data_io.py. Nothing there is about SPoT; you can skip it.
+utils.py. Nothing there is about SPoT; you can skip it.
 
 Why in memory, as uint8? These datasets are small (CIFAR-10 is 180 MB as uint8), and a ViT on
 2 CPU cores is limited by compute, not I/O: decoding every image once and slicing batches out of
@@ -46,15 +46,17 @@ Try it:   python data.py                                   (generates `shapes`, 
           python data.py folder --data-dir DIR --image-size 64 --preview preview.png
 """
 
+import argparse
 import math
 import numbers
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-import data_io
 import spot
+import utils
 
 __all__ = ["DATASETS", "DataError", "Split", "Dataset", "load_dataset", "split_validation",
            "augment", "make_shapes", "SHAPE_CLASSES"]
@@ -63,7 +65,7 @@ DATASETS = ("shapes", "cifar10", "folder")
 
 # Bad or missing data. The message is a complete paragraph meant for a user: command-line
 # scripts print it and exit, without a traceback. (Defined in data_io, which raises it.)
-DataError = data_io.DataError
+DataError = utils.DataError
 
 
 @dataclass
@@ -329,16 +331,16 @@ def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, ca
         classes = list(SHAPE_CLASSES)
     else:
         if name == "cifar10":
-            train, test, classes = data_io.load_cifar10(data_dir, image_size or (32, 32),
+            train, test, classes = utils.load_cifar10(data_dir, image_size or (32, 32),
                                                         download, cache_dir, progress)
         else:
-            train, test, classes = data_io.load_folder(data_dir, image_size, cache_dir, progress)
+            train, test, classes = utils.load_folder(data_dir, image_size, cache_dir, progress)
         train, test = Split(*train), Split(*test)
 
     val = None
     if holdout:
         train, val = split_validation(train, val_size, seed=val_seed)
-    mean, std = data_io.channel_stats(train.images)
+    mean, std = utils.channel_stats(train.images)
     return Dataset(name=name, train=train, test=test, classes=list(classes), mean=mean, std=std,
                    image_size=tuple(train.images.shape[-2:]), val=val)
 
@@ -450,5 +452,82 @@ def augment(images, generator=None, padding=4, flip=True):
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]   # (B, C, H, W)
 
 
-if __name__ == "__main__":      # python data.py: a summary of a dataset (data_io.summary_main)
-    data_io.summary_main()
+# -----------------------------------------------------------------------------
+# A trained model and the data it was trained on (oracle.py, visualize.py)
+
+def load_data_for(checkpoint, saved, dataset=None, data_dir=None, image_size=None, cache_dir=None,
+                  progress=False):
+    """The dataset a checkpoint was trained on (train.py stores its args), or the overrides.
+    Refuses data whose classes or image size differ from the model's: a table computed on other
+    classes would be silently meaningless. Raises ValueError or DataError."""
+    config, train_args = saved["model_config"], dict(saved.get("args") or {})
+    name = dataset or train_args.get("dataset")
+    if name is None:
+        raise ValueError(f"{checkpoint} stores no dataset name; pass --dataset")
+    folder = data_dir if data_dir is not None else train_args.get("data_dir")
+    loaded = load_dataset(
+        name, folder, image_size=image_size or spot.to_hw(config["image_size"]),
+        seed=train_args.get("seed", 0), cache_dir=cache_dir if cache_dir is not None else
+        train_args.get("cache_dir"), val_size=train_args.get("val_size") or 0, progress=progress)
+    if tuple(loaded.image_size) != spot.to_hw(config["image_size"]):
+        raise ValueError(f"the {name} images are {loaded.image_size} but the model in {checkpoint} "
+                         f"reads {spot.to_hw(config['image_size'])} images; pass --image-size")
+    classes = saved.get("classes")
+    if len(loaded.classes) != config["num_classes"] or (classes is not None and list(classes) != list(loaded.classes)):
+        raise ValueError(f"{checkpoint} was trained on the classes {classes or config['num_classes']} "
+                         f"but the {name} data in {folder} hold {loaded.classes}; evaluate it on the "
+                         f"dataset it was trained on (--dataset, --data-dir)")
+    return loaded
+
+
+def load_model_and_data(checkpoint, device="cpu", dataset=None, data_dir=None, image_size=None,
+                        cache_dir=None, progress=False):
+    """A checkpoint (read once, safely), then its data -> (model, dataset, train_args)."""
+    model, saved = spot.load_checkpoint(checkpoint, map_location=device, return_checkpoint=True)
+    loaded = load_data_for(checkpoint, saved, dataset, data_dir, image_size, cache_dir, progress)
+    return model, loaded, dict(saved.get("args") or {})
+
+
+def main():
+    """python py [name] ...: load a dataset, print a summary, optionally save a preview grid."""
+    p = argparse.ArgumentParser(description="Load a dataset and print a summary.")
+    p.add_argument("name", nargs="?", default="shapes", choices=DATASETS)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-size", type=utils.count_or_fraction, default=0,
+                   help="hold out this many train images (or this fraction, e.g. 0.1)")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--preview", default=None, help="save a grid of 8 x 8 train images here (PNG)")
+    args = p.parse_args()
+    t = time.time()
+    try:
+        d = load_dataset(args.name, args.data_dir, args.image_size, seed=args.seed,
+                         download=not args.no_download, val_size=args.val_size)
+    except (ValueError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{d.name}: loaded in {time.time() - t:.1f} s")
+    print(f"  train {tuple(d.train.images.shape)} {d.train.images.dtype}, "
+          f"test {tuple(d.test.images.shape)}, image_size {d.image_size}")
+    if d.val is not None:
+        print(f"  val {tuple(d.val.images.shape)} (held out of train), per class: "
+              f"{torch.bincount(d.val.labels, minlength=len(d.classes)).tolist()}")
+    print(f"  {len(d.classes)} classes: {', '.join(d.classes)}")
+    print(f"  train images per class: {torch.bincount(d.train.labels).tolist()}")
+    print(f"  mean {d.mean}  std {d.std}")
+    if args.preview:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(8, 8, figsize=(10, 10.5))
+        for ax, img, lab in zip(axes.flat, d.train.images[:64], d.train.labels[:64]):
+            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(d.classes[int(lab)], fontsize=7)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(args.preview, dpi=100)
+        print(f"  preview -> {args.preview}")
+
+
+if __name__ == "__main__":
+    main()

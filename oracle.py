@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import utils
 import data
-import placement
+from experiments import placement
 import spot
 
 __all__ = ["OBJECTIVES", "DEFAULT_STEPS", "DEFAULT_LR", "OracleResult", "oracle_search",
@@ -580,7 +580,7 @@ METHOD_LABELS = {"prior": "SPoT", "spot-learned": "SPoT-learned (glance + place,
                  "spot-on-snapped": "SPoT-ON snapped to grid", "spot-on-transfer": "SPoT-ON transfer"}
 
 
-def _table_lines(rows, budgets, model=None):
+def table_lines(rows, budgets, model=None):
     """Markdown rows of the §6 table: the grid row first, then the other priors in their
     command-line order, then the SPoT-ON rows; with model=, a first column naming the run."""
     table = {}
@@ -598,7 +598,7 @@ def _table_lines(rows, budgets, model=None):
     return lines
 
 
-def _saliency_lines(saliency, budgets, model=None):
+def saliency_lines(saliency, budgets, model=None):
     """Finding 3's table rows: mean saliency read per position set and budget, ± half the interval."""
     cell = {(r["positions"], r["tokens"]): r for r in saliency}
     return ["| " + " | ".join(([model] if model else []) + [name] + [
@@ -613,7 +613,7 @@ def run_name(checkpoint):
     return path.parent.name if path.name == "checkpoint.pt" else path.stem
 
 
-def _reverse_lines(reverse):
+def reverse_lines(reverse):
     return [f"| {run_name(r['model'])} | {r['tokens']} | {r['top1_prior']:.1f} | "
             f"{r['top1_own_oracle']:.1f} | {r['top1_transfer']:.1f} |" for r in reverse]
 
@@ -635,17 +635,17 @@ def results_markdown(rows, budgets, settings, reverse=(), saliency=(), gap=()):
              f"{settings['n_searched']} images." if settings.get("n_searched") else ""), "",
              "| Method | Prior | " + " | ".join(f"{b} T" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
-    lines += _table_lines(rows, budgets)
+    lines += table_lines(rows, budgets)
     if reverse:
         lines += ["", "Transfer, the other way: positions found with this model, evaluated on the "
-                  "transfer model (top-1 %).", ""] + REVERSE_HEADER + _reverse_lines(reverse)
+                  "transfer model (top-1 %).", ""] + REVERSE_HEADER + reverse_lines(reverse)
     if saliency:
         lines += ["", f"Finding 3: the saliency the tokens read, relative to the image mean (1 = "
                   f"average pixels), on the first {saliency[0]['n_images']} images, ± half the 95 % "
                   f"interval.", "", "| Positions | " + " | ".join(f"{b} T" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)] + _saliency_lines(saliency, budgets)
+                  "|---|" + "---|" * len(budgets)] + saliency_lines(saliency, budgets)
     if gap:
-        lines += ["", f"{GAP_TEXT} Searched images: {gap[0]['n_images']}.", ""] + GAP_HEADER + _gap_lines(gap, rows)
+        lines += ["", f"{GAP_TEXT} Searched images: {gap[0]['n_images']}.", ""] + GAP_HEADER + gap_lines(gap, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -661,7 +661,7 @@ def _times(multiple):
     return f"{multiple:.1f}x" if multiple < 10 else f"{multiple:.0f}x"
 
 
-def _gap_lines(gap, rows, model=None):
+def gap_lines(gap, rows, model=None):
     """One line per (label-free method, budget) of gap_rows; with model=, a first column."""
     cost = {(r["method"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
     return [f"| {model + ' | ' if model else ''}{METHOD_LABELS[g['method']]} | {g['tokens']} | {g['best_prior']} | "
@@ -689,11 +689,11 @@ def combined_markdown(results_list):
     lines += ["", "| Model | Method | Prior | " + " | ".join(f"{b} T" for b in budgets) + " |",
               "|---|---|---|" + "---|" * len(budgets)]
     for results in results_list:
-        lines += _table_lines(results["rows"], budgets, results["settings"]["run"])
+        lines += table_lines(results["rows"], budgets, results["settings"]["run"])
     reverse = [r for results in results_list for r in results.get("transfer_reverse", [])]
     if reverse:
         lines += ["", "Transfer, the other way: oracle positions found with the first model, "
-                  "evaluated on the second (top-1 %).", ""] + REVERSE_HEADER + _reverse_lines(reverse)
+                  "evaluated on the second (top-1 %).", ""] + REVERSE_HEADER + reverse_lines(reverse)
     with_saliency = [results for results in results_list if results.get("saliency")]
     if with_saliency:
         n_images = sorted({r["n_images"] for results in with_saliency for r in results["saliency"]})
@@ -703,12 +703,12 @@ def combined_markdown(results_list):
                   "| Model | Positions | " + " | ".join(f"{b} T" for b in budgets) + " |",
                   "|---|---|" + "---|" * len(budgets)]
         for results in with_saliency:
-            lines += _saliency_lines(results["saliency"], budgets, results["settings"]["run"])
+            lines += saliency_lines(results["saliency"], budgets, results["settings"]["run"])
     with_gap = [results for results in results_list if results.get("gap_closed")]
     if with_gap:
         lines += ["", GAP_TEXT, "", "| Model " + GAP_HEADER[0], "|---" + GAP_HEADER[1]]
         for results in with_gap:
-            lines += _gap_lines(results["gap_closed"], results["rows"], results["settings"]["run"])
+            lines += gap_lines(results["gap_closed"], results["rows"], results["settings"]["run"])
     return "\n".join(lines) + "\n"
 
 
@@ -726,40 +726,43 @@ def parse_args(argv=None):
     add("--dataset", default=None, choices=data.DATASETS,
         help="dataset (default: the one stored in the checkpoint)")
     add("--data-dir", default=None, help="dataset folder (default: the checkpoint's)")
-    add("--image-size", type=cli.int_at_least(1), default=None, help="image side (default: the checkpoint's)")
+    add("--image-size", type=utils.int_at_least(1), default=None, help="image side (default: the checkpoint's)")
     add("--cache-dir", default=None, help="decoded-image cache (default: the checkpoint's or data.py's)")
     add("--split", default="test", choices=("test", "val"),
         help="images to evaluate: the test split, or the validation split held out of train by "
              "train.py's --val-size (choose settings on val; read test once, for the final table)")
     add("--tokens", default="4,8,16,32,64", help="token budgets, comma-separated")
-    add("--priors", type=cli.prior_list, default="grid,uniform,gaussian,sobol,isotropic,center,salient",
+    add("--priors", type=utils.name_list(spot.PRIORS), default="grid,uniform,gaussian,sobol,isotropic,center,salient",
         help=f"priors to evaluate, from {spot.PRIORS}")
-    add("--draws", type=cli.int_at_least(1), default=1, help="position draws per random prior (for the interval)")
+    add("--draws", type=utils.int_at_least(1), default=1, help="position draws per random prior (for the interval)")
     add("--oracle-from", default="isotropic", choices=spot.PRIORS, help="prior the SPoT-ON search starts from")
-    add("--oracle-steps", type=cli.int_at_least(0), default=DEFAULT_STEPS, help="Adam steps of the search")
-    add("--oracle-lr", type=cli.float_in(0, low_open=True), default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
-    add("--limit", type=cli.int_at_least(1), default=None, help="evaluate the first N images of --split (default: all)")
-    add("--search-limit", type=cli.int_at_least(0), default=None,
+    add("--oracle-steps", type=utils.int_at_least(0), default=DEFAULT_STEPS, help="Adam steps of the search")
+    add("--oracle-lr", type=utils.float_in(0, low_open=True), default=DEFAULT_LR, help="Adam lr (normalized coordinates)")
+    add("--limit", type=utils.int_at_least(1), default=None, help="evaluate the first N images of --split (default: all)")
+    add("--search-limit", type=utils.int_at_least(0), default=None,
         help="run the SPoT-ON searches on the first N of those (default: all; 0 = no SPoT-ON rows, "
              "e.g. for a grid-trained baseline)")
-    add("--saliency-limit", type=cli.int_at_least(0), default=500,
+    add("--saliency-limit", type=utils.int_at_least(0), default=500,
         help="finding 3: saliency read by the tokens on the first N searched images (0 = off)")
-    add("--knn-limit", type=cli.int_at_least(0), default=5000, help="kNN bank = first M train images (0 = no kNN)")
-    add("--knn-k", type=cli.int_at_least(1), default=20, help="neighbours of the kNN vote")
-    add("--knn-temperature", type=cli.float_in(0, low_open=True), default=0.07, help="kNN vote weight exp(sim / T)")
+    add("--knn-limit", type=utils.int_at_least(0), default=5000, help="kNN bank = first M train images (0 = no kNN)")
+    add("--knn-k", type=utils.int_at_least(1), default=20, help="neighbours of the kNN vote")
+    add("--knn-temperature", type=utils.float_in(0, low_open=True), default=0.07, help="kNN vote weight exp(sim / T)")
     add("--transfer-checkpoint", default=None,
         help="a second model: its oracle positions are evaluated on --checkpoint (and vice versa)")
     add("--placer", default=None, help="a placement head from placement.py: adds the label-free "
         "'SPoT-learned' rows (glance, then place) with their cost")
-    add("--batch-size", type=cli.int_at_least(1), default=128)
+    add("--batch-size", type=utils.int_at_least(1), default=128)
     add("--seed", type=int, default=0, help="seed of the position draws and the bootstrap")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=cli.int_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
+    add("--threads", type=utils.int_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
     add("--out", required=True, help="output folder")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = parser.parse_args(argv)
 
-    args.tokens = cli.parse_int_list(args.tokens, "--tokens", parser)
+    try:
+        args.tokens = utils.parse_tokens(args.tokens, 4096, "--tokens")
+    except ValueError as error:
+        parser.error(str(error))
     for name in ("checkpoint", "transfer_checkpoint", "placer"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
@@ -768,8 +771,8 @@ def parse_args(argv=None):
                          + ("a placer.pt written by placement.py)" if name == "placer" else
                             "a checkpoint.pt written by train.py)")))
     try:
-        args.device = cli.resolve_device(args.device)
-        cli.check_out_dir(args.out, "--out")
+        args.device = utils.resolve_device(args.device)
+        utils.check_out_dir(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))
     return parser, args
@@ -798,7 +801,7 @@ def main(argv=None):
                 placement.check_fits(placer, model)
             except ValueError as error:
                 parser.error(f"--placer: {error}")
-        dataset = cli.load_data_for(args.checkpoint, saved, args.dataset, args.data_dir,
+        dataset = data.load_data_for(args.checkpoint, saved, args.dataset, args.data_dir,
                                 args.image_size, args.cache_dir, args.progress)
     except ValueError as error:
         parser.error(str(error))
@@ -832,8 +835,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = results_markdown(rows, args.tokens, settings, reverse, saliency, gap)
-    cli.write_atomic(out / "results.json", json.dumps(results, indent=2))
-    cli.write_atomic(out / "results.md", text)
+    utils.write_atomic(out / "results.json", json.dumps(results, indent=2))
+    utils.write_atomic(out / "results.md", text)
     print(text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

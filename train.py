@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import utils
 import data
 import spot
 
@@ -88,7 +88,7 @@ def train_step(model, optimizer, scheduler, images, labels, prior, n_tokens, arg
     config = getattr(model, "module", model).config          # through a DDP wrapper
     positions = spot.sample_positions(prior, len(images), n_tokens, config.image_size, config.window,
                                       generator=generators.positions, images=images)   # (B, N, 2)
-    with cli.autocast(images.device, bf16):
+    with utils.autocast(images.device, bf16):
         logits = model(images, positions)                                            # (B, classes)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -163,7 +163,7 @@ def evaluate(model, split, name, device, batch_size, budgets, prior, bf16, rank=
             prior, len(batch), n, config.image_size, config.window, generator=generator,
             images=images) for n in budgets]
         for i, positions in enumerate(reads):
-            with cli.autocast(device, bf16):
+            with utils.autocast(device, bf16):
                 logits = model(images, positions)
             if i == 0:
                 totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -254,21 +254,21 @@ def start_or_resume(args, model, optimizer, scheduler, generators, device, rank,
         log(f"resumed {Path(args.out) / 'checkpoint.pt'} at step {args.checkpoint['step']}")
         return {k: args.checkpoint[k] for k in state}
     n_probe = args.token_choices[len(args.token_choices) // 2]      # the median budget
-    bf16 = cli.precision_for(model, args.precision, args.batch_size // world, n_probe, device, log)
+    bf16 = utils.precision_for(model, args.precision, args.batch_size // world, n_probe, device, log)
     if world > 1:   # every process must train in the same precision: rank 0 decides
         flag = torch.tensor([float(bf16)], device=device)
         dist.broadcast(flag, 0)
         bf16 = bool(flag.item())
     args.precision_used = "bf16" if bf16 else "fp32"
     if rank == 0:   # what made this run, beside its metrics (small enough to commit with them)
-        cli.write_atomic(Path(args.out) / "run.json", json.dumps(
-            {"command": " ".join(sys.argv), "cpu": cli.cpu_name(), "torch": torch.__version__,
+        utils.write_atomic(Path(args.out) / "run.json", json.dumps(
+            {"command": " ".join(sys.argv), "cpu": utils.cpu_name(), "torch": torch.__version__,
              "args": saved_args(args)}, indent=1, default=str))
     return state
 
 
 def run(args):
-    rank, world, device = setup_distributed(cli.resolve_device(args.device))
+    rank, world, device = setup_distributed(utils.resolve_device(args.device))
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     if args.threads:
@@ -295,7 +295,7 @@ def run(args):
                                                args.budgets, args.eval_prior, bf16, rank, world, args.seed)
     save = lambda: save_run(args, model, optimizer, scheduler, state, generators, dataset.classes, world, is_main)
 
-    stop = cli.install_ctrl_c(log)
+    stop = utils.install_ctrl_c(log)
     start_time = time.time()
     while state["epoch"] < args.epochs:
         metrics = train_epoch(train_model, optimizer, scheduler, dataset.train, state, args,
@@ -409,12 +409,12 @@ def build_parser():
     add("--preset", default=None, choices=tuple(PRESETS), help="defaults for every (preset) flag "
         "(default: the dataset's name)")
     add("--data-dir", default=None, help="dataset folder (cifar10 and folder datasets)")
-    add("--image-size", type=cli.int_at_least(1), default=None, help="image side in pixels (preset)")
+    add("--image-size", type=utils.int_at_least(1), default=None, help="image side in pixels (preset)")
     add("--cache-dir", default=None, help="where decoded images are cached (default ~/.cache/spot)")
-    add("--val-size", type=cli.count_or_fraction, default=None, help="training images held out for validation: "
+    add("--val-size", type=utils.count_or_fraction, default=None, help="training images held out for validation: "
         "a count, or a fraction < 1, per class in proportion; 0 = none (preset)")
-    add("--train-limit", type=cli.int_at_least(1), default=None, help="use only N training images (a fixed random subset)")
-    add("--test-limit", type=cli.int_at_least(1), default=None, help="evaluate on only the first N val/test images")
+    add("--train-limit", type=utils.int_at_least(1), default=None, help="use only N training images (a fixed random subset)")
+    add("--test-limit", type=utils.int_at_least(1), default=None, help="evaluate on only the first N val/test images")
     for name, kind in (("window", int), ("dim", int), ("depth", int), ("heads", int), ("mlp-ratio", float)):
         add(f"--{name}", type=kind, default=None, help="model (preset)")   # SPoTConfig checks them
     add("--tokens", default=None, help="tokens per training batch: N, a range A-B drawn per batch, "
@@ -429,24 +429,24 @@ def build_parser():
         "settings on validation, so they never see test")
     add("--init-from", default=None, help="start from this checkpoint's model weights (PAPER §5 "
         "retrofitting: a grid-trained ViT fine-tuned into SPoT); the optimizer starts fresh")
-    add("--epochs", type=cli.int_at_least(1), default=None, help="training epochs (preset)")
-    add("--batch-size", type=cli.int_at_least(1), default=None, help="global batch size, split over processes (preset)")
-    add("--lr", type=cli.float_in(0, low_open=True), default=None, help="peak AdamW learning rate (preset)")
-    add("--min-lr-ratio", type=cli.float_in(0, 1), default=0.01, help="final lr / --lr (default 0.01)")
-    add("--warmup-epochs", type=cli.float_in(0), default=None, help="linear warm-up length (preset)")
-    add("--weight-decay", type=cli.float_in(0), default=0.05, help="AdamW weight decay on weights (default 0.05)")
-    add("--label-smoothing", type=cli.float_in(0, 1, high_open=True), default=0.1, help="(default 0.1)")
-    add("--grad-clip", type=cli.float_in(0), default=1.0, help="max gradient norm, 0 = off (default 1.0)")
-    add("--augment-padding", type=cli.int_at_least(0), default=None, help="random-crop padding in pixels (preset)")
+    add("--epochs", type=utils.int_at_least(1), default=None, help="training epochs (preset)")
+    add("--batch-size", type=utils.int_at_least(1), default=None, help="global batch size, split over processes (preset)")
+    add("--lr", type=utils.float_in(0, low_open=True), default=None, help="peak AdamW learning rate (preset)")
+    add("--min-lr-ratio", type=utils.float_in(0, 1), default=0.01, help="final lr / --lr (default 0.01)")
+    add("--warmup-epochs", type=utils.float_in(0), default=None, help="linear warm-up length (preset)")
+    add("--weight-decay", type=utils.float_in(0), default=0.05, help="AdamW weight decay on weights (default 0.05)")
+    add("--label-smoothing", type=utils.float_in(0, 1, high_open=True), default=0.1, help="(default 0.1)")
+    add("--grad-clip", type=utils.float_in(0), default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    add("--augment-padding", type=utils.int_at_least(0), default=None, help="random-crop padding in pixels (preset)")
     add("--no-flip", action="store_true", help="disable random horizontal flips")
-    add("--max-steps", type=cli.int_at_least(1), default=None, help="stop after this many optimizer steps in total; "
+    add("--max-steps", type=utils.int_at_least(1), default=None, help="stop after this many optimizer steps in total; "
         "the schedule still follows --epochs, so a capped run can be --resume'd to the end")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="(default: auto = CUDA if available)")
     add("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="bf16 autocast or "
         "fp32; auto = bf16 on CUDA GPUs that support it, and on the CPU whichever a short probe of "
         "this model measures faster (default: auto)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--threads", type=cli.int_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
+    add("--threads", type=utils.int_at_least(1), default=None, help="CPU threads for torch (default: all cores)")
     add("--seed", type=int, default=0, help="seed for data order, augmentation, positions, init")
     add("--out", default=None, help="run folder (default: runs/<dataset>)")
     add("--resume", action="store_true", help="continue the run in --out with its own flags")
@@ -476,7 +476,7 @@ def parse_args(argv=None):
     args.data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
     try:
         check_args(args)
-        cli.check_out_dir(args.out, "--out")
+        utils.check_out_dir(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))
     args.checkpoint = None
@@ -493,8 +493,8 @@ def check_args(args):
     model = dataclasses.replace(PRESETS["shapes"]["model"], **{
         k: getattr(args, k) for k in MODEL_FLAGS})                    # raises for a bad model
     n_grid = len(spot.grid_positions(model.image_size, model.window))
-    args.token_choices = cli.parse_tokens(args.tokens, n_grid, "--tokens")
-    args.budgets = cli.parse_tokens(args.eval_tokens, n_grid, "--eval-tokens")
+    args.token_choices = utils.parse_tokens(args.tokens, n_grid, "--tokens")
+    args.budgets = utils.parse_tokens(args.eval_tokens, n_grid, "--eval-tokens")
     priors = [p.strip() for p in args.train_priors.split(",") if p.strip()]
     if not priors or any(p not in spot.PRIORS for p in priors):
         raise ValueError(f"--train-priors: unknown prior(s) in {args.train_priors!r}; choose from {spot.PRIORS}")
@@ -504,7 +504,7 @@ def check_args(args):
                          f"cells ({args.image_size}/{args.window} squared); lower --tokens or drop 'grid'")
     if args.eval_prior == "grid" and max(args.budgets) > n_grid:
         raise ValueError(f"--eval-tokens up to {max(args.budgets)} exceeds the {n_grid} grid cells")
-    cli.resolve_device(args.device)
+    utils.resolve_device(args.device)
     try:
         args.init_model = spot.load_checkpoint(args.init_from) if args.init_from else None
     except ValueError as error:
@@ -542,7 +542,7 @@ def save_run(args, model, optimizer, scheduler, state, generators, classes, worl
         rng = [None] * world
         dist.all_gather_object(rng, generators.state())
     if is_main:
-        cli.save_checkpoint(Path(args.out) / "checkpoint.pt", {
+        utils.write_atomic(Path(args.out) / "checkpoint.pt", {
             "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state,
             "rng": rng, "torch_rng": torch.get_rng_state(), "classes": classes,

@@ -63,7 +63,7 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-import cli  # noqa: E402
+import utils  # noqa: E402
 import spot  # noqa: E402
 
 __all__ = ["plot_placements", "plot_trajectories", "plot_priors", "plot_budget_curves",
@@ -676,14 +676,14 @@ IMAGE_FORMATS = ("png", *sorted(set(FigureCanvasBase.get_supported_filetypes()) 
 
 def _output_path(parser, flag, path, formats):
     """--out / --gif, checked at parse time -> the Path that will be written: no extension means
-    formats[0], and its folder is created and proven writable (cli.check_out_dir)."""
+    formats[0], and its folder is created and proven writable (utils.check_out_dir)."""
     if Path(path).is_dir():
         parser.error(f"{flag}: {path} is a folder; name a file inside it")
     path = _with_default_suffix(path, "." + formats[0])
     if path.suffix.lower()[1:] not in formats:
         parser.error(f"{flag}: {path} must end in one of .{', .'.join(formats)}")
     try:
-        cli.check_out_dir(path.parent, flag)
+        utils.check_out_dir(path.parent, flag)
     except ValueError as error:
         parser.error(f"{error} (to write {path})")
     return path
@@ -698,9 +698,10 @@ WORDNET_NAMES = {"n01440764": "tench", "n02102040": "English springer", "n029791
 
 def _model_and_test_split(checkpoint):
     """Checkpoint -> (model, test split, class names) of the dataset the model was trained on
-    (named by the train args inside the checkpoint). cli.load_model_and_data reads the file
+    (named by the train args inside the checkpoint). data.load_model_and_data reads the file
     once, with weights_only=True, and words every failure as a message naming the file."""
-    model, dataset, _ = cli.load_model_and_data(checkpoint)
+    import data
+    model, dataset, _ = data.load_model_and_data(checkpoint)
     return model, dataset.test, [WORDNET_NAMES.get(name, name) for name in dataset.classes]
 
 
@@ -790,7 +791,7 @@ def _cmd_label_free(args):
     start = _start_positions(model, args.prior, args.tokens, images, args.seed)
     columns = [(f"prior '{args.prior}'", start)]
     if args.placer:
-        import placement
+        from experiments import placement
 
         placer = placement.load_placer(args.placer)[0]
         try:
@@ -838,7 +839,7 @@ def _cmd_table(args):
     import oracle                       # (its imports are heavier than this file's other commands)
 
     text = oracle.combined_markdown([_load_results(results) for results in args.results])
-    cli.write_atomic(args.out, text)
+    utils.write_atomic(args.out, text)
 
 
 def _cmd_saliency(args):
@@ -857,7 +858,7 @@ def build_parser():
         epilog="Every command writes a figure (--out; no extension means .png) and never opens "
                "a window. Run 'python visualize.py COMMAND --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    count, index = cli.int_at_least(1), cli.int_at_least(0)
+    count, index = utils.int_at_least(1), utils.int_at_least(0)
 
     def add(name, help_text, func, out):
         sub = commands.add_parser(name, help=help_text, description=help_text,
@@ -872,7 +873,7 @@ def build_parser():
             sub.add_argument("--objective", choices=("label", "entropy"), default="label",
                              help="oracle objective: the true label, or label-free prediction entropy")
         sub.add_argument(steps_flag, type=index, default=steps_default, help=steps_help)
-        sub.add_argument("--lr", type=cli.float_in(0, low_open=True), default=None,
+        sub.add_argument("--lr", type=utils.float_in(0, low_open=True), default=None,
                          help="oracle learning rate in [0, 1] units (default: oracle.py's)")
 
     def add_model_options(sub):
@@ -889,7 +890,7 @@ def build_parser():
                    help="canvas size in pixels (default 32, or the dataset's size)")
     p.add_argument("--window", type=count, default=4, help="token window k in pixels")
     p.add_argument("--tokens", type=count, default=16, help="tokens per prior")
-    p.add_argument("--priors", type=cli.prior_list, default=list(spot.PRIORS),
+    p.add_argument("--priors", type=utils.name_list(spot.PRIORS), default=list(spot.PRIORS),
                    help="comma-separated prior names")
     p.add_argument("--dataset", default=None, help="draw on a test image of this dataset "
                    "(shapes, cifar10, folder); enables the 'salient' prior")
@@ -909,7 +910,7 @@ def build_parser():
     add_search_options(p)
     p.add_argument("--n-images", type=count, default=4, help="how many test images")
     p.add_argument("--gif", default=None, help="also animate the first image into this .gif")
-    p.add_argument("--fps", type=cli.float_in(0, low_open=True), default=4, help="GIF frames per second")
+    p.add_argument("--fps", type=utils.float_in(0, low_open=True), default=4, help="GIF frames per second")
 
     p = add("label-free", "label-free placements (prior, learned head, entropy search) vs the "
             "label oracle's on test images (issue 13)", _cmd_label_free, "label_free.png")

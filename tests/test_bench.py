@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
-import cli
+from experiments import bench
+import utils
 import data
 import oracle
 import spot
@@ -49,14 +49,14 @@ def test_quick_bench_writes_every_requested_section(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fp32_ms, bf16_ms, expect", [(40, 60, False), (60, 40, True)])
 def test_precision_auto_is_train_pys_rule(monkeypatch, fp32_ms, bf16_ms, expect):
-    """--precision auto = cli.choose_precision timing the --model preset's step in both
-    precisions (cli.probe_step_seconds, stood in for here); fp32/bf16 force it, unmeasured."""
+    """--precision auto = utils.choose_precision timing the --model preset's step in both
+    precisions (utils.probe_step_seconds, stood in for here); fp32/bf16 force it, unmeasured."""
     probes = []
 
     def probe(model, batch_size, n_tokens, device, bf16, steps=3):
         probes.append((model.config, batch_size, bf16))
         return (bf16_ms if bf16 else fp32_ms) / 1e3
-    monkeypatch.setattr(cli, "probe_step_seconds", probe)
+    monkeypatch.setattr(utils, "probe_step_seconds", probe)
     bf16, said = bench.choose_bf16(bench.parse_args(["--quick", "--model", "shapes"]))
     assert bf16 is expect and said.startswith(f"precision: {'bf16' if expect else 'fp32'} (probe")
     shapes = train.PRESETS["shapes"]["model"]
@@ -147,7 +147,7 @@ def test_cli_oracle_sweep_and_time(tmp_path, checkpoint):
     assert (on_val["split"], on_val["n_images"]) == ("val", 5)
     assert "*val* images" in (tmp_path / "v" / "sweep.md").read_text()
     timing = json.loads((out / "timing.json").read_text())
-    assert set(timing["timing"]) == {"2"} and timing["settings"]["cpu"] == cli.cpu_name()
+    assert set(timing["timing"]) == {"2"} and timing["settings"]["cpu"] == utils.cpu_name()
     markdown = json.loads((tmp_path / "bench.json").read_text())["markdown"]
     assert "## SPoT-ON (steps, lr) sweep" in markdown and "## Oracle cost on" in markdown
 

@@ -1,4 +1,4 @@
-"""Tests of data.py and data_io.py: CIFAR-10 (pickles, folders, download checks, files that
+"""Tests of data.py and utils.py: CIFAR-10 (pickles, folders, download checks, files that
 must not be trusted), folder datasets, image modes, the cache, the validation split, the
 built-in shapes dataset and batched augmentation. Real data under ../shared/data is used when
 present (and skipped otherwise); everything else is built in tmp_path."""
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-import data_io
+import utils
 from data import DataError, load_dataset
 
 
@@ -177,7 +177,7 @@ def test_cifar_class_folders_exact_for_png_and_cached(tmp_path, monkeypatch):
     # Second load: served from the cache, no decoding at all.
     def no_decode(*a, **k):
         raise AssertionError("decoded although cached")
-    monkeypatch.setattr(data_io, "_decode_image", no_decode)
+    monkeypatch.setattr(utils, "_decode_image", no_decode)
     d2 = load_dataset("cifar10", tmp_path / "c10", download=False, cache_dir=cache, progress=False)
     assert torch.equal(d2.train.images, d.train.images)
     assert torch.equal(d2.test.labels, d.test.labels)
@@ -205,19 +205,19 @@ def test_cifar_download_verifies_md5_before_extracting(tmp_path, monkeypatch):
     def fake_download(url, dest):
         calls.append(url)
         shutil.copy(archive, dest)
-    monkeypatch.setattr(data_io, "_urlretrieve", fake_download)
+    monkeypatch.setattr(utils, "_urlretrieve", fake_download)
     root = tmp_path / "cifar"
     with pytest.raises(DataError) as e:                  # the fake is not the official file
         load_dataset("cifar10", root, cache_dir=tmp_path / "cache", progress=False)
     msg = str(e.value)
-    assert "MD5" in msg and data_io.CIFAR10_MD5 in msg and data_io.CIFAR10_URL in msg
-    assert calls == [data_io.CIFAR10_URL]
+    assert "MD5" in msg and utils.CIFAR10_MD5 in msg and utils.CIFAR10_URL in msg
+    assert calls == [utils.CIFAR10_URL]
     assert not (root / "cifar-10-batches-py").exists()   # nothing was extracted
     assert list(root.iterdir()) == []                    # and the bad download was deleted
 
     # With the fake's own checksum the same archive is accepted, extracted and loaded.
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(data_io, "CIFAR10_MD5", md5)
+    monkeypatch.setattr(utils, "CIFAR10_MD5", md5)
     d = load_dataset("cifar10", root, cache_dir=tmp_path / "cache", progress=False)
     assert torch.equal(d.train.images, torch.from_numpy(raw["train"][0]).view(-1, 3, 32, 32))
 
@@ -225,29 +225,29 @@ def test_cifar_download_verifies_md5_before_extracting(tmp_path, monkeypatch):
 def test_verify_md5_directly(tmp_path):
     p = tmp_path / "x.bin"
     p.write_bytes(b"hello")
-    data_io._verify_md5(p, hashlib.md5(b"hello").hexdigest(), tmp_path)   # no error
+    utils._verify_md5(p, hashlib.md5(b"hello").hexdigest(), tmp_path)   # no error
     with pytest.raises(DataError, match="MD5"):
-        data_io._verify_md5(p, "0" * 32, tmp_path)
+        utils._verify_md5(p, "0" * 32, tmp_path)
 
 
 def test_cifar_offline_or_no_download_gives_helpful_data_error(tmp_path, monkeypatch):
     def offline(url, dest):
         dest.write_bytes(b"the first bytes")             # a failure half-way through
         raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(data_io, "_urlretrieve", offline)
+    monkeypatch.setattr(utils, "_urlretrieve", offline)
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path / "c", progress=False)
     msg = str(e.value)
-    assert data_io.CIFAR10_URL in msg and "cifar-10-batches-py" in msg and "train/<class>" in msg
+    assert utils.CIFAR10_URL in msg and "cifar-10-batches-py" in msg and "train/<class>" in msg
     assert "--dataset shapes" in msg and "Name or service not known" in msg
     assert list((tmp_path / "c").iterdir()) == []        # no .part file left behind
 
     def never(url, dest):
         raise AssertionError("download attempted with download=False")
-    monkeypatch.setattr(data_io, "_urlretrieve", never)
+    monkeypatch.setattr(utils, "_urlretrieve", never)
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path / "d", download=False, progress=False)
-    assert data_io.CIFAR10_URL in str(e.value) and "--dataset shapes" in str(e.value)
+    assert utils.CIFAR10_URL in str(e.value) and "--dataset shapes" in str(e.value)
 
 
 def test_real_cifar10_test_split(shared_data, tmp_path):
@@ -255,13 +255,13 @@ def test_real_cifar10_test_split(shared_data, tmp_path):
     if not (root / "test").is_dir():
         pytest.skip("no ../shared/data/cifar10")
     t = time.time()
-    images, labels, classes = data_io.load_split_folder(root / "test", (32, 32), tmp_path, False)
+    images, labels, classes = utils.load_split_folder(root / "test", (32, 32), tmp_path, False)
     assert time.time() - t < 30
     assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [1000] * 10
     assert classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                        "ship", "truck"]
-    mean, std = data_io.channel_stats(images)
+    mean, std = utils.channel_stats(images)
     assert np.allclose(mean, (0.4914, 0.4822, 0.4465), atol=0.01)   # the well-known statistics
 
 
@@ -295,7 +295,7 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path, name, how):
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path / "c", download=False, progress=False)
     msg = str(e.value)
-    assert name in msg and "could run code" in msg and data_io.CIFAR10_URL in msg
+    assert name in msg and "could run code" in msg and utils.CIFAR10_URL in msg
     assert not marker.exists()
 
 
@@ -385,8 +385,8 @@ def http_server(monkeypatch):
 
 
 def test_download_that_never_ends_stops_at_the_deadline(tmp_path, monkeypatch, http_server):
-    monkeypatch.setattr(data_io, "CIFAR10_URL", http_server.url + "/slow/cifar-10-python.tar.gz")
-    monkeypatch.setattr(data_io, "DOWNLOAD_DEADLINE_S", 1.5)
+    monkeypatch.setattr(utils, "CIFAR10_URL", http_server.url + "/slow/cifar-10-python.tar.gz")
+    monkeypatch.setattr(utils, "DOWNLOAD_DEADLINE_S", 1.5)
     root = tmp_path / "cifar"
     start = time.monotonic()
     with pytest.raises(DataError, match="deadline") as e:
@@ -399,12 +399,12 @@ def test_download_that_never_ends_stops_at_the_deadline(tmp_path, monkeypatch, h
 def test_download_over_http_is_verified_then_loaded(tmp_path, monkeypatch, http_server):
     archive, raw = make_fake_archive(tmp_path)
     http_server.payload = archive.read_bytes()
-    monkeypatch.setattr(data_io, "CIFAR10_URL", http_server.url + "/cifar-10-python.tar.gz")
+    monkeypatch.setattr(utils, "CIFAR10_URL", http_server.url + "/cifar-10-python.tar.gz")
     root = tmp_path / "cifar"
     with pytest.raises(DataError, match="MD5"):          # not the official checksum
         load_dataset("cifar10", root, progress=False)
     assert list(root.iterdir()) == []
-    monkeypatch.setattr(data_io, "CIFAR10_MD5", hashlib.md5(http_server.payload).hexdigest())
+    monkeypatch.setattr(utils, "CIFAR10_MD5", hashlib.md5(http_server.payload).hexdigest())
     d = load_dataset("cifar10", root, progress=False)
     assert torch.equal(d.test.labels, torch.from_numpy(raw["test"][1].astype(np.int64)))
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py",
@@ -450,11 +450,11 @@ def test_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     write_class_folders(root, ["train", "val"], ["a", "b"], [(20, 30), (30, 20)])
     cache = tmp_path / "cache"
     d1 = load_dataset("folder", root, image_size=16, cache_dir=cache, progress=False)
-    real_decode = data_io._decode_image
+    real_decode = utils._decode_image
 
     def no_decode(*a, **k):
         raise AssertionError("decoded although cached")
-    monkeypatch.setattr(data_io, "_decode_image", no_decode)
+    monkeypatch.setattr(utils, "_decode_image", no_decode)
     d2 = load_dataset("folder", root, image_size=16, cache_dir=cache, progress=False)
     assert torch.equal(d1.train.images, d2.train.images)
     assert torch.equal(d1.test.labels, d2.test.labels)
@@ -467,7 +467,7 @@ def test_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     save_image(root / "train" / "a" / "new.png", np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(AssertionError, match="decoded although cached"):
         load_dataset("folder", root, image_size=16, cache_dir=cache, progress=False)
-    monkeypatch.setattr(data_io, "_decode_image", real_decode)
+    monkeypatch.setattr(utils, "_decode_image", real_decode)
     d3 = load_dataset("folder", root, image_size=16, cache_dir=cache, progress=False)
     assert d3.train.images.shape[0] == d1.train.images.shape[0] + 1
     assert not list(cache.glob("*.tmp"))                 # atomic writes leave no temp files
@@ -504,7 +504,7 @@ def test_image_modes_decode_sensibly(tmp_path):
     def decode(im):
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
         im.save(path)
-        return data_io._decode_image(path, (8, 8)).astype(float)    # (8, 8, 3)
+        return utils._decode_image(path, (8, 8)).astype(float)    # (8, 8, 3)
 
     assert np.abs(decode(Image.fromarray(grey, "L")) - grey[..., None]).max() == 0
     assert np.abs(decode(Image.fromarray(v16)) - want16[..., None]).max() <= 1
@@ -519,10 +519,10 @@ def test_image_modes_decode_sensibly(tmp_path):
     assert (got[grey // 64 == 3] == 255).all() and (got[grey // 64 == 0] == [255, 0, 0]).all()
     assert set(np.unique(decode(Image.fromarray(grey > 100)))) == {0, 255}     # mode "1"
     # In-memory modes PNG cannot store: 32-bit int (read as 16-bit) and float (0..255).
-    assert np.abs(np.asarray(data_io._to_rgb(Image.fromarray(v16.astype(np.int32), "I")))
+    assert np.abs(np.asarray(utils._to_rgb(Image.fromarray(v16.astype(np.int32), "I")))
                   - want16[..., None]).max() <= 1
     f = np.linspace(-10, 300, 64, dtype=np.float32).reshape(8, 8)
-    assert np.array_equal(np.asarray(data_io._to_rgb(Image.fromarray(f, "F")))[..., 0],
+    assert np.array_equal(np.asarray(utils._to_rgb(Image.fromarray(f, "F")))[..., 0],
                           np.clip(np.rint(f), 0, 255).astype(np.uint8))
 
 
@@ -614,7 +614,7 @@ def test_real_imagenette_val_split(shared_data, tmp_path):
     root = shared_data / "imagenette-128" / "val"
     if not root.is_dir():
         pytest.skip("no ../shared/data/imagenette-128")
-    images, labels, classes = data_io.load_split_folder(root, (64, 64), tmp_path, False)
+    images, labels, classes = utils.load_split_folder(root, (64, 64), tmp_path, False)
     assert images.shape == (3925, 3, 64, 64) and images.dtype == torch.uint8
     assert classes[0] == "n01440764" and len(classes) == 10
     assert torch.bincount(labels).min() > 300
@@ -753,7 +753,7 @@ def test_load_dataset_val_size_holds_out_of_train_only(tmp_path):
     assert sorted(t + v) == list(range(200)) and t == sorted(t) and v == sorted(v)
     assert torch.equal(d.val.labels, full.train.labels[v])
     # the normalization comes from the remaining train images only
-    assert d.mean == data_io.channel_stats(d.train.images)[0] != full.mean
+    assert d.mean == utils.channel_stats(d.train.images)[0] != full.mean
     # the same images for every run, whatever `seed` says; a fraction works too
     again = load_dataset("cifar10", tmp_path, download=False, progress=False, val_size=50, seed=3)
     assert torch.equal(again.val.images, d.val.images)

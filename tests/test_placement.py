@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
-import placement  # noqa: E402
+from experiments import placement  # noqa: E402
 import spot  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import cli
+import utils
 import spot
 import train
 from conftest import ROOT
@@ -33,13 +33,13 @@ def comparable(metrics):
 
 
 def test_parse_tokens():
-    assert cli.parse_tokens("16", 64) == [16]
-    assert cli.parse_tokens("8-12", 64) == [8, 9, 10, 11, 12]
-    assert cli.parse_tokens("4,16,8", 64) == [4, 8, 16]
-    assert cli.parse_tokens("all", 64) == [64]
+    assert utils.parse_tokens("16", 64) == [16]
+    assert utils.parse_tokens("8-12", 64) == [8, 9, 10, 11, 12]
+    assert utils.parse_tokens("4,16,8", 64) == [4, 8, 16]
+    assert utils.parse_tokens("all", 64) == [64]
     for bad in ("0", "a-b", "", "5-2"):
         with pytest.raises(ValueError, match="--tokens"):
-            cli.parse_tokens(bad, 64)
+            utils.parse_tokens(bad, 64)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -51,14 +51,14 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_precision_auto_is_decided_by_a_probe_on_the_cpu():
     cpu, said = torch.device("cpu"), []
-    assert cli.choose_precision("bf16", cpu, None) and not cli.choose_precision("fp32", cpu, None)
+    assert utils.choose_precision("bf16", cpu, None) and not utils.choose_precision("fp32", cpu, None)
     bf16_faster = lambda bf16, fraction: fraction * (0.041 if bf16 else 0.063)
     fp32_faster = lambda bf16, fraction: fraction * (0.063 if bf16 else 0.041)
     emulated = lambda bf16, fraction: fraction * (2.0 if bf16 else 0.041)   # bf16 50x slower
-    assert cli.choose_precision("auto", cpu, bf16_faster, said.append)
-    assert not cli.choose_precision("auto", cpu, fp32_faster, said.append)
+    assert utils.choose_precision("auto", cpu, bf16_faster, said.append)
+    assert not utils.choose_precision("auto", cpu, fp32_faster, said.append)
     calls = []
-    assert not cli.choose_precision("auto", cpu, lambda *a: calls.append(a) or emulated(*a), said.append)
+    assert not utils.choose_precision("auto", cpu, lambda *a: calls.append(a) or emulated(*a), said.append)
     assert calls == [(False, 1.0), (True, 1 / 8)]          # no full-batch step of a hopeless bf16
     assert said == ["precision: bf16 (probe: fp32 63 ms/step, bf16 41 ms/step)",
                     "precision: fp32 (probe: fp32 41 ms/step, bf16 63 ms/step)",
@@ -71,7 +71,7 @@ def test_precision_probe_runs_once_per_run_not_per_epoch_or_resume(tmp_path, mon
     def fake_probe(model, batch_size, n_tokens, device, bf16, steps=3):
         calls.append((batch_size, n_tokens, bf16))
         return 0.01 if bf16 else 0.02          # bf16 "faster"
-    monkeypatch.setattr(cli, "probe_step_seconds", fake_probe)
+    monkeypatch.setattr(utils, "probe_step_seconds", fake_probe)
     argv = [a for a in TINY if a not in ("--precision", "fp32")] + ["--epochs", "3", "--out", str(tmp_path / "r")]
     train.main(argv + ["--max-steps", "8"])              # stops in epoch 2 of 3
     # fp32 on the batch, bf16 on 1/8 of it, then on the batch; at the median budget of 4-16

@@ -368,11 +368,11 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
 def test_cli_checks_flags_before_loading_anything(tmp_path, capsys, monkeypatch, flag, value):
     """Every bad flag is reported by name at parse time: the checkpoint (which does not even
     exist here) is never opened."""
-    import cli
+    import data
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded the checkpoint before checking the flags")
-    monkeypatch.setattr(cli, "load_model_and_data", must_not_load)
+    monkeypatch.setattr(data, "load_model_and_data", must_not_load)
     (tmp_path / "a_file").write_text("")
     argv = ["trajectories", "--checkpoint", str(tmp_path / "none.pt"),
             "--out", str(tmp_path / "t.png"), flag, value.format(tmp=tmp_path)]
@@ -428,7 +428,7 @@ def test_cli_checkpoint_commands(tmp_path, fake_shapes):
 def test_cli_label_free_figure(tmp_path, capsys, fake_shapes):
     """Issue 13's figure: prior, the learned head, the entropy search and the oracle side by side;
     a placer made for another model is refused with a message, not a traceback."""
-    import placement
+    from experiments import placement
 
     checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint.pt")
     model = spot.load_checkpoint(checkpoint)

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import utils
 import data
 import spot
 
@@ -213,7 +213,7 @@ def train_placer(model, placer, dataset, budgets, epochs, batch_size, lr, seed, 
         log(json.dumps(metrics))
         with open(out / "metrics.jsonl", "a") as file:
             file.write(json.dumps(metrics) + "\n")
-        cli.save_checkpoint(out / "placer.pt", {"placer_config": asdict(placer.config),
+        utils.write_atomic(out / "placer.pt", {"placer_config": asdict(placer.config),
                                                 "placer": placer.state_dict(), "epoch": epoch})
     return history
 
@@ -227,29 +227,32 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--checkpoint", required=True, help="the frozen SPoT model (checkpoint.pt from train.py)")
     add("--budgets", default="8,16", help="token budgets N to train for (comma-separated, >= 2)")
-    add("--glance-fraction", type=cli.float_in(0, 1, low_open=True, high_open=True), default=0.25,
+    add("--glance-fraction", type=utils.float_in(0, 1, low_open=True, high_open=True), default=0.25,
         help="G = round(fraction * N) glance tokens, the rest are placed")
-    add("--width", type=cli.int_at_least(4), default=128, help="the head's width")
-    add("--max-shift", type=cli.float_in(0, 1, low_open=True), default=0.5,
+    add("--width", type=utils.int_at_least(4), default=128, help="the head's width")
+    add("--max-shift", type=utils.float_in(0, 1, low_open=True), default=0.5,
         help="largest move of a placed token from its base point (image units)")
-    add("--epochs", type=cli.int_at_least(1), default=5)
-    add("--batch-size", type=cli.int_at_least(1), default=128)
-    add("--lr", type=cli.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr (cosine decay)")
+    add("--epochs", type=utils.int_at_least(1), default=5)
+    add("--batch-size", type=utils.int_at_least(1), default=128)
+    add("--lr", type=utils.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr (cosine decay)")
     add("--seed", type=int, default=0)
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=cli.int_at_least(1), default=None, help="CPU threads (default: all cores)")
+    add("--threads", type=utils.int_at_least(1), default=None, help="CPU threads (default: all cores)")
     add("--out", required=True, help="folder for placer.pt, metrics.jsonl and run.json")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = parser.parse_args(argv)
-    args.budgets = cli.parse_int_list(args.budgets, "--budgets", parser)
+    try:
+        args.budgets = utils.parse_tokens(args.budgets, 4096, "--budgets")
+    except ValueError as error:
+        parser.error(str(error))
     if min(args.budgets) < 2:
         parser.error(f"--budgets: each budget must be >= 2 (a glance and at least one placed "
                      f"token), got {min(args.budgets)}")
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint: {args.checkpoint} is not a file (expected train.py's checkpoint.pt)")
     try:
-        args.device = cli.resolve_device(args.device)
-        cli.check_out_dir(args.out, "--out")
+        args.device = utils.resolve_device(args.device)
+        utils.check_out_dir(args.out, "--out")
         PlacerConfig(width=args.width, glance_fraction=args.glance_fraction, max_shift=args.max_shift)
     except ValueError as error:
         parser.error(str(error))
@@ -263,7 +266,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, dataset, _ = cli.load_model_and_data(args.checkpoint, args.device)
+        model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
     except (ValueError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -278,8 +281,8 @@ def main(argv=None):
                                        max_shift=args.max_shift)).to(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"argv": sys.argv, "args": {**vars(args), "device": str(args.device)}, "cpu": cli.cpu_name()}
-    cli.write_atomic(out / "run.json", json.dumps(run, indent=2))
+    run = {"argv": sys.argv, "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
+    utils.write_atomic(out / "run.json", json.dumps(run, indent=2))
     train_placer(model, placer, dataset, args.budgets, args.epochs, args.batch_size, args.lr,
                  args.seed, args.device, out, args.progress)
     print(f"wrote {out / 'placer.pt'}")

@@ -1,22 +1,22 @@
 """
-data_io.py -- the file machinery behind data.py: reading CIFAR-10 and class folders from disk.
+utils.py -- the plumbing under the method files. Nothing here is in the paper, and a reader of
+the method can skip it. It imports no file of this project, so every file may import it.
 
-Students can skip this file: nothing here is about SPoT. data.py says *what* the datasets are;
-this module does the plumbing that gets their pixels into uint8 tensors:
+    flags       argparse types that check a value where the flag is declared (int_at_least,
+                float_in, count_or_fraction) and the one grammar of --tokens (parse_tokens)
+    devices     resolve_device, autocast, choose_precision (bf16 or fp32, measured on the CPU),
+                cpu_name (printed beside every timing)
+    files       write_atomic, the one writer of checkpoints, results and figures; check_out_dir
+    data files  DataError, channel_stats, resize_uint8, load_cifar10 (official pickles through a
+                safe unpickler, or class folders; downloaded with an MD5 check), load_folder and
+                load_split_folder (ImageNet-style class folders, decoded once and cached)
+    Ctrl-C      install_ctrl_c: finish the step, save, exit
 
-    load_cifar10(root, size, ...)     the official python pickles or class folders, downloaded
-                                      (bounded in time, MD5-checked) and extracted if absent
-    load_folder(root, size, ...)      an ImageNet-style root/train + root/val (or test) layout
-    load_split_folder(dir, size, ...) one split of class folders, through the decode cache
-    channel_stats(images)             per-channel mean and std of uint8 images
-    DataError                         bad or missing data; str(error) is a helpful paragraph
-
-Everything read from disk is treated as untrusted input: the CIFAR-10 pickles go through an
-unpickler that can only build the numpy arrays the official files hold (a pickle can otherwise
-run any code), their contents are checked (sizes, label range), and a decode-cache file that is
-not exactly what this module writes is ignored and rewritten instead of crashing every later run.
-Functions return plain tensors (images (N, C, H, W) uint8, labels (N,) int64); data.py wraps
-them in its Split and Dataset.
+Everything read from disk is untrusted input: the CIFAR-10 pickles go through an unpickler that
+can only build the numpy arrays the official files hold (a pickle can otherwise run any code),
+their contents are checked, and a decode-cache file that is not exactly what this module writes
+is ignored and rewritten. Functions return plain tensors (images (N, C, H, W) uint8, labels (N,)
+int64); data.py wraps them in its Split and Dataset.
 """
 
 import argparse
@@ -24,17 +24,251 @@ import hashlib
 import math
 import os
 import pickle
+import platform
+import signal
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+
+# -----------------------------------------------------------------------------
+# Flags: argparse types that check a value where the flag is declared (argparse then names the
+# flag in its error, before any work is done)
+
+def int_at_least(low):
+    """An argparse type: an int >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def float_in(low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: a finite float in [low, high], or (low, ...) / (..., high) when open
+    (float() alone would accept 'nan' and 'inf')."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+        return value
+    return parse
+
+
+def count_or_fraction(text):
+    """An argparse type: an int >= 0 (a count) or a float in (0, 1) (a fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 0 and value == int(value):
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a count (an int >= 0) or a fraction in (0, 1), "
+                                         f"got {text!r}")
+    return value
+
+
+def name_list(choices):
+    """An argparse type: comma-separated names, each one of `choices` -> a list."""
+    def parse(text):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"must be comma-separated names from "
+                                             f"{','.join(choices)}, got {text!r}")
+        return names
+    return parse
+
+
+def parse_tokens(text, n_grid, flag="--tokens"):
+    """The one grammar of --tokens in every command: a count '16', a list '4,8,16', a range
+    '4-64', 'all' (the full patch grid, n_grid tokens), or a mix '4,8,16-32' -> the sorted
+    budgets. At most 4x the grid: more is no longer a sparse budget, and may not fit in memory."""
+    counts = []
+    try:
+        for item in str(text).strip().lower().split(","):
+            if item.strip() == "all":
+                counts.append(n_grid)
+            elif "-" in item:
+                low, high = (int(v) for v in item.split("-"))
+                counts += range(low, high + 1)
+            else:
+                counts.append(int(item))
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or max(counts) > 4 * n_grid:
+        raise ValueError(f"{flag} must be N, A-B, A,B,C or 'all' (the {n_grid} grid cells), each "
+                         f"from 1 to {4 * n_grid}, got {text!r}")
+    return sorted(set(counts))
+
+
+def add_alias(parser, dest, *old, **kwargs):
+    """Old spellings of a flag keep working but stay out of --help: a hidden flag writing to the
+    same dest (argparse's own aliases would be listed). kwargs: the new flag's type, action."""
+    for flag in old:
+        parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            **kwargs)
+
+
+def check_out_dir(out, flag):
+    """Create the output folder and prove it writable now, not after an hour of work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{flag} {out} is not writable ({error.strerror}); choose another folder")
+
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+def cpu_name():
+    """The CPU's model name, to print beside every timing (speed differs a lot between CPUs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_device(choice):
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device (torch.cuda.is_available() "
+                         "is False); install a CUDA build of torch or use --device cpu")
+    return torch.device(choice)
+
+
+def autocast(device, bf16):
+    """bf16 autocast (matmuls in bf16, reductions and softmax in fp32) or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def choose_precision(precision, device, time_step, log=print):
+    """--precision -> bf16 (True) or fp32 (False). 'auto' on CUDA: bf16 where supported. 'auto'
+    on the CPU is decided by measuring, because CPU flags do not say which is faster for this
+    model: the same training step ran bf16 2.6x faster than fp32 on one 2-core CPU and 1.5x
+    slower on another, both listing avx512_bf16 (and CPUs without native bf16 emulate it, many
+    times slower). time_step(bf16, batch_fraction) -> seconds per training step of the actual
+    model on that fraction of the batch. bf16 is first tried on 1/8 of the batch: if that alone
+    is slower than a whole fp32 step, bf16 cannot win and the full bf16 probe is skipped."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    fp32 = time_step(False, 1.0)
+    eighth = time_step(True, 1 / 8)
+    if eighth > fp32:
+        log(f"precision: fp32 (probe: fp32 {1e3 * fp32:.0f} ms/step, bf16 {1e3 * eighth:.0f} ms "
+            f"for 1/8 of the batch)")
+        return False
+    bf16 = time_step(True, 1.0)
+    log(f"precision: {'bf16' if bf16 < fp32 else 'fp32'} (probe: fp32 {1e3 * fp32:.0f} ms/step, "
+        f"bf16 {1e3 * bf16:.0f} ms/step)")
+    return bf16 < fp32
+
+
+def precision_for(model, precision, batch_size, n_tokens, device, log=print):
+    """choose_precision, probing `model` at this batch size and token count (train.py, bench.py)."""
+    return choose_precision(precision, device, lambda bf16, fraction: probe_step_seconds(
+        model, max(1, round(fraction * batch_size)), n_tokens, device, bf16), log)
+
+
+def probe_step_seconds(model, batch_size, n_tokens, device, bf16, steps=3):
+    """Median seconds of a forward + backward of `model` on a random batch, after a warm-up.
+    Leaves no trace: its own generator, gradients to a list (never .grad), no optimizer step."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    config = model.config
+    images = torch.rand(batch_size, config.in_chans, *config.image_size, generator=generator, device=device)
+    positions = torch.rand(batch_size, n_tokens, 2, generator=generator, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with autocast(device, bf16):
+            loss = model(images, positions).float().logsumexp(-1).mean()
+        torch.autograd.grad(loss, params)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+# -----------------------------------------------------------------------------
+# Files: the one atomic writer
+
+def write_atomic(path, content):
+    """Write a file so that no reader, and no crash half-way, ever sees half of it: write a
+    temporary file in the same folder, then os.replace it onto `path` (atomic on POSIX and
+    Windows). Two processes writing the same path at once each write a complete file.
+
+    content: a str (text), a callable that writes the file at the path it is given (a figure's
+    savefig), or anything torch.save can write (a checkpoint's dict of tensors).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if isinstance(content, str):
+            Path(tmp).write_text(content)
+        elif callable(content):
+            content(tmp)
+        else:
+            torch.save(content, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)    # mkstemp makes it private (0600); use normal permissions
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C during a long run
+
+def install_ctrl_c(log):
+    """Ctrl-C: finish the current step, save, exit (130). A second Ctrl-C stops at once."""
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    return stop
+
+
+# -----------------------------------------------------------------------------
+# Data files: CIFAR-10 and class folders, read safely into uint8 tensors
 
 class DataError(Exception):
     """The data is missing or unreadable. The message is a complete paragraph meant for a user:
@@ -537,71 +771,10 @@ def _cache_load(path, classes, labels, size):
 
 
 def _cache_save(path, obj):
-    """Write atomically: a temporary file in the same folder, then os.replace.
-
-    A reader (or a crash half-way) never sees a half-written cache, and two processes decoding
-    the same folder at once just both write a complete file. A cache we cannot write (read-only
-    home, full disk) is only a warning: the data is already in memory.
-    """
-    tmp = None
+    """Write the cache atomically (write_atomic); a cache we cannot write (read-only home, full
+    disk) is only a warning: the data is already in memory."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)    # mkstemp makes it private (0600); use normal permissions
-        os.replace(tmp, path)
+        write_atomic(path, obj)
     except OSError as e:
         warnings.warn(f"could not write the decode cache {path} ({e}); the next load will "
                       f"decode the images again. Set SPOT_CACHE or cache_dir to a writable folder.")
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-# -----------------------------------------------------------------------------
-# python data.py: load a dataset and print a summary (optionally save a preview grid)
-
-def summary_main():
-    """python data.py [name] ...: load a dataset, print a summary, optionally save a preview grid."""
-    import cli       # imported here: cli imports data, which imports this module
-    import data
-
-    p = argparse.ArgumentParser(description="Load a dataset and print a summary.")
-    p.add_argument("name", nargs="?", default="shapes", choices=data.DATASETS)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=cli.count_or_fraction, default=0,
-                   help="hold out this many train images (or this fraction, e.g. 0.1)")
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--preview", default=None, help="save a grid of 8 x 8 train images here (PNG)")
-    args = p.parse_args()
-    t = time.time()
-    try:
-        d = data.load_dataset(args.name, args.data_dir, args.image_size, seed=args.seed,
-                         download=not args.no_download, val_size=args.val_size)
-    except (ValueError, data.DataError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{d.name}: loaded in {time.time() - t:.1f} s")
-    print(f"  train {tuple(d.train.images.shape)} {d.train.images.dtype}, "
-          f"test {tuple(d.test.images.shape)}, image_size {d.image_size}")
-    if d.val is not None:
-        print(f"  val {tuple(d.val.images.shape)} (held out of train), per class: "
-              f"{torch.bincount(d.val.labels, minlength=len(d.classes)).tolist()}")
-    print(f"  {len(d.classes)} classes: {', '.join(d.classes)}")
-    print(f"  train images per class: {torch.bincount(d.train.labels).tolist()}")
-    print(f"  mean {d.mean}  std {d.std}")
-    if args.preview:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(8, 8, figsize=(10, 10.5))
-        for ax, img, lab in zip(axes.flat, d.train.images[:64], d.train.labels[:64]):
-            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(d.classes[int(lab)], fontsize=7)
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(args.preview, dpi=100)
-        print(f"  preview -> {args.preview}")

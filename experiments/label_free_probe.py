@@ -13,11 +13,11 @@ One JSON line per (budget, method). Not product code: kept so the NOTES numbers 
 """
 import sys, json, time, torch, torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
-import cli, spot, oracle
+import utils, spot, oracle
 torch.set_num_threads(1)
 ckpt, lr, limit = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 STEPS = int(sys.argv[4]); METHODS = sys.argv[5].split(","); BUDGETS = [int(b) for b in sys.argv[6].split(",")]
-model, dataset, _ = cli.load_model_and_data(ckpt, torch.device("cpu"))
+model, dataset, _ = data.load_model_and_data(ckpt, torch.device("cpu"))
 model.eval().requires_grad_(False)
 val = dataset.val
 x_all, y_all = val.images[:limit], val.labels[:limit]

@@ -53,7 +53,7 @@ How the numbers are made (read this before trusting one):
   * On CUDA the kernels run asynchronously: we torch.cuda.synchronize() before reading a timer,
     otherwise we would time the kernel *launches*, not the work.
   * --precision auto decides bf16 autocast vs fp32 exactly as train.py does
-    (cli.choose_precision): on the CPU it times a training step of the --model preset in both
+    (utils.choose_precision): on the CPU it times a training step of the --model preset in both
     and keeps the faster, because a CPU's feature flags do not say which one is faster. The
     report names the CPU, the precision and the probe's times.
   * torch.set_flush_denormal(True), as in train.py: Adam's tiny second moments become denormal
@@ -86,7 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import utils
 import data
 import oracle
 import spot
@@ -157,7 +157,10 @@ def parse_args(argv=None):
     for name, quick, full in (("repeats", 3, 15), ("warmup", 1, 3), ("batch_size", 8, preset["batch_size"])):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    args.tokens = cli.parse_int_list(args.tokens, "--tokens", parser)
+    try:
+        args.tokens = utils.parse_tokens(args.tokens, 4096, "--tokens")
+    except ValueError as error:
+        parser.error(str(error))
     for name, low in (("threads", 1), ("repeats", 1), ("warmup", 0), ("batch_size", 1),
                       ("limit", 1), ("oracle_steps", 0)):
         value = getattr(args, name)
@@ -183,11 +186,11 @@ def parse_args(argv=None):
     if args.json is not None and Path(args.json).is_dir():
         parser.error(f"--json {args.json} is a folder; name a file such as {args.json}/bench.json")
     try:
-        args.device = cli.resolve_device(args.device)
+        args.device = utils.resolve_device(args.device)
         if on_checkpoint:
-            cli.check_out_dir(args.out, "--out")
+            utils.check_out_dir(args.out, "--out")
         if args.json is not None:
-            cli.check_out_dir(Path(args.json).absolute().parent, "--json")
+            utils.check_out_dir(Path(args.json).absolute().parent, "--json")
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -202,13 +205,13 @@ def setup_torch(args):
 
 
 def choose_bf16(args):
-    """--precision -> (bf16?, a line saying how it was decided), by cli.choose_precision, the
-    rule train.py follows: on the CPU, 'auto' times a forward + backward (cli.probe_step_seconds)
+    """--precision -> (bf16?, a line saying how it was decided), by utils.choose_precision, the
+    rule train.py follows: on the CPU, 'auto' times a forward + backward (utils.probe_step_seconds)
     of the --model preset at this batch size and the middle token count in both precisions."""
     model = spot.SPoTViT(train.PRESETS[args.model]["model"]).to(args.device)
     n_probe = args.tokens[len(args.tokens) // 2]
     said = []
-    bf16 = cli.precision_for(model, args.precision, args.batch_size, n_probe, args.device, said.append)
+    bf16 = utils.precision_for(model, args.precision, args.batch_size, n_probe, args.device, said.append)
     return bf16, said[0] if said else (f"precision: {'bf16' if bf16 else 'fp32'} "
                                        f"(--precision {args.precision}, {args.device.type})")
 
@@ -347,7 +350,7 @@ def make_batch(args, config, n_tokens, seed=0):
 
 def train_step(model, optimizer, images, labels, where, bf16):
     """One optimizer step as train.train_step (minus drawing the positions and the scheduler)."""
-    with cli.autocast(images.device, bf16):
+    with utils.autocast(images.device, bf16):
         logits = model(images, where)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
     optimizer.zero_grad(set_to_none=True)
@@ -357,7 +360,7 @@ def train_step(model, optimizer, images, labels, where, bf16):
 
 
 def search(model, images, labels, positions, steps, bf16):
-    with cli.autocast(images.device, bf16):
+    with utils.autocast(images.device, bf16):
         oracle.oracle_search(model, images, labels, positions, steps=steps)
 
 
@@ -404,7 +407,7 @@ def bench_tokenizer(args, bf16, sync):
 
             def tokenizer(read, wrt=wrt):
                 def run():
-                    with cli.autocast(device, bf16):
+                    with utils.autocast(device, bf16):
                         tokens = embed(read())                                  # (B, G, 192)
                     torch.autograd.grad(tokens, wrt, grad_out.to(tokens.dtype))
                 return run
@@ -722,7 +725,7 @@ def profile(args, bf16):
         positions = positions.expand(batch, -1, -1).clone().requires_grad_(True)
 
         def tokenizer(i=images, e=embed, p=positions, k=window):
-            with cli.autocast(device, bf16):
+            with utils.autocast(device, bf16):
                 tokens = e(spot.extract_patches(i, p, k).flatten(2))
             torch.autograd.grad(tokens.float().sum(), [p, *e.parameters()])
         jobs[f"tokenizer {image_size} px, k={window}, B={batch} (position grads)"] = tokenizer
@@ -860,7 +863,7 @@ def main(argv=None):
     loaded = None
     if args.checkpoint is not None:      # first: a bad file or missing data stops before any timing
         try:
-            loaded = cli.load_model_and_data(args.checkpoint, args.device, data_dir=args.data_dir,
+            loaded = data.load_model_and_data(args.checkpoint, args.device, data_dir=args.data_dir,
                                                 progress=True)
         except (ValueError, data.DataError) as error:
             print(f"bench.py: error: {error}", file=sys.stderr)
@@ -873,8 +876,8 @@ def main(argv=None):
     config = train.PRESETS[args.model]["model"]
     settings = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
                 "python": platform.python_version(), "device": args.device.type,
-                "device_name": torch.cuda.get_device_name() if args.device.type == "cuda" else cli.cpu_name(),
-                "cpu": cli.cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                "device_name": torch.cuda.get_device_name() if args.device.type == "cuda" else utils.cpu_name(),
+                "cpu": utils.cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                 "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
                 "precision": "bf16 autocast" if bf16 else "fp32", "precision_choice": decided,
                 "batch_size": args.batch_size, "tokens": args.tokens,
