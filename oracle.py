@@ -280,17 +280,25 @@ def draw_positions(prior, images_uint8, n_tokens, image_size, window, seed, devi
 
 
 @torch.no_grad()
-def predict(model, images_uint8, positions, device, batch_size, want_features=False):
-    """-> (predicted classes (n,), class-token features (n, D) or None), on the CPU."""
+def predict(model, images_uint8, positions, device, batch_size, features=False, bf16=False):
+    """The one evaluation loop of this project: read a whole split through given positions.
+
+    images_uint8 (n, C, H, W) uint8 on the CPU (data.py keeps splits that way; each batch becomes
+    float in [0, 1] on `device`), positions (n, N, 2). Eval mode, no gradients, bf16 autocast
+    when asked. -> (logits (n, classes), class-token features (n, D) or None), float32 on the CPU.
+    """
+    was_training = model.training
     model.eval()
-    predictions, features = [], []
+    logits, feats = [], []
     for start in range(0, len(images_uint8), batch_size):
         images = images_uint8[start:start + batch_size].to(device).float().div_(255)
-        tokens = model.forward_features(images, positions[start:start + batch_size].to(device))
-        predictions.append(model.forward_head(tokens).argmax(1).cpu())        # (B,)
-        if want_features:
-            features.append(model.forward_head(tokens, pre_logits=True).float().cpu())   # (B, D)
-    return torch.cat(predictions), (torch.cat(features) if want_features else None)
+        with utils.autocast(images.device, bf16):
+            tokens = model.forward_features(images, positions[start:start + batch_size].to(device))
+            logits.append(model.forward_head(tokens).float().cpu())                      # (B, classes)
+            if features:
+                feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())  # (B, D)
+    model.train(was_training)
+    return torch.cat(logits), (torch.cat(feats) if features else None)
 
 
 def search_split(model, images_uint8, labels, start, device, batch_size, steps, lr, objective,
@@ -343,14 +351,15 @@ def prior_rows(model, test, bank, budgets, priors, draws, knn_k, knn_temperature
         if len(bank_x):
             bank_positions = draw_positions(prior, bank_x, tokens, config.image_size, config.window,
                                             seed_for(seed, prior, tokens, "bank"), device)
-            bank_features = predict(model, bank_x, bank_positions, device, batch_size, True)[1]
+            bank_features = predict(model, bank_x, bank_positions, device, batch_size, features=True)[1]
         correct, knn_correct = [], []
         for draw in range(draws if prior in RANDOM_PRIORS else 1):
             key = (prior, tokens, "test") + ((draw,) if draw else ())    # draw 0: SPoT-ON's start
             positions = draw_positions(prior, test_x, tokens, config.image_size, config.window,
                                        seed_for(seed, *key), device)
-            predictions, features = predict(model, test_x, positions, device, batch_size,
-                                            want_features=bank_features is not None)
+            logits, features = predict(model, test_x, positions, device, batch_size,
+                                       features=bank_features is not None)
+            predictions = logits.argmax(1)
             correct.append(predictions == test_y)
             if bank_features is not None:
                 knn_correct.append(knn_predict(bank_features, bank_y, features,
@@ -380,12 +389,13 @@ def learned_rows(model, placer, test, bank, budgets, knn_k, knn_temperature, see
         prior_seconds = time.perf_counter() - started
         started = time.perf_counter()
         positions = placement.place_split(model, placer, test_x, tokens, device, batch_size)
-        predictions, features = predict(model, test_x, positions, device, batch_size, want_features=len(bank_x) > 0)
+        logits, features = predict(model, test_x, positions, device, batch_size, features=len(bank_x) > 0)
+        predictions = logits.argmax(1)
         seconds = time.perf_counter() - started
         knn_correct = None
         if len(bank_x):
             bank_positions = placement.place_split(model, placer, bank_x, tokens, device, batch_size)
-            bank_features = predict(model, bank_x, bank_positions, device, batch_size, True)[1]
+            bank_features = predict(model, bank_x, bank_positions, device, batch_size, features=True)[1]
             knn_correct = knn_predict(bank_features, bank_y, features, config.num_classes, knn_k,
                                       knn_temperature) == test_y
         if per_image is not None:
@@ -416,7 +426,7 @@ def search_rows(model, test, budgets, oracle_from, steps, lr, seed, device, batc
     test_x, test_y = test
     search = lambda net, labels, start, objective, desc: search_split(
         net, test_x, labels, start, device, batch_size, steps, lr, objective, progress, desc)
-    correct = lambda net, positions: predict(net, test_x, positions, device, batch_size)[0] == test_y
+    correct = lambda net, positions: predict(net, test_x, positions, device, batch_size)[0].argmax(1) == test_y
     rows, reverse, saliency = [], [], []
     if saliency_limit:      # the images and their saliency maps, once for every budget
         salient_x = test_x[:saliency_limit]
