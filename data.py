@@ -1,12 +1,13 @@
 """
 data.py -- the image datasets of this project, held in memory as uint8 tensors.
 
-PAPER §1 motivates the built-in data: sparse feature selection only matters when the evidence
-for the label is small and can sit anywhere, so a few grid-aligned tokens can miss it or cut it
-in half. Three datasets are offered (PAPER §5/§6 use ImageNet; these are the small stand-ins):
+The built-in data follows the problem the paper names, sparse feature selection: choosing where
+to look only matters when the evidence for the label is small and can sit anywhere, so a few
+grid-aligned tokens can miss it or cut it in half. Three datasets are offered (the paper's
+results table uses ImageNet; these are the small stand-ins):
 
     shapes    built in, no download: 10 small shapes at random *subpixel* positions on a
-              cluttered background (make_shapes). Designed to show PAPER §1's point at 32 px.
+              cluttered background (make_shapes). Designed to show that point at 32 px.
     cifar10   CIFAR-10, from the official python pickles (`DIR/cifar-10-batches-py/`), or from a
               class-folder layout (`DIR/train/<class>/*.jpg`, `DIR/test/<class>/*.jpg`);
               downloaded into DIR (with an MD5 check) when neither is there.
@@ -23,13 +24,14 @@ In reading order (train.py, oracle.py and visualize.py import these):
     load_dataset(name, data_dir, image_size, ..., val_size)  -> Dataset
     split_validation(split, size)   a stratified, fixed hold-out for choosing hyper-parameters
     augment(images, generator)      random crop (zero padding) + horizontal flip, batched
+    load_model_and_data             a checkpoint's model and the data it was trained on
 
 The file machinery -- downloading, safe unpickling, decoding JPEGs, the decode cache -- lives in
 utils.py. Nothing there is about SPoT; you can skip it.
 
 Why in memory, as uint8? These datasets are small (CIFAR-10 is 180 MB as uint8), and a ViT on
-2 CPU cores is limited by compute, not I/O: decoding every image once and slicing batches out of
-one tensor removes the data loader from the picture entirely. Floats are made per batch
+a few CPU cores is limited by compute, not I/O: decoding every image once and slicing batches
+out of one tensor removes the data loader from the picture entirely. Floats are made per batch
 (`images.float() / 255`), so memory stays at 1 byte per pixel. Decoding JPEGs is the one slow
 step, so the folder layouts are decoded once and cached, one file per split, under
 `~/.cache/spot` (or `$SPOT_CACHE`, or the `cache_dir` argument); the cache key covers the
@@ -38,8 +40,8 @@ folder invalidates it.
 
 "The first N images" of any split are a fair mix of classes: the CIFAR-10 pickles come
 shuffled, shapes draws its labels in random order, and class folders (listed class by class)
-are put in one fixed random order. So --test-limit, kNN banks and the first validation images
-all see every class.
+are put in one fixed random order. So --test-limit, --limit, kNN banks and the first validation
+images all see every class.
 
 Try it:   python data.py                                   (generates `shapes`, prints a summary)
           python data.py cifar10 --data-dir DIR            (loads CIFAR-10 from DIR)
@@ -49,7 +51,6 @@ Try it:   python data.py                                   (generates `shapes`, 
 import argparse
 import math
 import numbers
-import time
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +59,10 @@ import torch.nn.functional as F
 import spot
 import utils
 
-__all__ = ["DATASETS", "DataError", "Split", "Dataset", "load_dataset", "split_validation",
-           "augment", "make_shapes", "SHAPE_CLASSES"]
-
 DATASETS = ("shapes", "cifar10", "folder")
 
 # Bad or missing data. The message is a complete paragraph meant for a user: command-line
-# scripts print it and exit, without a traceback. (Defined in data_io, which raises it.)
+# scripts print it and exit, without a traceback. (Defined in utils, which raises it.)
 DataError = utils.DataError
 
 
@@ -90,7 +88,7 @@ class Dataset:
 
 
 # -----------------------------------------------------------------------------
-# The built-in `shapes` dataset (PAPER §1): small objects at subpixel positions, with clutter
+# The built-in `shapes` dataset (sparse feature selection): small objects at subpixel positions
 
 SHAPE_CLASSES = ("square", "disc", "ring", "triangle", "plus", "x", "equals", "bar", "diamond",
                  "corner")
@@ -104,191 +102,98 @@ def make_shapes(n, image_size=32, seed=0, return_info=False):
     (spot.py's coordinates), "radius" (n,) its half-size in pixels, "mask" (n, S, S) float its
     antialiased coverage -- handy to check whether tokens landed on the object.
 
-    Why it looks like this (PAPER §1): the object is 7-9 px wide on a 32 px image and sits at a
-    random *continuous* position, so with 4 x 4 grid patches it usually straddles 2-4 tiles
-    ("grids cannot align every salient region"), while free tokens can be centred on it and
-    tile it at its own offset, each window reading object and not a sliver of a tile border.
-    The clutter (smooth colour noise, faint blobs and lines, all lower-contrast than the object)
-    keeps "find the brightest pixels" from being the whole task. Deterministic: the same
-    (n, image_size, seed) always gives the same bytes.
+    Why it looks like this (sparse feature selection): the object is 7-9 px wide on a 32 px
+    image and sits at a random *continuous* position, so with 4 x 4 grid patches it usually
+    straddles 2-4 tiles ("grids cannot align every salient region"), while free tokens can be
+    centred on it and tile it at its own offset, each window reading object and not a sliver of
+    a tile border. The clutter (smooth colour noise, faint blobs and lines, all lower-contrast
+    than the object) keeps "find the brightest pixels" from being the whole task.
+    Deterministic: the same (n, image_size, seed) always gives the same bytes.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    H, W = spot.to_hw(image_size)
-    if H != W:
-        raise ValueError(f"image_size must be square for shapes, got {image_size!r}")
-    if H < 12:
-        raise ValueError(f"image_size must be >= 12 for shapes (objects scale with the image, "
-                         f"and below 12 px they are too few pixels to tell apart), got {H}")
-    # One thread, on purpose: rendering is many medium-sized elementwise ops on chunks that fit
-    # in the CPU cache, and a multi-threaded op waits at a barrier for its slowest thread; when
-    # the other core is busy (e.g. a training run) every op waits for it. A fixed thread count
-    # also keeps the bytes identical whatever torch.get_num_threads() the caller uses.
+    S, W = spot.to_hw(image_size)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or S != W or S < 12:
+        raise ValueError(f"make_shapes needs an int n >= 1 and a square image_size >= 12 (fewer "
+                         f"pixels cannot tell the shapes apart), got {n!r}, {image_size!r}")
+    # One thread, on purpose: rendering is many medium-sized elementwise ops, and a
+    # multi-threaded op waits for its slowest thread, so when the other core is busy (a training
+    # run) every op waits. One thread also keeps the bytes identical whatever the caller's
+    # torch.get_num_threads().
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        images, labels, info = _render_shapes(n, H, seed)
+        g = torch.Generator().manual_seed(seed)       # all randomness comes from here, in order
+        labels = (torch.arange(n) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g)]
+        chunk = max(1, (1 << 20) // (S * S))          # images per chunk: ~4 MB per float map
+        parts = [_render(labels[a:a + chunk], S, g) for a in range(0, n, chunk)]
     finally:
         torch.set_num_threads(threads)
+    images, centre, radius, mask = (torch.cat(part) for part in zip(*parts))
+    info = {"center": centre / S, "radius": radius, "mask": mask}
     return (images, labels, info) if return_info else (images, labels)
 
 
-def _render_shapes(n, size, seed, chunk=512, supersample=8):
-    """Generate the shapes dataset: (images (n,3,S,S) uint8, labels (n,), info dict).
-
-    All randomness is drawn from one torch.Generator seeded with `seed`, up front for the
-    per-image parameters (so the same (n, size, seed) gives identical bytes on every run).
-    Rendering then works in chunks of images, vectorized over the chunk; the only Python loops
-    are over chunks, classes and distractors, never over images.
-    """
-    g = torch.Generator().manual_seed(seed)
-    S = size
-    scale = S / 32                                      # object and clutter sizes follow the image
+def _render(labels, S, g):
+    """Draw and paint len(labels) = m images -> (images (m, 3, S, S) uint8, centres (m, 2) (y, x)
+    in pixels, half-sizes (m,) in pixels, object coverage (m, S, S) in [0, 1])."""
+    m, scale = len(labels), S / 32                    # object and clutter sizes follow the image
     rand = lambda *shape: torch.rand(*shape, generator=g)
-
-    # -- labels: exactly balanced, shuffled
-    labels = (torch.arange(n) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g)]
-
-    # -- the object: half-size r, a continuous centre (anywhere it fits), a bright colour
-    r = (3.2 + 1.0 * rand(n)) * scale                   # (n,) pixels
-    margin = 1.35 * r + 0.5                             # the shape's reach + half a pixel
-    centre = margin[:, None] + rand(n, 2) * (S - 2 * margin[:, None])   # (n, 2) (y, x) pixels
-    obj_colour = _hsv_to_rgb(rand(n), 0.5 + 0.5 * rand(n), 0.85 + 0.15 * rand(n))   # (n, 3)
-
-    # -- the background: a dark-to-mid base colour, smooth low-contrast noise, pixel noise
-    base = 0.15 + 0.3 * rand(n, 3)                      # (n, 3)
-    smooth = torch.randn(n, 3, 5, 5, generator=g) * 0.08
-    # -- distractors, fainter than the object: soft blobs and short thin lines
-    n_blob, n_line = 3, 3
-    blob_c = rand(n, n_blob, 2) * S                     # centres (y, x)
-    blob_sigma = (1.5 + 2.0 * rand(n, n_blob)) * scale
-    blob_alpha = 0.15 + 0.2 * rand(n, n_blob)
-    blob_colour = rand(n, n_blob, 3)
-    line_c = rand(n, n_line, 2) * S
-    line_angle = rand(n, n_line) * math.pi
-    line_half = (2.0 + 3.0 * rand(n, n_line)) * scale   # half-length
-    line_alpha = 0.2 + 0.2 * rand(n, n_line)
-    line_colour = rand(n, n_line, 3)
-    noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-
-    # Local window around each object: L x L pixels, large enough for the biggest shape.
-    # The window [floor(c) - R, floor(c) + R + 1) contains [c - R, c + R] for any c, and R is
-    # at least the largest shape's reach (1.35 * 4.2 px at 32 px).
-    R = math.ceil(1.35 * 4.2 * scale)
-    L = min(2 * R + 1, S)
-    offs = (torch.arange(L * supersample) + 0.5) / supersample      # sample offsets in the window
-    pix = torch.arange(S) + 0.5                                     # pixel centres
-
-    images = torch.empty(n, 3, S, S, dtype=torch.uint8)
-    masks = torch.zeros(n, S, S)
-    gn = torch.Generator().manual_seed(noise_seed)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        m = b - a
-        # Background (m, 3, S, S) in [0, 1].
-        img = base[a:b, :, None, None] + F.interpolate(smooth[a:b], size=(S, S), mode="bicubic",
-                                                       align_corners=False)
-        img = img + 0.015 * torch.randn(m, 3, S, S, generator=gn)
-        yy, xx = pix.view(1, S, 1), pix.view(1, 1, S)
-        for k in range(n_blob):     # Gaussian blobs: img <- img + alpha * g * (colour - img)
-            dy = yy - blob_c[a:b, k, 0, None, None]
-            dx = xx - blob_c[a:b, k, 1, None, None]
-            gauss = torch.exp(-(dy * dy + dx * dx) / (2 * blob_sigma[a:b, k, None, None] ** 2))
-            wgt = (blob_alpha[a:b, k, None, None] * gauss)[:, None]           # (m, 1, S, S)
-            img = img + wgt * (blob_colour[a:b, k, :, None, None] - img)
-        for k in range(n_line):     # 1-px lines: coverage from the distance to the segment
-            dy = yy - line_c[a:b, k, 0, None, None]
-            dx = xx - line_c[a:b, k, 1, None, None]
-            cy, cx = torch.sin(line_angle[a:b, k]), torch.cos(line_angle[a:b, k])
-            along = (dy * cy[:, None, None] + dx * cx[:, None, None])
-            across = (-dy * cx[:, None, None] + dx * cy[:, None, None]).abs()
-            beyond = (along.abs() - line_half[a:b, k, None, None]).clamp_min(0)
-            dist = torch.sqrt(across ** 2 + beyond ** 2)
-            cov = (0.5 * scale + 0.5 - dist).clamp(0, 1)                      # ~1 px wide
-            wgt = (line_alpha[a:b, k, None, None] * cov)[:, None]
-            img = img + wgt * (line_colour[a:b, k, :, None, None] - img)
-
-        # The object, antialiased: evaluate the inside-test on a supersample x supersample grid
-        # of points per pixel inside the local window, and average -> coverage in [0, 1].
-        # 8 x 8 samples resolve edges to 1/8 px, so even a 1.4 px bar moves smoothly with the
-        # object's continuous centre (only the ~L x L window is rendered, so this stays cheap).
-        c = centre[a:b]                                                       # (m, 2)
-        origin = (c.floor().long() - R).clamp(0, S - L)                       # (m, 2) window corner
-        v = origin[:, 0, None, None] + offs.view(1, -1, 1) - c[:, 0, None, None]  # (m, Ls, 1)
-        u = origin[:, 1, None, None] + offs.view(1, 1, -1) - c[:, 1, None, None]  # (m, 1, Ls)
-        u, v = torch.broadcast_tensors(u, v)                                  # (m, Ls, Ls)
-        inside = torch.zeros(m, L * supersample, L * supersample)
-        lab = labels[a:b]
-        for cls in range(len(SHAPE_CLASSES)):
-            sel = (lab == cls).nonzero().squeeze(1)
-            if sel.numel():
-                inside[sel] = _shape_mask(cls, u[sel], v[sel], r[a:b][sel, None, None]).float()
-        cov = inside.view(m, L, supersample, L, supersample).mean(dim=(2, 4))  # (m, L, L)
-        # Paste each L x L coverage window into a full-size map at its own offset (no loop).
-        rows = origin[:, 0, None] + torch.arange(L)                           # (m, L)
-        cols = origin[:, 1, None] + torch.arange(L)                           # (m, L)
-        full = torch.zeros(m, S, S)
-        full[torch.arange(m)[:, None, None], rows[:, :, None], cols[:, None, :]] = cov
-        img = img * (1 - full[:, None]) + obj_colour[a:b, :, None, None] * full[:, None]
-        images[a:b] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-        masks[a:b] = full
-
-    info = {"center": centre / S,        # (n, 2) (y, x) in spot.py's normalized coordinates
-            "radius": r,                 # (n,) half-size in pixels
-            "mask": masks}               # (n, S, S) object coverage in [0, 1]
-    return images, labels.to(torch.int64), info
+    # The object: half-size r, a continuous centre anywhere it fits, a bright colour.
+    r = (3.2 + rand(m)) * scale                                             # (m,) pixels
+    reach = 1.35 * r + 0.5                            # the widest shape's reach + half a pixel
+    centre = reach[:, None] + rand(m, 2) * (S - 2 * reach[:, None])         # (m, 2) (y, x)
+    colour = F.normalize(rand(m, 3) ** 2, p=math.inf, dim=1)   # (m, 3), its top channel is 1
+    # The background: a dark-to-mid colour, smooth low-contrast noise, pixel noise.
+    img = (0.15 + 0.3 * rand(m, 3, 1, 1) + 0.015 * torch.randn(m, 3, S, S, generator=g)
+           + F.interpolate(0.08 * torch.randn(m, 3, 5, 5, generator=g), (S, S), mode="bicubic"))
+    # Clutter, fainter than the object: 3 soft blobs and 3 thin line segments around random
+    # points; (dy, dx) is every pixel centre's offset from each point, (m, 6, S, S).
+    pix = torch.arange(S) + 0.5
+    point = rand(m, 6, 2, 1, 1) * S
+    dy, dx = pix.view(S, 1) - point[:, :, 0], pix - point[:, :, 1]
+    sigma = (1.5 + 2 * rand(m, 3, 1, 1)) * scale
+    blob = torch.exp(-(dy[:, :3] ** 2 + dx[:, :3] ** 2) / (2 * sigma ** 2))
+    angle = rand(m, 3, 1, 1) * math.pi               # a segment: direction, then half-length
+    half = (2 + 3 * rand(m, 3, 1, 1)) * scale
+    along = (dy[:, 3:] * angle.sin() + dx[:, 3:] * angle.cos()).abs() - half
+    across = (dx[:, 3:] * angle.sin() - dy[:, 3:] * angle.cos()).abs()
+    line = (0.5 * scale + 0.5 - torch.hypot(across, along.clamp_min(0))).clamp(0, 1)   # ~1 px wide
+    alpha = torch.cat([blob, line], 1) * (0.15 + 0.2 * rand(m, 6, 1, 1))   # (m, 6, S, S)
+    for k in range(6):                                # painted over: img + alpha (colour - img)
+        img = img + alpha[:, k, None] * (rand(m, 3, 1, 1) - img)
+    # The object, antialiased: a pixel's coverage is 0.5 - (signed distance from its centre to
+    # the shape's outline), clamped to [0, 1] -- exactly the covered area where the outline runs
+    # along pixel rows or columns, so the object moves smoothly with its continuous centre.
+    u, v = pix - centre[:, 1, None, None], pix.view(S, 1) - centre[:, 0, None, None]  # x, y (down)
+    distance = _shape_distances(u, v, r[:, None, None])[torch.arange(m), labels]     # (m, S, S)
+    cover = (0.5 - distance).clamp(0, 1)
+    img = img + cover[:, None] * (colour[:, :, None, None] - img)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), centre, r, cover
 
 
-def _shape_mask(label, u, v, r):
-    """Inside-test of shape `label` at offsets (u, v) pixels from its centre (v points down).
-
-    u, v: (n, S, S) sample coordinates; r: (n, 1, 1) half-size in pixels (~3.2-4.2 at 32 px,
-    i.e. objects 7-9 px wide: two windows of 4 px, so a 4 x 4 grid tile sees only a part).
-    Returns a bool tensor (n, S, S). Bars are w = 0.32 r half-wide, i.e. ~2 px: thin enough
-    to look different, thick enough to survive antialiasing.
-    """
-    w = 0.32 * r
-    au, av = u.abs(), v.abs()
-    name = SHAPE_CLASSES[label]
-    if name == "square":
-        return torch.maximum(au, av) <= 0.8 * r
-    if name == "disc":
-        return u * u + v * v <= r * r
-    if name == "ring":
-        d2 = u * u + v * v
-        return (d2 <= r * r) & (d2 >= (0.5 * r) ** 2)
-    if name == "triangle":   # apex up at v = -r, base at v = 0.8 r with half-width r
-        return (v <= 0.8 * r) & (au <= (v + r) / 1.8)
-    if name == "plus":
-        return ((au <= w) & (av <= r)) | ((av <= w) & (au <= r))
-    if name == "x":          # the plus rotated by 45 degrees, arms slightly longer
-        a, b = (u + v).abs() / math.sqrt(2), (u - v).abs() / math.sqrt(2)
-        return ((a <= w) & (b <= 1.1 * r)) | ((b <= w) & (a <= 1.1 * r))
-    if name == "equals":     # two horizontal bars
-        return (au <= r) & ((av - 0.6 * r).abs() <= 0.8 * w)
-    if name == "bar":        # one vertical bar
-        return (au <= 1.2 * w) & (av <= r)
-    if name == "diamond":
-        return au + av <= 1.3 * r     # pointed: reaches further than the disc
-    if name == "corner":     # an L: left vertical stroke + bottom horizontal stroke
-        return (((u >= -r) & (u <= -r + 2 * w) & (av <= r))
-                | ((v <= r) & (v >= r - 2 * w) & (au <= r)))
-    raise ValueError(label)
-
-
-
-def _hsv_to_rgb(h, s, v):
-    """Vectorized HSV -> RGB, all in [0, 1]: (n,) each -> (n, 3)."""
-    k = (torch.tensor([5.0, 3.0, 1.0]) + h[:, None] * 6) % 6                    # (n, 3)
-    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
-
+def _shape_distances(u, v, r):
+    """Signed distance (pixels; < 0 inside) from offsets u (m, 1, S) right and v (m, S, 1) down
+    to each shape of SHAPE_CLASSES, in class order -> (m, 10, S, S). r: (m, 1, 1) half-size (~3.2-4.2 px at 32 px, objects
+    7-9 px wide: two 4 px windows, so a 4 x 4 grid tile sees only a part). Bars are w = 0.32 r
+    half-wide, ~1 px: thin enough to look different, thick enough to survive antialiasing."""
+    w, au, av, d = 0.32 * r, u.abs(), v.abs(), torch.hypot(u, v)
+    box = lambda x, y, hx, hy: torch.maximum(x.abs() - hx, y.abs() - hy)  # a centred rectangle
+    a, b = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)                   # axes turned 45 deg
+    return torch.stack([
+        box(u, v, 0.8 * r, 0.8 * r),                                        # square
+        d - r,                                                              # disc
+        torch.maximum(d - r, 0.5 * r - d),                                  # ring
+        torch.maximum(v - 0.8 * r, (1.8 * au - v - r) / math.hypot(1.8, 1)),  # triangle, apex up
+        torch.minimum(box(u, v, w, r), box(u, v, r, w)),                    # plus
+        torch.minimum(box(a, b, w, 1.1 * r), box(a, b, 1.1 * r, w)),        # x
+        box(u, av - 0.6 * r, r, 0.8 * w),                                   # equals: two bars
+        box(u, v, 1.2 * w, r),                                              # bar, vertical
+        (au + av - 1.3 * r) / math.sqrt(2),                                 # diamond
+        torch.minimum(box(u + r - w, v, w, r), box(u, v - r + w, r, w)),    # corner: an L
+    ], dim=1)
 
 
 # -----------------------------------------------------------------------------
 # load_dataset: the one entry point
-
-SHAPES_TRAIN, SHAPES_TEST = 10_000, 2_000
-
 
 def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, cache_dir=None,
                  progress=True, val_size=0, val_seed=0):
@@ -310,38 +215,22 @@ def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, ca
                 every run that compares recipes must be scored on the same validation images.
     Raises ValueError for bad arguments, DataError for missing or unreadable data.
     """
-    if name not in DATASETS:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
-    if name in ("cifar10", "folder") and data_dir is None:
-        raise ValueError(f"data_dir is required for the {name!r} dataset: pass the folder that "
-                         f"holds it (the shapes dataset needs none)")
-    if image_size is not None:
-        image_size = spot.to_hw(image_size)
-    elif name == "folder":
-        raise ValueError("image_size is required for the 'folder' dataset (e.g. 64 or 128): "
-                         "every image is resized and center-cropped to it")
-    holdout = isinstance(val_size, bool) or val_size != 0
-    if holdout:
-        _check_val_size(val_size)   # now, not after a long decode; the size is checked later
-
+    if name not in DATASETS or (name != "shapes" and data_dir is None) or (
+            name == "folder" and image_size is None):
+        raise ValueError(f"load_dataset needs a name in {DATASETS}, a data_dir (not for shapes) "
+                         f"and an image_size (folder); got {name!r}, {data_dir!r}, {image_size!r}")
+    size = spot.to_hw(32 if image_size is None else image_size)
+    _check_val_size(val_size)   # now, not after a long decode (against n: split_validation)
     if name == "shapes":
-        size = image_size or (32, 32)
-        train = Split(*make_shapes(SHAPES_TRAIN, size, seed=2 * seed))
-        test = Split(*make_shapes(SHAPES_TEST, size, seed=2 * seed + 1))
-        classes = list(SHAPE_CLASSES)
+        train = make_shapes(10_000, size, seed=2 * seed)
+        test, classes = make_shapes(2_000, size, seed=2 * seed + 1), SHAPE_CLASSES
+    elif name == "cifar10":
+        train, test, classes = utils.load_cifar10(data_dir, size, download, cache_dir, progress)
     else:
-        if name == "cifar10":
-            train, test, classes = utils.load_cifar10(data_dir, image_size or (32, 32),
-                                                        download, cache_dir, progress)
-        else:
-            train, test, classes = utils.load_folder(data_dir, image_size, cache_dir, progress)
-        train, test = Split(*train), Split(*test)
-
-    val = None
-    if holdout:
-        train, val = split_validation(train, val_size, seed=val_seed)
-    mean, std = utils.channel_stats(train.images)
-    return Dataset(name=name, train=train, test=test, classes=list(classes), mean=mean, std=std,
+        train, test, classes = utils.load_folder(data_dir, size, cache_dir, progress)
+    train, test = Split(*train), Split(*test)
+    train, val = split_validation(train, val_size, seed=val_seed) if val_size else (train, None)
+    return Dataset(name, train, test, list(classes), *utils.channel_stats(train.images),
                    image_size=tuple(train.images.shape[-2:]), val=val)
 
 
@@ -364,13 +253,8 @@ def split_validation(split, size, seed=0):
     disjoint, together exactly `split`, and each keeps the images in their original order -- an
     order the loaders already mix -- so the first N validation images are still a class mix.
     """
-    if not isinstance(split, Split):
-        raise ValueError(f"split must be a data.Split, got {type(split).__name__}")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    n = len(split)
+    n, labels = len(split), split.labels
     _check_val_size(size, n)
-    labels = split.labels
     classes, counts = torch.unique(labels, return_counts=True)      # (K,) each, sorted
     if isinstance(size, numbers.Integral):
         # Largest remainders: round every class's exact share down, then give one more image
@@ -382,33 +266,25 @@ def split_validation(split, size, seed=0):
     else:
         take = (counts.double() * size + 0.5).floor().long()         # (K,) rounded per class
         if not 0 < int(take.sum()) < n:
-            raise ValueError(f"size={size!r} of a split of {n} images rounds to "
-                             f"{int(take.sum())} validation images (per class: {take.tolist()}); "
-                             f"choose a fraction that leaves both parts non-empty")
-
+            raise ValueError(f"size={size!r} of {n} images rounds to {int(take.sum())} validation "
+                             f"images; choose a fraction that leaves both parts non-empty")
     g = torch.Generator().manual_seed(int(seed))
     is_val = torch.zeros(n, dtype=torch.bool)
     for c, k in zip(classes.tolist(), take.tolist()):
         members = (labels == c).nonzero().squeeze(1)                 # where class c is, in order
         is_val[members[torch.randperm(len(members), generator=g)[:k]]] = True
-    keep, held = (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)   # ascending
-    return (Split(split.images[keep], labels[keep]), Split(split.images[held], labels[held]))
+    return tuple(Split(split.images[part], labels[part]) for part in (~is_val, is_val))
 
 
 def _check_val_size(size, n=None):
     """ValueError unless `size` is an int >= 1 or a float in (0, 1), and (given the split's
-    length n) an int leaves at least one image on each side."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Real):
-        raise ValueError(f"the validation size must be an int (a number of images) or a float "
-                         f"in (0, 1) (a fraction of the train images), got {size!r}")
-    if isinstance(size, numbers.Integral):
-        if size < 1 or (n is not None and size >= n):
-            raise ValueError(f"the validation size must be at least 1 and less than the "
-                             f"{n if n is not None else 'number of'} images it is taken from, "
-                             f"got {size} (load_dataset's val_size=0 means no validation split)")
-    elif not 0 < size < 1:
-        raise ValueError(f"a fractional validation size must be in (0, 1), got {size!r}; pass "
-                         f"an int for a number of images")
+    length n) an int leaves at least one image on each side. Without n, 0 (none) is allowed."""
+    integral = isinstance(size, numbers.Integral)
+    if isinstance(size, bool) or not isinstance(size, numbers.Real) or not (
+            (0 if n is None else 1) <= size < (n or math.inf) if integral else 0 < size < 1):
+        raise ValueError(f"the validation size must be an int, at least 1 and less than the "
+                         f"{n or 'number of'} images it is taken from, or a float in (0, 1) (a "
+                         f"fraction of them), got {size!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -427,106 +303,72 @@ def augment(images, generator=None, padding=4, flip=True):
     Note zero fill is "black" for raw [0, 1] pixels; applied after normalization it is the mean
     colour instead, like the zeros spot.py reads outside the image.
     """
-    if not torch.is_tensor(images) or images.dim() != 4:
-        raise ValueError(f"images must be a 4-D tensor (B, C, H, W), got "
-                         f"{tuple(images.shape) if torch.is_tensor(images) else type(images)}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
-    B, C, H, W = images.shape
+    if not (torch.is_tensor(images) and images.ndim == 4 and isinstance(padding, int)
+            and padding >= 0):
+        raise ValueError(f"augment needs images (B, C, H, W) and an int padding >= 0, got "
+                         f"{getattr(images, 'shape', images)!r} and {padding!r}")
+    (B, C, H, W), on = images.shape, images.device
     dev = generator.device if generator is not None else torch.device("cpu")
-    # Random draws (always all three, so the stream does not depend on the flags).
-    dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
-    dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
-    flipped = torch.rand(B, generator=generator, device=dev) < 0.5
-    dy, dx, flipped = dy.to(images.device), dx.to(images.device), flipped.to(images.device)
-    if not flip:
-        flipped = torch.zeros_like(flipped)
-
-    padded = F.pad(images, (padding, padding, padding, padding))      # (B, C, H+2p, W+2p), zeros
-    ar_h = torch.arange(H, device=images.device)
-    ar_w = torch.arange(W, device=images.device)
+    # Always draw all three, so the random stream does not depend on the flags.
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), generator=generator, device=dev).to(on)
+    flipped = (torch.rand(B, generator=generator, device=dev) < 0.5).to(on) & flip
+    ar_h, ar_w = torch.arange(H, device=on), torch.arange(W, device=on)
     rows = dy[:, None] + ar_h                                        # (B, H) rows of each crop
     cols = torch.where(flipped[:, None], W - 1 - ar_w, ar_w) + dx[:, None]   # (B, W) maybe reversed
-    b = torch.arange(B, device=images.device)[:, None, None, None]
-    c = torch.arange(C, device=images.device)[None, :, None, None]
-    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]   # (B, C, H, W)
+    b, c = torch.arange(B, device=on).view(B, 1, 1, 1), torch.arange(C, device=on).view(C, 1, 1)
+    # Pad with zeros to (B, C, H+2p, W+2p), then gather each crop -> (B, C, H, W).
+    return F.pad(images, (padding,) * 4)[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 # -----------------------------------------------------------------------------
 # A trained model and the data it was trained on (oracle.py, visualize.py)
 
-def load_data_for(checkpoint, saved, dataset=None, data_dir=None, image_size=None, cache_dir=None,
-                  progress=False):
-    """The dataset a checkpoint was trained on (train.py stores its args), or the overrides.
-    Refuses data whose classes or image size differ from the model's: a table computed on other
-    classes would be silently meaningless. Raises ValueError or DataError."""
-    config, train_args = saved["model_config"], dict(saved.get("args") or {})
-    name = dataset or train_args.get("dataset")
-    if name is None:
-        raise ValueError(f"{checkpoint} stores no dataset name; pass --dataset")
-    folder = data_dir if data_dir is not None else train_args.get("data_dir")
-    loaded = load_dataset(
-        name, folder, image_size=image_size or spot.to_hw(config["image_size"]),
-        seed=train_args.get("seed", 0), cache_dir=cache_dir if cache_dir is not None else
-        train_args.get("cache_dir"), val_size=train_args.get("val_size") or 0, progress=progress)
-    if tuple(loaded.image_size) != spot.to_hw(config["image_size"]):
-        raise ValueError(f"the {name} images are {loaded.image_size} but the model in {checkpoint} "
-                         f"reads {spot.to_hw(config['image_size'])} images; pass --image-size")
-    classes = saved.get("classes")
-    if len(loaded.classes) != config["num_classes"] or (classes is not None and list(classes) != list(loaded.classes)):
-        raise ValueError(f"{checkpoint} was trained on the classes {classes or config['num_classes']} "
-                         f"but the {name} data in {folder} hold {loaded.classes}; evaluate it on the "
-                         f"dataset it was trained on (--dataset, --data-dir)")
-    return loaded
-
-
-def load_model_and_data(checkpoint, device="cpu", dataset=None, data_dir=None, image_size=None,
-                        cache_dir=None, progress=False):
-    """A checkpoint (read once, safely), then its data -> (model, dataset, train_args)."""
+def load_model_and_data(checkpoint, device="cpu", data_dir=None, progress=False):
+    """A checkpoint (read once, safely), then the dataset it was trained on (train.py stores its
+    args; data_dir overrides the folder, which moves between machines) -> (model, dataset,
+    train_args). Refuses data whose classes or image size differ from the model's: a table
+    computed on other classes would be silently meaningless. Raises ValueError or DataError."""
     model, saved = spot.load_checkpoint(checkpoint, map_location=device, return_checkpoint=True)
-    loaded = load_data_for(checkpoint, saved, dataset, data_dir, image_size, cache_dir, progress)
-    return model, loaded, dict(saved.get("args") or {})
+    config, train_args = saved["model_config"], dict(saved.get("args") or {})
+    name, size = train_args.get("dataset"), spot.to_hw(config["image_size"])
+    if name is None:
+        raise ValueError(f"{checkpoint} stores no dataset name (it was not written by train.py)")
+    folder = train_args.get("data_dir") if data_dir is None else data_dir
+    loaded = load_dataset(name, folder, size, seed=train_args.get("seed", 0), cache_dir=train_args.get("cache_dir"),
+                          val_size=train_args.get("val_size") or 0, progress=progress)
+    trained = (size, config["num_classes"], list(saved.get("classes") or loaded.classes))
+    if (loaded.image_size, len(loaded.classes), loaded.classes) != trained:
+        raise ValueError(f"{checkpoint} was trained on {size} images of the classes "
+                         f"{saved.get('classes') or config['num_classes']}, not on the {name} "
+                         f"data in {folder}: {loaded.image_size} images of {loaded.classes}")
+    return model, loaded, train_args
 
 
-def main():
-    """python py [name] ...: load a dataset, print a summary, optionally save a preview grid."""
+def main(argv=None):
+    """python data.py [name] ...: load a dataset, print a summary, optionally save a preview."""
     p = argparse.ArgumentParser(description="Load a dataset and print a summary.")
     p.add_argument("name", nargs="?", default="shapes", choices=DATASETS)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--data-dir")
+    p.add_argument("--image-size", type=utils.int_at_least(1))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=utils.count_or_fraction, default=0,
-                   help="hold out this many train images (or this fraction, e.g. 0.1)")
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--preview", default=None, help="save a grid of 8 x 8 train images here (PNG)")
-    args = p.parse_args()
-    t = time.time()
+    p.add_argument("--val-size", type=utils.count_or_fraction, default=0, help="N or a fraction")
+    p.add_argument("--preview", help="save the first 8 x 8 train images here, as one PNG")
+    args = p.parse_args(argv)
     try:
         d = load_dataset(args.name, args.data_dir, args.image_size, seed=args.seed,
-                         download=not args.no_download, val_size=args.val_size)
+                         val_size=args.val_size)
     except (ValueError, DataError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"{d.name}: loaded in {time.time() - t:.1f} s")
-    print(f"  train {tuple(d.train.images.shape)} {d.train.images.dtype}, "
-          f"test {tuple(d.test.images.shape)}, image_size {d.image_size}")
-    if d.val is not None:
-        print(f"  val {tuple(d.val.images.shape)} (held out of train), per class: "
-              f"{torch.bincount(d.val.labels, minlength=len(d.classes)).tolist()}")
-    print(f"  {len(d.classes)} classes: {', '.join(d.classes)}")
-    print(f"  train images per class: {torch.bincount(d.train.labels).tolist()}")
-    print(f"  mean {d.mean}  std {d.std}")
-    if args.preview:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(8, 8, figsize=(10, 10.5))
-        for ax, img, lab in zip(axes.flat, d.train.images[:64], d.train.labels[:64]):
-            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(d.classes[int(lab)], fontsize=7)
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(args.preview, dpi=100)
-        print(f"  preview -> {args.preview}")
+    print(f"{d.name}: {d.image_size} px, mean {d.mean}, std {d.std}, classes {d.classes}")
+    for part, split in (("train", d.train), ("val", d.val), ("test", d.test)):
+        if split is not None:
+            print(f"  {part:>5}: {len(split):6d} images, per class "
+                  f"{torch.bincount(split.labels, minlength=len(d.classes)).tolist()}")
+    if args.preview:   # one mosaic: (64, C, H, W) -> (8 H, 8 W, C), black where images run out
+        from matplotlib.image import imsave
+        x = F.pad(d.train.images[:64], (0, 0) * 3 + (0, 64 - min(64, len(d.train))))
+        x = x.view(8, 8, *x.shape[1:]).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)
+        utils.write_atomic(args.preview, lambda tmp: imsave(tmp, x.numpy(), format="png"))
 
 
 if __name__ == "__main__":

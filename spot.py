@@ -1,15 +1,17 @@
 """
 spot.py -- Subpixel Placement of Tokens (SPoT) in a small Vision Transformer.
 
-Everything the paper's method needs, in one file (read beside PAPER.md):
+The paper: "Subpixel Placement of Tokens in Vision Transformers", arXiv 2507.01654. Everything
+its method needs is in this one file:
 
-    extract_patches      PAPER §2   read a k x k window at any subpixel position (bilinear);
-                                    extract_patches_reference is the same written out by hand
-    sincos_pos_embed     PAPER §2   continuous 2D sin-cos position embedding
-    sample_positions     PAPER §3   spatial priors: where tokens go before any search
-    SPoTViT              PAPER §2/§5 a pre-norm ViT that reads an image through a set of positions,
-                                    built from an SPoTConfig (nanoGPT's GPT(GPTConfig) pattern)
-    load_checkpoint                 rebuild a model from a checkpoint written by train.py
+    extract_patches      subpixel tokens: read a k x k window at any subpixel position
+                         (bilinear); extract_patches_reference is the same written out by hand
+    sincos_pos_embed     subpixel tokens: the continuous 2D sin-cos position embedding
+    sample_positions     spatial priors: where tokens go before any search
+    SPoTViT              a pre-norm ViT that reads an image through a set of positions (one model
+                         for every prior and budget: retrofitting), built from an SPoTConfig
+                         (nanoGPT's GPT(GPTConfig) pattern)
+    load_checkpoint      rebuild a model from a checkpoint written by train.py
 
 Try it:  python spot.py      (a tiny demo: samples every prior and runs a forward pass)
 
@@ -35,7 +37,8 @@ zero (after the model's normalization, i.e. the dataset's mean colour).
                                                    pixel centres -> 50/50 blends
 
 The patch grid is the special case P = (i + 0.5) k: every sample lands on a pixel centre and
-the window is exactly the i-th non-overlapping k x k patch (PAPER §2, "Ω_grid ⊆ Ω_subpix").
+the window is exactly the i-th non-overlapping k x k patch, so the grid is one placement among
+all the subpixel ones ("Ω_grid ⊆ Ω_subpix").
 """
 
 import math
@@ -46,15 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    "PRIORS", "extract_patches", "extract_patches_reference", "grid_positions", "sincos_pos_embed",
-    "saliency_map", "sample_positions", "SPoTConfig", "SPoTViT", "load_checkpoint", "to_hw",
-    "check_window",
-]
-
-
 # -----------------------------------------------------------------------------
-# PAPER §2: reading a k x k window at a subpixel position
+# Subpixel tokens: reading a k x k window at a subpixel position
 
 def grid_positions(image_size, window):
     """Centres of the non-overlapping patch grid, row-major: (G, 2), G = (H//k) * (W//k).
@@ -69,21 +65,8 @@ def grid_positions(image_size, window):
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
-def _at_least_float32(tensor):
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-
-
-def _check_sampler_inputs(images, positions, window):
-    """Check the three inputs of the samplers -> positions in at least float32: in bf16 a
-    coordinate near 1 is off by up to 2^-9 of the image, i.e. 0.4 px at 224 px."""
-    _check_images(images)
-    _check_positions(positions, images.shape[0])
-    check_window(window, images.shape[-2:])
-    return _at_least_float32(positions)
-
-
 def extract_patches(images, positions, window):
-    """I_q(s; k) of PAPER §2: the k x k window centred at each subpixel position, read by
+    """I_q(s; k) of subpixel tokens: the k x k window centred at each subpixel position, read by
     bilinear interpolation (the fast path, F.grid_sample; extract_patches_reference below is the
     same reading written out by hand, and tests/test_spot.py proves the two equal).
 
@@ -94,8 +77,7 @@ def extract_patches(images, positions, window):
     returns    (B, N, C, k, k)
     """
     positions = _check_sampler_inputs(images, positions, window)
-    B, C, H, W = images.shape
-    N, k = positions.shape[1], window
+    (B, C, H, W), N, k = images.shape, positions.shape[1], window
     # Sample j of a window centred at P (pixels) sits at u_j = P - k/2 + j + 0.5, on each axis.
     offsets = torch.arange(k, device=images.device, dtype=positions.dtype) + 0.5 - k / 2   # (k,)
     centre = positions * positions.new_tensor((H, W))                         # (B, N, 2) = P
@@ -106,14 +88,14 @@ def extract_patches(images, positions, window):
     grid = grid.reshape(B, N * k, k, 2)                                      # (B, N*k, k, 2)
     # One (N*k) x k output "image" per batch element. Half-precision images are read in float32:
     # the CPU kernel is wrong for them (values off, NaN, even a crash at 224 px).
-    sample_dtype = _at_least_float32(images).dtype
+    sample_dtype = torch.promote_types(images.dtype, torch.float32)
     out = F.grid_sample(images.to(sample_dtype), grid.to(sample_dtype), mode="bilinear",
                         padding_mode="zeros", align_corners=False).to(images.dtype)
     return out.view(B, C, N, k, k).permute(0, 2, 1, 3, 4)                   # (B, N, C, k, k)
 
 
 def extract_patches_reference(images, positions, window):
-    """extract_patches written out by hand: the math of PAPER §2, for the reader (and the tests).
+    """extract_patches written out by hand: the math of subpixel tokens, for the reader (and tests).
 
     Sample j of a window sits at u_j = P - k/2 + j + 0.5 (pixels). Bilinear interpolation between
     pixel centres works on t = u - 0.5, so t_j = (P - k/2) + j: ALL k samples along one axis share
@@ -128,8 +110,7 @@ def extract_patches_reference(images, positions, window):
     Same arguments and result as extract_patches.
     """
     positions = _check_sampler_inputs(images, positions, window)
-    B, C, H, W = images.shape
-    N, k = positions.shape[1], window
+    (B, C, H, W), N, k = images.shape, positions.shape[1], window
     start = positions * positions.new_tensor((H, W)) - k / 2    # (B, N, 2) = t_0 (see above)
     corner = start.detach().floor()                      # (B, N, 2) top-left pixel of the block
     frac = start - corner                                # (B, N, 2) shared fractional offset
@@ -157,7 +138,7 @@ def extract_patches_reference(images, positions, window):
 
 
 # -----------------------------------------------------------------------------
-# PAPER §2: continuous position embedding
+# Subpixel tokens: the continuous position embedding
 
 def sincos_pos_embed(positions, dim, image_size, window, temperature=10000.0):
     """Continuous 2D sin-cos embedding of (B, N, 2) positions -> (B, N, dim).
@@ -187,7 +168,7 @@ def sincos_pos_embed(positions, dim, image_size, window, temperature=10000.0):
 
 
 # -----------------------------------------------------------------------------
-# PAPER §3: spatial priors
+# Spatial priors: where tokens go before any search
 
 PRIORS = ("uniform", "gaussian", "sobol", "isotropic", "center", "salient", "grid")
 
@@ -244,10 +225,9 @@ def saliency_map(images, size=64):
     # Smooth with a Gaussian (sigma = 2.5% of the side, as in the original recipe's blur).
     sigma = max(size * 0.025, 0.5)
     radius = int(3 * sigma)
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
-    taps = (taps / taps.sum()).to(saliency.device)
-    saliency = F.conv2d(saliency[:, None], taps.view(1, 1, 1, -1), padding=(0, radius))
-    saliency = F.conv2d(saliency, taps.view(1, 1, -1, 1), padding=(radius, 0))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / sigma) ** 2).to(saliency.device)
+    kernel = taps[:, None] * taps / taps.sum() ** 2                      # (2r+1, 2r+1), sums to 1
+    saliency = F.conv2d(saliency[:, None], kernel[None, None], padding=radius)
     saliency = saliency[:, :, pad:pad + size, pad:pad + size]
     saliency = F.interpolate(saliency, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     saliency = saliency.clamp_min(0)
@@ -255,7 +235,7 @@ def saliency_map(images, size=64):
 
 
 def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=None, images=None):
-    """Draw token positions from a spatial prior (PAPER §3) -> (batch_size, n_tokens, 2) in [0, 1].
+    """Draw token positions from a spatial prior -> (batch_size, n_tokens, 2) in [0, 1].
 
     prior:      one of PRIORS
                 "uniform"   i.i.d. uniform over the image
@@ -275,13 +255,9 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
     """
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
+    B, N = _positive_int(batch_size, "batch_size"), _positive_int(n_tokens, "n_tokens")
     height, width = to_hw(image_size)
     check_window(window, (height, width))
-    B, N = batch_size, n_tokens
     device = generator.device if generator is not None else torch.device("cpu")
 
     if prior == "uniform":
@@ -294,10 +270,9 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator, device=device).tolist()
         return torch.stack([torch.quasirandom.SobolEngine(2, scramble=True, seed=s).draw(N)
                             for s in seeds]).to(device)
-    if prior == "isotropic":
-        return isotropic_positions(N).to(device).expand(B, N, 2).clone()
-    if prior == "center":
-        return center_warp(isotropic_positions(N)).to(device).expand(B, N, 2).clone()
+    if prior in ("isotropic", "center"):
+        points = isotropic_positions(N).to(device)
+        return (center_warp(points) if prior == "center" else points).expand(B, N, 2).clone()
     if prior == "grid":
         cells = grid_positions((height, width), window).to(device)             # (G, 2)
         if N > len(cells):
@@ -307,12 +282,9 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
         chosen = torch.rand(B, len(cells), generator=generator, device=device).argsort(dim=1)[:, :N]
         return cells[chosen]
     # prior == "salient"
-    if images is None:
-        raise ValueError("prior 'salient' needs images=(B, C, H, W) to compute saliency from")
-    _check_images(images)
-    if images.shape[0] != B or tuple(images.shape[-2:]) != (height, width):
-        raise ValueError(f"images must have shape ({B}, C, {height}, {width}) for prior "
-                         f"'salient', got {tuple(images.shape)}")
+    if not torch.is_tensor(images) or images.shape[:1] + images.shape[2:] != (B, height, width):
+        raise ValueError(f"prior 'salient' needs images=({B}, C, {height}, {width}) to compute "
+                         f"saliency from, got {getattr(images, 'shape', images)}")
     saliency = saliency_map(images.to(device)).flatten(1)                     # (B, H*W)
     pixel = torch.multinomial(saliency, N, replacement=True, generator=generator)  # (B, N)
     jitter = torch.rand(B, N, 2, generator=generator, device=device)          # subpixel offset
@@ -321,7 +293,7 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
 
 
 # -----------------------------------------------------------------------------
-# PAPER §2 and §5: the model
+# The model: subpixel tokens into a ViT, one model for every prior and budget (retrofitting)
 
 @dataclass
 class SPoTConfig:
@@ -341,11 +313,10 @@ class SPoTConfig:
         self.image_size = to_hw(self.image_size)
         check_window(self.window, self.image_size)
         for name in ("num_classes", "dim", "depth", "heads", "in_chans"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            _positive_int(getattr(self, name), name)
         if self.dim % 4 or self.dim % self.heads:
-            raise ValueError(f"dim must be divisible by 4 and by heads={self.heads}, got dim={self.dim}")
+            raise ValueError(f"dim must be divisible by 4 and by heads={self.heads}, "
+                             f"got dim={self.dim}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -357,9 +328,9 @@ def attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v for (B, heads, T, d) tensors: scaled dot-product attention.
 
     On CUDA this is torch's fused kernel. On the CPU it is the same formula written out, because
-    torch's fused CPU kernel has a slow backward in bf16 (bench.py's attention section measures
-    both; the README gives the numbers). The softmax runs in float32 even under bf16 autocast,
-    as the fused kernels do internally.
+    torch's fused CPU kernel has a slow backward in bf16 (experiments/bench.py's attention section
+    measures both; experiments/NOTES.md gives the numbers). The softmax runs in float32 even under bf16
+    autocast, as the fused kernels do internally.
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v)
@@ -371,8 +342,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):                                                    # (B, T, D)
         B, T, D = x.shape
@@ -384,8 +354,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -407,7 +376,7 @@ class Block(nn.Module):
 
 
 class SPoTViT(nn.Module):
-    """A ViT that reads an image through a *set* of subpixel token positions (PAPER §2).
+    """A ViT that reads an image through a *set* of subpixel token positions (subpixel tokens).
 
         model = SPoTViT(SPoTConfig(dim=128, depth=4))
         model(images, positions) -> logits (B, num_classes)
@@ -427,15 +396,13 @@ class SPoTViT(nn.Module):
         if not isinstance(config, SPoTConfig):
             raise ValueError(f"config must be an SPoTConfig, got {type(config).__name__}")
         self.config = config
-        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, -1, 1, 1),
-                             persistent=False)
-        k, dim = config.window, config.dim
+        for name in ("image_mean", "image_std"):    # (1, C, 1, 1); not saved: the config has them
+            value = torch.tensor(getattr(config, name)).view(1, -1, 1, 1)
+            self.register_buffer(name, value, persistent=False)
+        k, dim, heads, ratio = config.window, config.dim, config.heads, config.mlp_ratio
         self.patch_embed = nn.Linear(config.in_chans * k * k, dim)          # (C*k*k) -> dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList([Block(dim, config.heads, config.mlp_ratio)
-                                     for _ in range(config.depth)])
+        self.blocks = nn.ModuleList(Block(dim, heads, ratio) for _ in range(config.depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, config.num_classes)
         self.apply(self._init_weights)
@@ -445,11 +412,8 @@ class SPoTViT(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):    # (LayerNorms start as 1 and 0 already)
             nn.init.trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
     def pos_embed(self, positions):
@@ -459,10 +423,9 @@ class SPoTViT(nn.Module):
     def forward_features(self, images, positions):
         """images (B, C, H, W) in [0, 1], positions (B, N, 2) -> normed tokens (B, 1 + N, dim)."""
         _check_images(images)
-        (H, W), C = self.config.image_size, self.config.in_chans
-        if images.shape[1] != C or tuple(images.shape[-2:]) != (H, W):
-            raise ValueError(f"images must be (B, {C}, {H}, {W}) for this model, got "
-                             f"{tuple(images.shape)}")
+        shape = ("B", self.config.in_chans, *self.config.image_size)
+        if images.shape[1:] != shape[1:]:
+            raise ValueError(f"images must be {shape} for this model, got {tuple(images.shape)}")
         images = (images - self.image_mean) / self.image_std
         windows = extract_patches(images, positions, self.config.window)     # (B, N, C, k, k)
         tokens = self.patch_embed(windows.flatten(2))                        # (B, N, dim)
@@ -475,8 +438,7 @@ class SPoTViT(nn.Module):
 
     def forward_head(self, features, pre_logits=False):
         """Class-token feature (B, dim) if pre_logits (used for kNN), else logits (B, classes)."""
-        cls = features[:, 0]
-        return cls if pre_logits else self.head(cls)
+        return features[:, 0] if pre_logits else self.head(features[:, 0])
 
     def forward(self, images, positions):
         return self.forward_head(self.forward_features(images, positions))
@@ -492,21 +454,19 @@ def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
     Raises ValueError naming the file when it is missing, unreadable or not an SPoT checkpoint.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a checkpoint file; pass the checkpoint.pt "
-                         f"inside it (train.py writes <out>/checkpoint.pt)")
     if not path.is_file():
-        raise ValueError(f"{path} does not exist (train.py writes <out>/checkpoint.pt)")
+        raise ValueError(f"{path} {'is a directory' if path.is_dir() else 'does not exist'}; pass "
+                         f"a checkpoint file (train.py writes <out>/checkpoint.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:   # truncated, empty, random bytes, or holding code (refused)
         reason = str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
-        raise ValueError(f"{path} could not be read as a checkpoint ({reason}); it is "
-                         f"truncated, not a checkpoint, or holds objects other than tensors and "
-                         f"plain data, which are refused because loading them could run code") from None
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path} is not an SPoT checkpoint (expected a dict with 'model_config' "
-                         f"and 'model', as train.py writes)")
+        raise ValueError(f"{path} could not be read as a checkpoint ({reason}): it is truncated, "
+                         f"not a checkpoint, or holds objects other than tensors and plain data, "
+                         f"which could run code") from None
+    if not isinstance(checkpoint, dict) or not {"model_config", "model"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not an SPoT checkpoint (a dict with 'model_config' and "
+                         f"'model', as train.py writes)")
     try:
         model = SPoTViT(SPoTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
@@ -519,47 +479,49 @@ def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
 # -----------------------------------------------------------------------------
 # Input checks of the public functions (every error names the argument); inner code trusts them
 
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 def to_hw(size, name="image_size"):
     """An int or (H, W) pair -> (H, W) of positive ints."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
-        raise ValueError(f"{name} must be a positive int or a (height, width) pair of "
-                         f"positive ints, got {size!r}")
-    return tuple(size)
+    pair = (size, size) if isinstance(size, int) else size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size!r}")
+    return tuple(_positive_int(side, name) for side in pair)
 
 
 def check_window(window, image_hw, name="window"):
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {window!r}")
-    if window > min(image_hw):
+    if _positive_int(window, name) > min(image_hw):
         raise ValueError(f"{name}={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
                          f"use a {name} <= {min(image_hw)}")
 
 
 def _check_images(images):
-    if not torch.is_tensor(images) or images.dim() != 4:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"images must be a 4-D tensor (B, C, H, W), got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point (e.g. uint8 / 255), got {images.dtype}")
+    if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point (B, C, H, W) tensor (e.g. uint8 / 255), "
+                         f"got {getattr(images, 'shape', type(images).__name__)} "
+                         f"{getattr(images, 'dtype', '')}")
 
 
-def _check_positions(positions, batch_size):
+def _check_sampler_inputs(images, positions, window):
+    """Check the samplers' three inputs -> positions in at least float32 (in bf16 a coordinate
+    near 1 is off by up to 2^-9 of the image, i.e. 0.4 px at 224 px)."""
+    _check_images(images)
+    check_window(window, images.shape[-2:])
     if not torch.is_tensor(positions) or positions.dim() != 3 or positions.shape[-1] != 2:
-        shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
-        raise ValueError(f"positions must be a tensor of shape (B, N, 2) holding (y, x) in [0, 1], "
-                         f"got {shape}")
-    if positions.shape[0] != batch_size:
-        raise ValueError(f"positions has batch size {positions.shape[0]} but images has "
-                         f"{batch_size}; pass one set of positions per image")
-    if positions.shape[1] < 1:
-        raise ValueError("positions must hold at least one token (N >= 1), got N = 0")
+        raise ValueError(f"positions must be a (B, N, 2) tensor of (y, x) in [0, 1], got "
+                         f"{getattr(positions, 'shape', type(positions).__name__)}")
+    if positions.shape[0] != images.shape[0] or positions.shape[1] < 1:
+        raise ValueError(f"positions {tuple(positions.shape)} must hold N >= 1 positions for each "
+                         f"of the {images.shape[0]} images (the batch size)")
     # Reading values of a GPU tensor makes the CPU wait for the GPU on every forward pass, so
     # NaN/inf is caught for CPU tensors only (on CUDA it shows up as NaN logits instead).
     if positions.device.type == "cpu" and not torch.isfinite(positions).all():
         raise ValueError("positions contain NaN or inf; positions are (y, x) in [0, 1]")
+    return positions.to(torch.promote_types(positions.dtype, torch.float32))
 
 
 if __name__ == "__main__":
@@ -569,6 +531,5 @@ if __name__ == "__main__":
     generator = torch.Generator().manual_seed(0)
     for prior in PRIORS:
         positions = sample_positions(prior, 2, 16, 32, 4, generator=generator, images=images)
-        logits = model(images, positions)
         print(f"{prior:>9}: positions {tuple(positions.shape)} in [{positions.min():.3f}, "
-              f"{positions.max():.3f}] -> logits {tuple(logits.shape)}")
+              f"{positions.max():.3f}] -> logits {tuple(model(images, positions).shape)}")

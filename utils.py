@@ -44,59 +44,52 @@ import torch.nn.functional as F
 # Flags: argparse types that check a value where the flag is declared (argparse then names the
 # flag in its error, before any work is done)
 
-def int_at_least(low):
-    """An argparse type: an int >= low."""
+def _argument_type(kind, ok, expected):
+    """An argparse type: kind(text), refused unless ok(value), with a message saying what was
+    expected (argparse adds the flag's name)."""
     def parse(text):
         try:
-            value = int(text)
-        except ValueError:
+            value = kind(text)
+        except (ValueError, OverflowError):
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
         return value
     return parse
+
+
+def int_at_least(low):
+    """An argparse type: an int >= low."""
+    return _argument_type(int, lambda value: value >= low, f"an int >= {low}")
 
 
 def float_in(low, high=math.inf, low_open=False, high_open=False):
     """An argparse type: a finite float in [low, high], or (low, ...) / (..., high) when open
     (float() alone would accept 'nan' and 'inf')."""
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-        if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
-        return value
-    return parse
+    closing = ")" if high_open or high == math.inf else "]"
+    interval = f"{'(' if low_open else '['}{low}, {high}{closing}"
+    def ok(v):
+        return (math.isfinite(v) and (low < v if low_open else low <= v)
+                and (v < high if high_open else v <= high))
+    return _argument_type(float, ok, f"a finite number in {interval}")
 
 
-def count_or_fraction(text):
-    """An argparse type: an int >= 0 (a count) or a float in (0, 1) (a fraction)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if value >= 0 and value == int(value):
-        return int(value)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a count (an int >= 0) or a fraction in (0, 1), "
-                                         f"got {text!r}")
-    return value
+def _whole_as_int(text):
+    value = float(text)
+    return int(value) if value == int(value) else value
+
+
+# An argparse type: a count (an int >= 0) or a fraction (a float in (0, 1)).
+count_or_fraction = _argument_type(
+    _whole_as_int, lambda v: v >= 0 if isinstance(v, int) else 0 < v < 1,
+    "a count (an int >= 0) or a fraction in (0, 1)")
 
 
 def name_list(choices):
     """An argparse type: comma-separated names, each one of `choices` -> a list."""
-    def parse(text):
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        if not names or any(n not in choices for n in names):
-            raise argparse.ArgumentTypeError(f"must be comma-separated names from "
-                                             f"{','.join(choices)}, got {text!r}")
-        return names
-    return parse
+    return _argument_type(lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                          lambda names: names and all(n in choices for n in names),
+                          f"comma-separated names from {','.join(choices)}")
 
 
 def parse_tokens(text, n_grid, flag="--tokens"):
@@ -136,9 +129,7 @@ def check_out_dir(out, flag):
         raise ValueError(f"{flag} {out} is a file; pass a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out).close()      # a file can be made there (and is gone)
     except OSError as error:
         raise ValueError(f"{flag} {out} is not writable ({error.strerror}); choose another folder")
 
@@ -150,12 +141,10 @@ def cpu_name():
     """The CPU's model name, to print beside every timing (speed differs a lot between CPUs)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def resolve_device(choice):
@@ -207,7 +196,8 @@ def probe_step_seconds(model, batch_size, n_tokens, device, bf16, steps=3):
     Leaves no trace: its own generator, gradients to a list (never .grad), no optimizer step."""
     generator = torch.Generator(device=device).manual_seed(0)
     config = model.config
-    images = torch.rand(batch_size, config.in_chans, *config.image_size, generator=generator, device=device)
+    images = torch.rand(batch_size, config.in_chans, *config.image_size, generator=generator,
+                        device=device)
     positions = torch.rand(batch_size, n_tokens, 2, generator=generator, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
@@ -335,30 +325,34 @@ def load_cifar10(root, size, download, cache_dir, progress):
     """
     root = Path(root).expanduser()
     pickles = root / CIFAR10_FOLDER
-    has_pickles = all((pickles / n).is_file() for n in CIFAR10_BATCHES)
+    has_pickles = all((pickles / name).is_file() for name in CIFAR10_BATCHES)
     has_folders = (root / "train").is_dir() and (root / "test").is_dir()
     if not has_pickles and not has_folders:
         _get_cifar10_archive(root, download, progress)
-        has_pickles = True
-    if has_pickles:
+    if has_pickles or not has_folders:
         train, test, classes = _load_cifar_pickles(pickles)
     else:
         train, test, classes = _load_class_folders(root / "train", root / "test", (32, 32),
                                                    cache_dir, progress)
-    train = (resize_uint8(train[0], size), train[1])
-    test = (resize_uint8(test[0], size), test[1])
-    return train, test, classes
+    return (resize_uint8(train[0], size), train[1]), (resize_uint8(test[0], size), test[1]), classes
 
 
 def _cifar_help(root, problem):
-    """The one paragraph every CIFAR-10 failure shows: what went wrong and every way out."""
-    return (f"{problem} CIFAR-10 is expected in {root} either as the official python version, "
-            f"i.e. {root / CIFAR10_FOLDER}/ holding data_batch_1..5, test_batch and batches.meta, "
-            f"or as class folders {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg. "
-            f"To get it, download {CIFAR10_URL} (MD5 {CIFAR10_MD5}) on a machine with internet "
-            f"access and extract it into {root} (tar xzf {CIFAR10_ARCHIVE} -C {root}), or put the "
-            f"archive itself in {root} and it is checked and extracted for you. Or train on the "
-            f"built-in dataset with `--dataset shapes`, which needs no download.")
+    """The one paragraph every missing-CIFAR-10 failure shows: what went wrong, every way out."""
+    return DataError(
+        f"{problem} CIFAR-10 is expected in {root} either as the official python version, "
+        f"i.e. {root / CIFAR10_FOLDER}/ holding data_batch_1..5, test_batch and batches.meta, "
+        f"or as class folders {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg. "
+        f"To get it, download {CIFAR10_URL} (MD5 {CIFAR10_MD5}) on a machine with internet "
+        f"access and extract it into {root} (tar xzf {CIFAR10_ARCHIVE} -C {root}), or put the "
+        f"archive itself in {root} and it is checked and extracted for you. Or train on the "
+        f"built-in dataset with `--dataset shapes`, which needs no download.")
+
+
+def _cifar_damaged(path, problem):
+    """The error for an official CIFAR-10 file that is there but not as the archive holds it."""
+    return DataError(f"The CIFAR-10 file {path} {problem}. Delete the folder {path.parent} and "
+                     f"extract the official archive {CIFAR10_URL} (MD5 {CIFAR10_MD5}) again.")
 
 
 def _get_cifar10_archive(root, download, progress):
@@ -372,8 +366,8 @@ def _get_cifar10_archive(root, download, progress):
     if archive.is_file():
         _verify_md5(archive, CIFAR10_MD5, root)
     elif not download:
-        raise DataError(_cifar_help(root, f"CIFAR-10 was not found in {root} and downloading "
-                                          f"is switched off."))
+        raise _cifar_help(root, f"CIFAR-10 was not found in {root} and downloading is switched "
+                                f"off.")
     else:
         part = archive.with_name(archive.name + ".part")
         try:
@@ -383,9 +377,9 @@ def _get_cifar10_archive(root, download, progress):
                     print(f"downloading {CIFAR10_URL} -> {archive} (170 MB)")
                 _urlretrieve(CIFAR10_URL, part)
             except Exception as e:
-                raise DataError(_cifar_help(root, f"CIFAR-10 was not found in {root} and "
-                                                  f"downloading {CIFAR10_URL} failed "
-                                                  f"({type(e).__name__}: {e}).")) from None
+                raise _cifar_help(root, f"CIFAR-10 was not found in {root} and downloading "
+                                        f"{CIFAR10_URL} failed ({type(e).__name__}: {e}).") \
+                    from None
             _verify_md5(part, CIFAR10_MD5, root, downloaded=True)
             os.replace(part, archive)    # only a complete, verified download gets the real name
         finally:
@@ -397,9 +391,9 @@ def _get_cifar10_archive(root, download, progress):
             except TypeError:
                 tar.extractall(root)
     except (tarfile.TarError, OSError) as e:
-        raise DataError(_cifar_help(root, f"Extracting {archive} failed ({e})."))
+        raise _cifar_help(root, f"Extracting {archive} failed ({e}).")
     if not (root / CIFAR10_FOLDER).is_dir():
-        raise DataError(_cifar_help(root, f"{archive} did not contain {CIFAR10_FOLDER}/."))
+        raise _cifar_help(root, f"{archive} did not contain {CIFAR10_FOLDER}/.")
 
 
 def _urlretrieve(url, dest):
@@ -417,23 +411,17 @@ def _urlretrieve(url, dest):
                                    f"the server or the connection is too slow")
 
 
-def _md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify_md5(path, expected, root, downloaded=False):
     """Raise DataError unless the file's MD5 is `expected`."""
-    got = _md5(path)
-    if got != expected:
-        what = (f"The download of {CIFAR10_URL} has MD5 {got}, expected {expected}: it is "
-                f"incomplete or not the official file, and was deleted." if downloaded else
-                f"The archive {path} has MD5 {got}, expected {expected}: it is incomplete or not "
-                f"the official file. Delete it and try again.")
-        raise DataError(_cifar_help(root, what))
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            md5.update(block)
+    if md5.hexdigest() != expected:
+        what = f"The download of {CIFAR10_URL}" if downloaded else f"The archive {path}"
+        raise _cifar_help(root, f"{what} has MD5 {md5.hexdigest()}, expected {expected}: it is "
+                                f"incomplete or not the official file. "
+                                + ("It was deleted." if downloaded else "Delete it and try again."))
 
 
 # The official files are Python 2 pickles of dicts holding bytes, ints, lists and numpy arrays;
@@ -457,26 +445,22 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
 
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        try:
-            return _PICKLE_GLOBALS[(module, name)]
-        except KeyError:
-            raise _ForbiddenGlobal(f"{module}.{name}") from None
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _ForbiddenGlobal(f"was not loaded: it refers to {module}.{name}, which the "
+                                   f"official files never contain, and unpickling it could run "
+                                   f"code. It is damaged or was tampered with")
+        return _PICKLE_GLOBALS[(module, name)]
 
 
 def _read_pickle(path):
     """Unpickle one CIFAR-10 file with _CifarUnpickler; any failure is a DataError naming it."""
-    again = (f"Delete the folder {path.parent} and extract the official archive {CIFAR10_URL} "
-             f"(MD5 {CIFAR10_MD5}) again.")
     try:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="bytes").load()   # py2 str -> bytes
-    except _ForbiddenGlobal as e:
-        raise DataError(f"The CIFAR-10 file {path} was not loaded: it refers to {e}, which the "
-                        f"official files never contain, and unpickling it could run code. It "
-                        f"is damaged or was tampered with. {again}") from None
     except Exception as e:
-        raise DataError(f"Could not read the CIFAR-10 file {path} ({type(e).__name__}: {e}): it "
-                        f"is truncated or not a CIFAR-10 python pickle. {again}") from None
+        raise _cifar_damaged(path, str(e) if isinstance(e, _ForbiddenGlobal) else
+                             f"could not be read ({type(e).__name__}: {e}): it is truncated or "
+                             f"not a CIFAR-10 python pickle") from None
 
 
 def _read_cifar_batch(path):
@@ -487,26 +471,21 @@ def _read_cifar_batch(path):
     """
     batch = _read_pickle(path)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        problem = "it is not a dict holding b'data' and b'labels'"
+        raise _cifar_damaged(path, "is not in the official format: it is not a dict holding "
+                                   "b'data' and b'labels'")
+    x, y = batch[b"data"], batch[b"labels"]          # a numpy array, a list of ints
+    if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2
+            or x.shape[0] < 1 or x.shape[1] != 3 * 32 * 32):
+        got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
+               else type(x).__name__)
+        problem = f"its data is a {got}, not a uint8 array of shape (n, 3072)"
+    elif not isinstance(y, list) or len(y) != len(x) or not all(type(v) is int for v in y):
+        problem = f"it has {len(x)} images but its labels are not a list of {len(x)} ints"
+    elif not all(0 <= v < CIFAR10_CLASSES for v in y):
+        problem = f"it has labels out of range (CIFAR-10 labels are 0..{CIFAR10_CLASSES - 1})"
     else:
-        x, y = batch[b"data"], batch[b"labels"]          # a numpy array, a list of ints
-        if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2
-                or x.shape[0] < 1 or x.shape[1] != 3 * 32 * 32):
-            got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
-                   else type(x).__name__)
-            problem = f"its data is a {got}, not a uint8 array of shape (n, 3072)"
-        elif (not isinstance(y, list) or len(y) != len(x)
-              or not all(type(v) is int for v in y)):
-            problem = f"it has {len(x)} images but its labels are not a list of {len(x)} ints"
-        elif not all(0 <= v < CIFAR10_CLASSES for v in y):
-            problem = (f"it has labels out of range (min {min(y)}, max {max(y)}; CIFAR-10 "
-                       f"labels are 0..{CIFAR10_CLASSES - 1})")
-        else:
-            return (torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()),
-                    torch.tensor(y, dtype=torch.int64))
-    raise DataError(f"The CIFAR-10 batch file {path} is not in the official format: {problem}. "
-                    f"Delete the folder {path.parent} and extract the official archive "
-                    f"{CIFAR10_URL} (MD5 {CIFAR10_MD5}) again.")
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.tensor(y, dtype=torch.int64)
+    raise _cifar_damaged(path, f"is not in the official format: {problem}")
 
 
 def _load_cifar_pickles(folder):
@@ -519,10 +498,8 @@ def _load_cifar_pickles(folder):
         names = names.get(b"label_names") if isinstance(names, dict) else None
         if (not isinstance(names, list) or len(names) != CIFAR10_CLASSES
                 or not all(isinstance(n, (bytes, str)) for n in names)):
-            raise DataError(f"The CIFAR-10 file {meta} is not in the official format: it should "
-                            f"hold b'label_names', a list of {CIFAR10_CLASSES} class names. "
-                            f"Delete the folder {folder} and extract the official archive "
-                            f"{CIFAR10_URL} (MD5 {CIFAR10_MD5}) again.")
+            raise _cifar_damaged(meta, f"is not in the official format: it should hold "
+                                       f"b'label_names', a list of {CIFAR10_CLASSES} class names")
         classes = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
     return train, parts[5], classes
 
@@ -537,19 +514,14 @@ def load_folder(root, size, cache_dir, progress):
     """An ImageNet-style dataset root/train/<class>/* + root/val/<class>/* (or test/)
     -> ((train_images, train_labels), (test_images, test_labels), classes)."""
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"The dataset folder {root} does not exist. The folder dataset "
-                        f"expects {root}/train/<class>/<image> and {root}/val/<class>/<image> "
-                        f"(or test/ instead of val/), as in Imagenette.")
-    test_name = next((s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not (root / "train").is_dir() or test_name is None:
-        missing = [str(root / "train")] if not (root / "train").is_dir() else []
-        if test_name is None:
-            missing.append(f"{root / 'val'} (or {root / 'test'})")
-        raise DataError(f"The folder dataset in {root} is missing {' and '.join(missing)}. "
-                        f"Expected {root}/train/<class>/<image> and {root}/val/<class>/<image> "
-                        f"(or test/ instead of val/), one subfolder per class, as in "
-                        f"Imagenette.")
+    test_name = next((s for s in ("val", "test") if (root / s).is_dir()), "val")
+    missing = " and ".join(str(root / s) for s in ("train", test_name) if not (root / s).is_dir())
+    if missing:
+        raise DataError(f"The dataset folder {root} "
+                        f"{'is missing ' + missing if root.is_dir() else 'does not exist'}. The "
+                        f"folder dataset expects {root}/train/<class>/<image> and "
+                        f"{root}/val/<class>/<image> (or test/ instead of val/), one subfolder per "
+                        f"class, as in Imagenette.")
     return _load_class_folders(root / "train", root / test_name, size, cache_dir, progress)
 
 
@@ -557,12 +529,10 @@ def _load_class_folders(train_dir, test_dir, size, cache_dir, progress):
     *train, classes = load_split_folder(train_dir, size, cache_dir, progress)
     *test, test_classes = load_split_folder(test_dir, size, cache_dir, progress)
     if classes != test_classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
         raise DataError(f"The class folders of {train_dir} and {test_dir} differ, so labels would "
                         f"not match between the splits. Only in {train_dir.name}: "
-                        f"{only_train or 'none'}; only in {test_dir.name}: {only_test or 'none'}. "
-                        f"Make both splits hold the same class folders.")
+                        f"{sorted(set(classes) - set(test_classes)) or 'none'}; only in "
+                        f"{test_dir.name}: {sorted(set(test_classes) - set(classes)) or 'none'}.")
     return tuple(train), tuple(test), classes
 
 
@@ -593,14 +563,12 @@ def _list_split(split_dir):
     Every class folder must hold at least one image; files directly in the split folder and
     hidden entries (.DS_Store, ...) are ignored.
     """
-    if not split_dir.is_dir():
-        raise DataError(f"The folder {split_dir} does not exist. Expected one subfolder per "
-                        f"class inside it, e.g. {split_dir}/<class>/<image>.jpg.")
-    classes = sorted(e.name for e in os.scandir(split_dir)
-                     if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir()
+                     and not e.name.startswith(".")) if split_dir.is_dir() else []
     if not classes:
-        raise DataError(f"The folder {split_dir} has no class subfolders. Expected one "
-                        f"subfolder per class, e.g. {split_dir}/<class>/<image>.jpg.")
+        raise DataError(f"The folder {split_dir} "
+                        f"{'has no class subfolders' if split_dir.is_dir() else 'does not exist'}. "
+                        f"Expected one subfolder per class, e.g. {split_dir}/<class>/<image>.jpg.")
     files = []
     for label, cls in enumerate(classes):
         names = sorted(e.name for e in os.scandir(split_dir / cls)
@@ -692,25 +660,20 @@ def _decode_many(paths, size, progress, desc, workers=2, chunk=500):
     inter-process traffic to a few large messages. Small folders are decoded in-process:
     starting processes would cost more than it saves.
     """
+    import multiprocessing as mp
     from tqdm import tqdm
 
     out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)  # (N, H, W, 3)
     jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
-    if workers > 1 and len(paths) >= 4 * chunk and (os.cpu_count() or 1) > 1:
-        import multiprocessing as mp
-        # fork (Linux) starts instantly and needs no re-import of torch; elsewhere the default.
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(workers) as pool:
-            for i, arr in enumerate(pool.imap(_decode_chunk, jobs)):   # imap keeps the order
-                out[i * chunk: i * chunk + len(arr)] = arr
-                bar.update(len(arr))
-    else:
-        for i, job in enumerate(jobs):
-            arr = _decode_chunk(job)
+    pooled = workers > 1 and len(paths) >= 4 * chunk and (os.cpu_count() or 1) > 1
+    # fork (Linux) starts instantly and needs no re-import of torch; elsewhere the default.
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
+            (context.Pool(workers) if pooled else nullcontext()) as pool:
+        chunks = pool.imap(_decode_chunk, jobs) if pooled else map(_decode_chunk, jobs)  # in order
+        for i, arr in enumerate(chunks):
             out[i * chunk: i * chunk + len(arr)] = arr
             bar.update(len(arr))
-    bar.close()
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()    # (N, 3, H, W) uint8
 
 
@@ -726,12 +689,7 @@ def _cache_file(cache_dir, split_dir, size, files):
     every file's name, size and modification time (so adding, removing or replacing an image
     makes a new cache entry instead of silently using stale data).
     """
-    if cache_dir is not None:
-        root = Path(cache_dir)
-    elif os.environ.get("SPOT_CACHE"):
-        root = Path(os.environ["SPOT_CACHE"])
-    else:
-        root = Path.home() / ".cache" / "spot"
+    root = Path(cache_dir or os.environ.get("SPOT_CACHE") or Path.home() / ".cache" / "spot")
     split_dir = split_dir.resolve()
     h = hashlib.sha256()
     h.update(f"v2|{split_dir}|{split_dir.name}|{size[0]}x{size[1]}|".encode())

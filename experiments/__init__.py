@@ -1,7 +1,12 @@
-"""experiments/ -- research beyond the paper and measurements of it: benchmarks, the learned
-label-free placer, probes and the lab notes. The top level never imports this folder; these
-scripts import the top level. Run them from the repository root as modules:
+"""experiments/ -- research beyond the paper (arXiv 2507.01654) and measurements of it. The top
+level never imports this folder; these scripts import the top level. Run them from the
+repository root as modules:
 
-    python -m experiments.bench --quick
-    python -m experiments.placement --help
+    python -m experiments.bench --quick          # what subpixel tokens cost next to a grid ViT
+    python -m experiments.placement --help       # train the learned label-free placer
+    python -m experiments.label_free --help      # evaluate it against the oracle; its figure
+    python -m experiments.label_free_probe --help   # label-free search objectives, on validation
+    python -m experiments.tables                 # RESULTS.md's tables from results/
+
+NOTES.md is the lab notebook: what was tried, measured and kept.
 """

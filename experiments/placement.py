@@ -1,9 +1,9 @@
 """
-placement.py -- beyond the paper: label-free token placement, learned ("glance, then place").
+experiments/placement.py -- beyond the paper: label-free token placement, learned ("glance, then place").
 
-The paper's open direction (PAPER §4 end, §6): SPoT-ON shows how much a few well-placed tokens
-can do, but it needs the label. Here a frozen SPoT model places its own tokens, with no label
-at test time, in the spirit of PS-ViT's progressive sampling:
+The open problem of arXiv 2507.01654 is closing the gap to the oracle without labels: SPoT-ON
+shows how much a few well-placed tokens can do, but it needs the label. Here a frozen SPoT model
+places its own tokens, with no label at test time, in the spirit of PS-ViT's progressive sampling:
 
     1. glance  read G of the N points of the isotropic lattice (a fixed, image-independent
                prior), spread out by farthest-point sampling;
@@ -16,13 +16,15 @@ An untrained head moves nothing, so it starts as exactly the N-token isotropic p
 
 Every token the model reads counts toward the budget: a 16-token "glance, then place" reads
 4 + 12 tokens and is compared with 16-token priors. Its compute is one forward pass at G tokens
-plus one at N (oracle.py reports the multiple of one N-token pass). The head learns from the
-training split's labels with the classification loss, end to end *through the bilinear sampler*
-(PAPER §2: positions are differentiable), which is what SPoT makes possible; the backbone never
-changes, so the gain over a prior is due to placement alone.
+plus one at N (experiments.label_free reports the multiple of one N-token pass). The head learns
+from the training split's labels with the classification loss, end to end *through the bilinear
+sampler* (subpixel tokens: positions are differentiable), which is what SPoT makes possible; the
+backbone never changes, so the gain over a prior is due to placement alone.
 
-    python placement.py --checkpoint runs/cifar10-spot/checkpoint.pt --out runs/cifar10-placer
-    python oracle.py --checkpoint runs/cifar10-spot/checkpoint.pt --placer runs/cifar10-placer/placer.pt ...
+    python -m experiments.placement --checkpoint runs/cifar10-spot/checkpoint.pt --tokens 8,16 \
+        --out runs/cifar10-placer
+    python -m experiments.label_free evaluate --checkpoint runs/cifar10-spot/checkpoint.pt \
+        --placer runs/cifar10-placer/placer.pt --out runs/cifar10-label-free
 """
 
 import argparse
@@ -36,9 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import utils
 import data
+import oracle
 import spot
+import train
+import utils
 
 
 @dataclass
@@ -52,14 +56,10 @@ class PlacerConfig:
     glance_fraction: float = 0.25  # G = round(fraction * N), at least 1 and at most N - 1
     max_shift: float = 0.5         # how far a placed token may move from its base point, image units
 
-    def __post_init__(self):
+    def __post_init__(self):      # (the command line checks the fraction and the shift)
         self.image_size = spot.to_hw(self.image_size)
         if self.width % 4 or self.width % self.heads:
             raise ValueError(f"width must be divisible by 4 and by heads={self.heads}, got {self.width}")
-        if not 0 < self.glance_fraction < 1:
-            raise ValueError(f"glance_fraction must be in (0, 1), got {self.glance_fraction}")
-        if not 0 < self.max_shift <= 1:
-            raise ValueError(f"max_shift must be in (0, 1], got {self.max_shift}")
 
 
 def glance_size(n_tokens, fraction):
@@ -149,7 +149,7 @@ def load_placer(path, map_location="cpu"):
         placer = GlancePlacer(PlacerConfig(**saved["placer_config"]))
         placer.load_state_dict(saved["placer"])
     except Exception as error:                # truncated, not a placer, another torch format, ...
-        raise ValueError(f"{path} is not a placer written by placement.py ({type(error).__name__}: "
+        raise ValueError(f"{path} is not a placer written by experiments.placement ({type(error).__name__}: "
                          f"{error})") from None
     return placer.to(map_location).eval(), saved
 
@@ -159,60 +159,52 @@ def check_fits(placer, model):
     and token width (its queries live in the model's position-embedding space)."""
     if (placer.config.image_size, placer.config.window, placer.config.dim) != \
             (model.config.image_size, model.config.window, model.config.dim):
-        raise ValueError("it was trained for another model (image size, window or width differ)")
+        raise ValueError("the placer was trained for another model (its image size, window or width differ)")
 
 
 # -----------------------------------------------------------------------------
 # Training the head on the training split (the backbone stays frozen)
 
-@torch.no_grad()
 def placed_accuracy(model, placer, split, budgets, device, batch_size):
-    """Top-1 % with glance-then-place and with the isotropic prior, per budget -> dict."""
-    placer.eval()
-    correct = {f"{kind}@{n}": 0 for n in budgets for kind in ("placed", "isotropic")}
-    for start in range(0, len(split), batch_size):
-        images = split.images[start:start + batch_size].to(device).float().div_(255)
-        labels = split.labels[start:start + batch_size].to(device)
-        for n in budgets:
-            lattice = spot.isotropic_positions(n).to(device).expand(len(images), n, 2)
-            for kind, positions in (("placed", place(model, placer, images, n)), ("isotropic", lattice)):
-                correct[f"{kind}@{n}"] += (model(images, positions).argmax(1) == labels).sum().item()
-    placer.train()
-    return {f"val_{key}": 100 * value / len(split) for key, value in correct.items()}
+    """Top-1 % with glance-then-place and with the isotropic prior, per budget -> dict, read by
+    oracle.predict (the one evaluation loop)."""
+    accuracy = {}
+    for n in budgets:
+        lattice = spot.isotropic_positions(n).expand(len(split.labels), n, 2)
+        for kind, positions in (("placed", place_split(model, placer, split.images, n, device, batch_size)),
+                                ("isotropic", lattice)):
+            logits = oracle.predict(model, split.images, positions, device, batch_size)[0]
+            accuracy[f"val_{kind}@{n}"] = 100 * (logits.argmax(1) == split.labels).float().mean().item()
+    return accuracy
 
 
-def train_placer(model, placer, dataset, budgets, epochs, batch_size, lr, seed, device,
-                 out, progress=True, log=print):
-    """AdamW on the head only, one budget per batch; each epoch ends with validation and an
-    atomic save of out/placer.pt. -> the list of per-epoch metrics."""
+def train_placer(model, placer, dataset, args, out, log=print):
+    """The head only, with train.py's optimizer (train.make_optimizer: AdamW with decay on its
+    matrices, cosine decay of --lr; no warm-up): one budget of --tokens per batch, and each epoch
+    ends with validation, a line of out/metrics.jsonl and an atomic save of out/placer.pt.
+    -> the list of per-epoch metrics."""
     model.requires_grad_(False).eval()
-    placer.train()
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(placer.parameters(), lr=lr, weight_decay=0.01)
-    steps_per_epoch = len(dataset.train) // batch_size
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    history = []
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(dataset.train), generator=generator)
-        total, n_seen = 0.0, 0
-        for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress,
-                         dynamic_ncols=True, leave=False):
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            images = data.augment(dataset.train.images[batch].float().div_(255), generator, padding=0)
-            images, labels = images.to(device), dataset.train.labels[batch].to(device)
-            n_tokens = budgets[torch.randint(len(budgets), (), generator=generator).item()]
-            loss = F.cross_entropy(model(images, place(model, placer, images, n_tokens)), labels)
+    generator, n_train = torch.Generator().manual_seed(args.seed), len(dataset.train.labels)
+    optimizer, scheduler = train.make_optimizer(placer, argparse.Namespace(**{**vars(args), "warmup_epochs": 0}),
+                                                n_train, args.device)
+    steps, history = n_train // args.batch_size, []
+    for epoch in range(1, args.epochs + 1):
+        placer.train()
+        order, loss_sum = torch.randperm(n_train, generator=generator), 0.0
+        for step in tqdm(range(steps), f"epoch {epoch}", disable=not args.progress, leave=False):
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+            images = data.augment(dataset.train.images[batch].float().div_(255), generator, padding=0).to(args.device)
+            n_tokens = args.tokens[torch.randint(len(args.tokens), (), generator=generator).item()]
+            loss = F.cross_entropy(model(images, place(model, placer, images, n_tokens)),
+                                   dataset.train.labels[batch].to(args.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()                    # through the sampler into the head (PAPER §2)
+            loss.backward()                    # through the bilinear sampler into the head
             optimizer.step()
             scheduler.step()
-            total, n_seen = total + loss.item() * len(batch), n_seen + len(batch)
-        metrics = {"epoch": epoch, "train_loss": total / n_seen,
-                   **placed_accuracy(model, placer, dataset.val, budgets, device, batch_size)}
-        history.append(metrics)
-        log(json.dumps(metrics))
-        with open(out / "metrics.jsonl", "a") as file:
-            file.write(json.dumps(metrics) + "\n")
+            loss_sum += loss.item()
+        history.append({"epoch": epoch, "train_loss": loss_sum / steps, **placed_accuracy(
+            model, placer, dataset.val, args.tokens, args.device, args.batch_size)})
+        train.log_metrics(history[-1], out, log, 0)
         utils.write_atomic(out / "placer.pt", {"placer_config": asdict(placer.config),
                                                 "placer": placer.state_dict(), "epoch": epoch})
     return history
@@ -221,12 +213,13 @@ def train_placer(model, placer, dataset, budgets, epochs, batch_size, lr, seed, 
 # -----------------------------------------------------------------------------
 # Command line
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.placement", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--checkpoint", required=True, help="the frozen SPoT model (checkpoint.pt from train.py)")
-    add("--budgets", default="8,16", help="token budgets N to train for (comma-separated, >= 2)")
+    add("--tokens", default="8,16", help="token budgets N to train for (utils.parse_tokens; each >= 2)")
+    utils.add_alias(parser, "tokens", "--budgets")
     add("--glance-fraction", type=utils.float_in(0, 1, low_open=True, high_open=True), default=0.25,
         help="G = round(fraction * N) glance tokens, the rest are placed")
     add("--width", type=utils.int_at_least(4), default=128, help="the head's width")
@@ -237,54 +230,34 @@ def parse_args(argv=None):
     add("--lr", type=utils.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr (cosine decay)")
     add("--seed", type=int, default=0)
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=utils.int_at_least(1), default=None, help="CPU threads (default: all cores)")
-    add("--out", required=True, help="folder for placer.pt, metrics.jsonl and run.json")
+    add("--threads", type=utils.int_at_least(1), help="CPU threads (none: all cores)")
+    add("--out", required=True, help="a new folder for placer.pt, metrics.jsonl and run.json")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     args = parser.parse_args(argv)
-    try:
-        args.budgets = utils.parse_tokens(args.budgets, 4096, "--budgets")
-    except ValueError as error:
-        parser.error(str(error))
-    if min(args.budgets) < 2:
-        parser.error(f"--budgets: each budget must be >= 2 (a glance and at least one placed "
-                     f"token), got {min(args.budgets)}")
-    if not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint: {args.checkpoint} is not a file (expected train.py's checkpoint.pt)")
-    try:
-        args.device = utils.resolve_device(args.device)
-        utils.check_out_dir(args.out, "--out")
-        PlacerConfig(width=args.width, glance_fraction=args.glance_fraction, max_shift=args.max_shift)
-    except ValueError as error:
-        parser.error(str(error))
-    if (Path(args.out) / "placer.pt").exists():
-        parser.error(f"--out: {args.out} already holds a placer.pt; choose a new folder")
-    return parser, args
-
-
-def main(argv=None):
-    parser, args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
-    except (ValueError, data.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if dataset.val is None:
-        parser.error("the checkpoint's run held out no validation images (train.py --val-size): "
-                     "the head's epochs are judged on validation, never on test")
-    config = model.config
-    torch.manual_seed(args.seed)                                # the head's initial weights
-    placer = GlancePlacer(PlacerConfig(image_size=config.image_size, window=config.window,
-                                       dim=config.dim, width=args.width,
-                                       glance_fraction=args.glance_fraction,
-                                       max_shift=args.max_shift)).to(args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = {"argv": sys.argv, "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
+    try:         # every flag, the checkpoint and its data: a message, never a traceback
+        args.device = utils.resolve_device(args.device)
+        utils.check_out_dir(out, "--out")
+        if (out / "placer.pt").exists():
+            raise ValueError(f"--out: {out} already holds a placer.pt; choose a new folder")
+        torch.set_num_threads(args.threads or torch.get_num_threads())     # --threads, else all cores
+        model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
+        size, window, dim = model.config.image_size, model.config.window, model.config.dim
+        args.tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(size, window)))
+        if min(args.tokens) < 2:
+            raise ValueError("--tokens: each budget must be >= 2 (a glance and at least one placed token)")
+        if dataset.val is None:
+            raise ValueError("the checkpoint's run held out no validation images (train.py --val-size): "
+                             "the head's epochs are judged on validation, never on test")
+        torch.manual_seed(args.seed)                                # the head's initial weights
+        placer = GlancePlacer(PlacerConfig(size, window, dim, args.width, glance_fraction=args.glance_fraction,
+                                           max_shift=args.max_shift)).to(args.device)
+    except (ValueError, data.DataError) as error:
+        parser.error(str(error))
+    run = {"argv": ["python", "-m", "experiments.placement"] + (sys.argv[1:] if argv is None else list(argv)),
+           "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
     utils.write_atomic(out / "run.json", json.dumps(run, indent=2))
-    train_placer(model, placer, dataset, args.budgets, args.epochs, args.batch_size, args.lr,
-                 args.seed, args.device, out, args.progress)
+    train_placer(model, placer, dataset, args, out)
     print(f"wrote {out / 'placer.pt'}")
     return 0
 

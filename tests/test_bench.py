@@ -1,4 +1,4 @@
-"""bench.py: smoke runs of its sections at tiny sizes (timing tests they are not), the
+"""experiments.bench: smoke runs of its sections at tiny sizes (timing tests they are not), the
 like-for-like models it compares, its --precision rule, and the two sections that read a
 trained checkpoint (oracle-sweep, oracle-time) on a tiny untrained one."""
 import dataclasses
@@ -70,9 +70,22 @@ def test_precision_auto_is_train_pys_rule(monkeypatch, fp32_ms, bf16_ms, expect)
 
 
 def test_variants_share_one_config_and_agree_at_grid_centres():
-    """GridViT and FusedAttentionViT are SPoTViTs of the same SPoTConfig with the same weights;
-    check_like_for_like exits if either sampler differs from patchify or any logits differ."""
-    bench.check_like_for_like(torch.device("cpu"))
+    """GridViT and FusedAttentionViT are SPoTViTs of the same SPoTConfig with the same weights.
+    Like for like (was bench.check_like_for_like, run before every benchmark): at EXACT grid
+    centres both samplers equal patchify, and all VARIANTS give the same logits, so the
+    comparisons time the same computation."""
+    torch.manual_seed(0)
+    images, grid = torch.rand(2, 3, 32, 32), spot.grid_positions(32, 4)
+    for sample in bench.SAMPLERS.values():
+        read = sample(images, grid.expand(2, -1, -1), 4).flatten(2)
+        assert torch.allclose(read, bench.patchify(images, 4), atol=1e-5)
+    models, _ = bench.build_models(spot.SPoTConfig(image_size=32, window=4, dim=64, depth=2, heads=2),
+                                   torch.device("cpu"), bench.VARIANTS)
+    cells = torch.tensor([[5, 0, 63], [1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(models["spot"](images, grid.expand(2, -1, -1)), models["grid"](images), atol=1e-4)
+        assert torch.allclose(models["spot"](images, grid[cells]), models["grid"](images, cells), atol=1e-4)
+        assert torch.allclose(models["spot"](images, grid[cells]), models["fused"](images, grid[cells]), atol=1e-4)
     config = spot.SPoTConfig(image_size=16, window=4, dim=32, depth=1, heads=2)
     models, _ = bench.build_models(config, torch.device("cpu"), bench.VARIANTS)
     assert all(isinstance(m, spot.SPoTViT) and m.config is config for m in models.values())
@@ -104,7 +117,7 @@ def test_sweep_and_time_oracle():
     zero = [r["top1"] for r in results if r["steps"] == 0 and r["tokens"] == 2]
     assert zero[0] == zero[1]
     text, best = bench.sweep_markdown(results, [2, 4], {"checkpoint": "x", "n_images": 6, "split": "val",
-                                                        "dataset": "d", "oracle_from": "isotropic"})
+                                                        "dataset": "d", "search_from": "isotropic"})
     assert set(best) == set(oracle.OBJECTIVES) and "| lr | steps |" in text
     g = torch.Generator().manual_seed(0)
     imgs, labs, pos = torch.rand(2, 3, 16, 16, generator=g), torch.tensor([0, 2]), torch.rand(2, 4, 2, generator=g)

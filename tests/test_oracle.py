@@ -1,4 +1,4 @@
-"""Tests of oracle.py: the frozen-model search (PAPER §4), snapping, kNN, and the CLI (§6)."""
+"""Tests of oracle.py: SPoT-ON (the frozen-model search), snapping, kNN, the evaluation table and its CLI."""
 import json
 
 import pytest
@@ -8,10 +8,11 @@ import torch.nn.functional as F
 import data
 import oracle
 import spot
-from oracle import OBJECTIVES, knn_accuracy, oracle_search, snap_to_grid
+from oracle import OBJECTIVES, knn_predict, oracle_search, snap_to_grid
 from dataclasses import asdict
 
 from spot import SPoTConfig, SPoTViT
+from conftest import ROOT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
@@ -186,14 +187,13 @@ def test_snap_to_grid_known_points():
     assert ((out.reshape(-1, 1, 2) - cells).abs().sum(-1).min(1).values == 0).all()
 
 
-def test_knn_accuracy_weighted_vote():
+def test_knn_predict_weighted_vote():
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     bank_y = torch.tensor([0, 0, 1, 1])
     queries = torch.tensor([[2.0, 0.1], [0.05, 3.0]])     # normalization makes the scale irrelevant
-    assert knn_accuracy(bank, bank_y, queries, torch.tensor([0, 1]), 2, k=3) == 100.0
-    assert knn_accuracy(bank, bank_y, queries, torch.tensor([1, 1]), 2, k=3) == 50.0
+    assert knn_predict(bank, bank_y, queries, 2, k=3).tolist() == [0, 1]     # right on [0, 1], half on [1, 1]
     # k larger than the bank is fine
-    assert knn_accuracy(bank, bank_y, queries, torch.tensor([0, 1]), 2, k=20) == 100.0
+    assert knn_predict(bank, bank_y, queries, 2, k=20).tolist() == [0, 1]
 
 
 # -----------------------------------------------------------------------------
@@ -238,29 +238,6 @@ def test_bootstrap_interval_known_answers():
     assert oracle.bootstrap_interval(correct[:300], seed=3) == oracle.bootstrap_interval(correct[:300], seed=3)
 
 
-def test_gap_rows_known_answers():
-    # 1,000 images: the oracle gets all, the best prior (center, not the weaker isotropic) half,
-    # the label-free method three quarters: +25 points, half of the gap closed.
-    n = 1000
-    index = torch.arange(n)
-    per_image = {("prior", "isotropic", 8): (index % 4 == 0)[None],
-                 ("prior", "center", 8): torch.stack([index % 2 == 0, index % 2 == 0]),   # 2 draws
-                 ("spot-learned", "isotropic", 8): torch.cat([index % 4 != 3, torch.ones(500, dtype=torch.bool)]),
-                 ("spot-on", "isotropic", 8): torch.ones(n, dtype=torch.bool)}
-    rows = [{"method": "prior", "prior": prior, "tokens": 8, "top1": top1}
-            for prior, top1 in (("isotropic", 25.0), ("center", 50.0))]
-    (gap,) = oracle.gap_rows(rows, per_image, [8, 16])          # 16: nothing recorded, no row
-    assert gap["method"] == "spot-learned" and gap["best_prior"] == "center" and gap["n_images"] == n
-    assert gap["gain"] == pytest.approx(25.0) and gap["gap_closed"] == pytest.approx(0.5)
-    assert gap["gain_low"] < 25 < gap["gain_high"] and gap["gap_closed_low"] < 0.5 < gap["gap_closed_high"]
-    # paired: the method is right wherever the prior is, so the gain's interval (+-1.96 sqrt(
-    # 0.25 * 0.75 / n) = +-2.7 points) is narrower than that of two independent accuracies (75 %
-    # and 50 % of 1,000 images: +-1.96 sqrt((0.1875 + 0.25) / n) = +-4.1)
-    assert 2 * 2.3 < gap["gain_high"] - gap["gain_low"] < 2 * 3.1
-    # the comparison runs on the searched images only (the first 1,000), whatever the prior saw
-    assert (per_image["spot-learned", "isotropic", 8].shape[-1], gap["n_images"]) == (1500, 1000)
-
-
 # -----------------------------------------------------------------------------
 # The command line (a fake tiny dataset: the real shapes data take ~15 s to generate)
 
@@ -293,11 +270,17 @@ def patched_data(monkeypatch):
     return calls
 
 
+def results_md(folder):
+    """The markdown experiments/tables.py renders from the results.json oracle.py wrote in folder."""
+    from experiments.tables import results_markdown
+    return results_markdown(json.loads((folder / "results.json").read_text()))
+
+
 def test_cli_writes_table(tmp_path, patched_data):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
     other = write_checkpoint(tmp_path / "b.pt", 1)
     argv = ["--checkpoint", ckpt, "--tokens", "2,4,32", "--priors", "uniform,grid,salient",
-            "--limit", "8", "--knn-limit", "10", "--oracle-steps", "2", "--batch-size", "3",
+            "--limit", "8", "--knn-limit", "10", "--search-steps", "2", "--batch-size", "3",
             "--transfer-checkpoint", other, "--no-progress"]
     assert oracle.main(argv + ["--out", str(tmp_path / "r1")]) == 0
     assert patched_data[0] == {"name": "shapes", "data_dir": None, "image_size": (16, 16)}
@@ -309,8 +292,7 @@ def test_cli_writes_table(tmp_path, patched_data):
                 "knn_high", "n_images", "draws"} <= set(row)
         if row["top1"] is not None:
             assert row["top1_low"] <= row["top1"] <= row["top1_high"] and row["n_images"] == 8
-        assert row["method"] in ("prior", "spot-on", "spot-on-entropy", "spot-on-snapped",
-                                 "spot-on-transfer")
+        assert row["method"] in ("prior", "spot-on", "spot-on-snapped", "spot-on-transfer")
         for key in ("top1", "knn"):
             assert row[key] is None or 0 <= row[key] <= 100
     prior_rows = [r for r in rows if r["method"] == "prior"]
@@ -321,7 +303,7 @@ def test_cli_writes_table(tmp_path, patched_data):
     assert by[("spot-on", "isotropic", 32)]["top1"] is not None
     assert by[("spot-on-transfer", "isotropic", 2)]["source"] == other
     assert len(results["transfer_reverse"]) == 3
-    md = (tmp_path / "r1" / "results.md").read_text()
+    md = results_md(tmp_path / "r1")
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| Method | Prior | 2 T | 4 T | 32 T |")
     assert "| grid |" in table[1] and "n/a" in table[1]       # the grid row comes first
@@ -348,7 +330,7 @@ def test_saliency_read_is_relative_to_the_image_mean():
 def test_cli_draws_and_validation_split(tmp_path, patched_data):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
     argv = ["--checkpoint", ckpt, "--tokens", "2,4", "--priors", "uniform,isotropic", "--draws", "3",
-            "--knn-limit", "0", "--oracle-steps", "1", "--split", "val", "--name", "tiny-spot",
+            "--knn-limit", "0", "--search-steps", "1", "--split", "val", "--name", "tiny-spot",
             "--search-limit", "6", "--saliency-limit", "5", "--no-progress", "--out", str(tmp_path / "v")]
     assert oracle.main(argv) == 0
     results = json.loads((tmp_path / "v" / "results.json").read_text())
@@ -358,7 +340,7 @@ def test_cli_draws_and_validation_split(tmp_path, patched_data):
     assert {(r["positions"], r["tokens"]) for r in saliency} == {
         (p, n) for p in ("isotropic", "spot-on", "salient") for n in (2, 4)}
     assert all(r["low"] <= r["mean"] <= r["high"] and r["n_images"] == 5 for r in saliency)
-    assert "Finding 3" in (tmp_path / "v" / "results.md").read_text()
+    assert "Finding 3" in results_md(tmp_path / "v")
     assert results["settings"]["split"] == "val" and results["settings"]["run"] == "tiny-spot"
     draws = {r["prior"]: r["draws"] for r in results["rows"] if r["method"] == "prior"}
     assert draws == {"uniform": 3, "isotropic": 1}           # a lattice has nothing to redraw
@@ -372,40 +354,7 @@ def test_cli_search_limit_zero_gives_prior_rows_only(tmp_path, patched_data):
     results = json.loads((tmp_path / "p" / "results.json").read_text())
     assert {r["method"] for r in results["rows"]} == {"prior"} and len(results["rows"]) == 4
     assert "saliency" not in results and results["settings"]["n_searched"] == 0
-    assert "SPoT-ON" not in (tmp_path / "p" / "results.md").read_text().split("\n", 3)[3]
-
-
-def test_combined_table_of_several_models_repeats_each_models_cells(tmp_path, patched_data):
-    """visualize.py table: one §6 table for a grid baseline (prior rows only) and a SPoT model
-    (with SPoT-ON, transfer and finding 3): each model's cells are exactly its own results.md's."""
-    import visualize
-
-    grid, spot_ckpt = write_checkpoint(tmp_path / "g.pt", 0), write_checkpoint(tmp_path / "s.pt", 1)
-    common = ["--tokens", "2,4", "--priors", "grid,isotropic", "--knn-limit", "8", "--oracle-steps", "1",
-              "--no-progress"]
-    assert oracle.main(["--checkpoint", grid, "--name", "tiny-grid-vit", "--search-limit", "0",
-                        "--out", str(tmp_path / "g")] + common) == 0
-    assert oracle.main(["--checkpoint", spot_ckpt, "--name", "tiny-spot", "--transfer-checkpoint", grid,
-                        "--search-limit", "5", "--saliency-limit", "4", "--out", str(tmp_path / "s")] + common) == 0
-    out = tmp_path / "t.md"
-    assert visualize.main(["table", "--results", str(tmp_path / "g"), str(tmp_path / "s" / "results.json"),
-                           "--out", str(out)]) == 0
-    text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| tiny-")]
-    grid_rows = [r for r in rows if r.startswith("| tiny-grid-vit |")]
-    assert len(grid_rows) == 2 and "ViT (patch grid)" in grid_rows[0]       # grid, isotropic
-    assert any("SPoT-ON (label oracle)" in r for r in rows if r.startswith("| tiny-spot |"))
-    for name, run in (("g", "tiny-grid-vit"), ("s", "tiny-spot")):    # the same cells as its own table
-        own = [line for line in (tmp_path / name / "results.md").read_text().splitlines()
-               if line.startswith(("| ViT", "| SPoT"))]
-        mine = ["| " + r[len(f"| {run} | "):] for r in rows if r.startswith(f"| {run} | ")
-                and not r.startswith(tuple(f"| {run} | {p} |" for p in ("isotropic", "spot-on", "salient")))]
-        assert own and mine == own
-    assert "| g | 2 |" in text                                   # the reverse transfer, by run name
-    assert "| tiny-spot | spot-on |" in text                     # finding 3 with its model column
-    assert visualize.main(["budget", "--results", str(tmp_path / "g"), str(tmp_path / "s"),
-                           "--out", str(tmp_path / "b.png")]) == 0
-    assert (tmp_path / "b.png").stat().st_size > 10_000
+    assert "SPoT-ON" not in results_md(tmp_path / "p").split("\n", 3)[3]
 
 
 def test_cli_refuses_a_dataset_with_other_classes(tmp_path, patched_data, capsys):
@@ -426,6 +375,9 @@ def test_cli_refuses_a_dataset_with_other_classes(tmp_path, patched_data, capsys
     (["--tokens", "4,0"], "--tokens"),
     (["--oracle-from", "nope"], "--oracle-from"),
     (["--oracle-lr", "inf"], "--oracle-lr"),
+    (["--search-from", "nope"], "--search-from"),
+    (["--search-lr", "nan"], "--search-lr"),
+    (["--search-steps", "-1"], "--search-steps"),
     (["--tokens", "100000"], "--tokens"),
     (["--draws", "0"], "--draws"),
     (["--limit", "-3"], "--limit"),
@@ -478,3 +430,61 @@ def test_cli_data_error_exits_cleanly(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "nowhere" in err and "Traceback" not in err
+
+
+def test_cli_old_search_flags_are_hidden_aliases(tmp_path, patched_data, capsys):
+    """--oracle-steps/--oracle-lr/--oracle-from (the old spellings) still work; --help shows only
+    --search-steps/--search-lr/--search-from, and results.json stores the new keys."""
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    argv = ["--checkpoint", ckpt, "--tokens", "2", "--priors", "center", "--knn-limit", "0", "--limit", "4",
+            "--oracle-steps", "3", "--oracle-lr", "0.05", "--oracle-from", "center", "--saliency-limit", "0",
+            "--no-progress", "--out", str(tmp_path / "o")]
+    assert oracle.main(argv) == 0
+    settings = json.loads((tmp_path / "o" / "results.json").read_text())["settings"]
+    assert (settings["search_steps"], settings["search_lr"], settings["search_from"]) == (3, 0.05, "center")
+    assert not {"oracle_steps", "oracle_lr", "oracle_from", "placer"} & set(settings)
+    assert "SPoT-ON (3 Adam steps, lr 0.05, from center)" in results_md(tmp_path / "o")
+    with pytest.raises(SystemExit) as exit_info:
+        oracle.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(f"--search-{name}" in text for name in ("steps", "lr", "from")) and "--oracle" not in text
+
+
+def test_cli_tokens_all_is_the_models_grid(tmp_path, patched_data):
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)             # 16 px, window 4: a 4 x 4 grid
+    assert oracle.main(["--checkpoint", ckpt, "--tokens", "2,all", "--priors", "grid", "--knn-limit", "0",
+                        "--search-limit", "0", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["settings"]["tokens"] == [2, 16] and [r["tokens"] for r in results["rows"]] == [2, 16]
+
+
+def test_markdown_of_every_committed_results_file():
+    """experiments/tables.py renders every committed results.json, labelled rows included."""
+    from experiments.tables import results_markdown
+    settings = {"run": "a-run", "dataset": "shapes", "split": "test", "n_test": 8, "n_bank": 0, "knn_k": 20,
+                "knn_temperature": 0.07, "draws": 1, "n_searched": 8, "tokens": [4],
+                "search_steps": 7, "search_lr": 0.5, "search_from": "center"}
+    rows = [oracle.table_row("spot-learned", "isotropic", 4, torch.ones(8, dtype=torch.bool))]
+    text = results_markdown({"settings": settings, "rows": rows})
+    assert "SPoT-ON (7 Adam steps, lr 0.5, from center) on the first 8 images." in text
+    assert "| SPoT-learned (glance + place, label-free) | isotropic | 100.0 ±0.0 / – |" in text
+    for path in sorted(ROOT.glob("results/*/results.json")):          # the committed ones
+        results = json.loads(path.read_text())
+        assert results_markdown(results).startswith(f"# SPoT evaluation: {results['settings']['run']}")
+
+
+def test_evaluate_with_an_eval_config_fills_per_image():
+    model, dataset = tiny_model(), fake_dataset()
+    config = oracle.EvalConfig(tokens=(2, 32), priors=("grid", "uniform"), search_steps=1, search_limit=5,
+                               saliency_limit=3, knn_limit=6, draws=2, progress=False)
+    per_image = {}
+    results = oracle.evaluate(model, dataset, config, tiny_model(1), per_image)
+    settings = results["settings"]
+    assert (settings["n_test"], settings["n_searched"], settings["n_bank"], settings["search_steps"]) == (12, 5, 6, 1)
+    assert {(r["method"], r["tokens"]) for r in results["rows"]} == {
+        (m, n) for m in ("prior", "spot-on", "spot-on-snapped", "spot-on-transfer") for n in (2, 32)}
+    assert per_image["prior", "uniform", 2].shape == (2, 12) and per_image["spot-on", "isotropic", 32].shape == (5,)
+    assert per_image["spot-on-transfer", "isotropic", 2].shape == (5,)
+    assert len(results["transfer_reverse"]) == 2 and {r["n_images"] for r in results["saliency"]} == {3}
+    json.dumps(results)                                                  # the schema main writes

@@ -1,4 +1,4 @@
-"""placement.py: glance-then-place is differentiable end to end, uses no label, reads exactly
+"""experiments.placement: glance-then-place is differentiable end to end, uses no label, reads exactly
 the budget, starts as the isotropic prior, learns, and its CLI trains and reloads a head."""
 
 import inspect
@@ -130,7 +130,8 @@ def test_cli_trains_a_head_that_beats_its_start_and_reloads(tmp_path, monkeypatc
     placer, _ = placement.load_placer(out / "placer.pt")
     again = placement.placed_accuracy(spot.load_checkpoint(checkpoint), placer, val, [2], "cpu", 32)
     assert again["val_placed@2"] == history[-1]["val_placed@2"]
-    assert json.loads((out / "run.json").read_text())["args"]["budgets"] == [2]
+    run = json.loads((out / "run.json").read_text())          # --budgets: the old spelling of --tokens
+    assert run["args"]["tokens"] == [2] and run["argv"][:3] == ["python", "-m", "experiments.placement"]
     with pytest.raises(SystemExit):                              # never overwrite a trained head
         placement.main(argv)
 
@@ -142,8 +143,9 @@ def test_load_placer_refuses_other_files(tmp_path):
         placement.load_placer(bad)
 
 
-def test_oracle_table_gets_label_free_learned_rows_with_their_cost(tmp_path, monkeypatch):
-    import oracle
+def test_label_free_table_gets_learned_rows_with_their_cost(tmp_path, monkeypatch):
+    """experiments.label_free evaluate: oracle.py's table + the learned rows + the gap rows."""
+    from experiments import label_free
 
     model, placer = tiny()
     with torch.no_grad():
@@ -158,7 +160,7 @@ def test_oracle_table_gets_label_free_learned_rows_with_their_cost(tmp_path, mon
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
     argv = ["--checkpoint", str(checkpoint), "--placer", str(placer_file), "--tokens", "1,4,8",
             "--priors", "isotropic", "--knn-limit", "10", "--search-limit", "0", "--no-progress"]
-    assert oracle.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert label_free.main(["evaluate"] + argv + ["--out", str(tmp_path / "a")]) == 0
     rows = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
     learned = {r["tokens"]: r for r in rows if r["method"] == "spot-learned"}
     assert learned[1]["top1"] is None                         # 1 token: nothing to place
@@ -175,7 +177,7 @@ def test_oracle_table_gets_label_free_learned_rows_with_their_cost(tmp_path, mon
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: data.Dataset(
         name="shapes", train=dataset.train, test=shuffled, classes=["0", "1", "2"], mean=(0.5,) * 3,
         std=(0.5,) * 3, image_size=(16, 16)))
-    assert oracle.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert label_free.main(["evaluate"] + argv + ["--out", str(tmp_path / "b")]) == 0
     again = {r["tokens"]: r for r in json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
              if r["method"] == "spot-learned"}
     positions = placement.place_split(model, placer, test.images, 8, "cpu")
@@ -186,7 +188,7 @@ def test_oracle_table_gets_label_free_learned_rows_with_their_cost(tmp_path, mon
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: dataset)
     searched = argv[:-3] + ["--search-limit", "10", "--oracle-steps", "2", "--saliency-limit", "0",
                             "--no-progress", "--out", str(tmp_path / "c")]
-    assert oracle.main(searched) == 0
+    assert label_free.main(["evaluate"] + searched) == 0
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     gaps = {(g["method"], g["tokens"]): g for g in results["gap_closed"]}
     assert set(gaps) == {(m, n) for m in ("spot-learned", "spot-on-entropy") for n in (4, 8)} | {

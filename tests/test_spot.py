@@ -83,7 +83,8 @@ def test_gradcheck_images_and_positions(method):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("size,window", [(32, 4), ((24, 40), 8), (30, 7)])
 def test_grid_is_a_special_case(method, size, window):
-    """PAPER §2: positions at the grid centres give exactly the reshape patches."""
+    """The grid as a special case of subpixel tokens: positions at the grid centres give exactly
+    the reshape patches."""
     H, W = (size, size) if isinstance(size, int) else size
     images = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(2))
     cells = grid_positions((H, W), window)

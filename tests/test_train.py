@@ -242,7 +242,7 @@ def test_data_dir_is_stored_absolute(tmp_path, monkeypatch):
 
 
 def test_init_from_retrofits_a_grid_vit(tmp_path, capsys):
-    """PAPER §5 retrofitting: start SPoT training from a grid-trained ViT's weights."""
+    """Retrofitting (arXiv 2507.01654): start SPoT training from a grid-trained ViT's weights."""
     grid = tmp_path / "grid"
     train.main(TINY + ["--epochs", "1", "--tokens", "all", "--train-priors", "grid", "--out", str(grid)])
     source = spot.load_checkpoint(grid / "checkpoint.pt").state_dict()

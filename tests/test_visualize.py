@@ -358,8 +358,10 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--tokens", "0"), ("--tokens", "two"), ("--index", "-1"), ("--n-images", "0"),
-    ("--steps", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"), ("--fps", "nan"),
+    ("--tokens", "0"), ("--tokens", "two"), ("--tokens", "4,8"), ("--tokens", "4-16"),
+    ("--index", "-1"), ("--n-images", "0"), ("--search-steps", "-1"), ("--steps", "-1"),
+    ("--search-lr", "0"), ("--search-lr", "inf"), ("--search-lr", "nan"), ("--fps", "nan"),
+    ("--search-from", "nowhere"), ("--lr", "0.01"),      # the search's old --lr is gone, not aliased
     ("--out", "{tmp}/fig.v2"),
     ("--out", "{tmp}/a_file/fig.png"),      # its folder would be a file
     ("--out", "{tmp}"),                     # a folder, not a file name
@@ -385,6 +387,38 @@ def test_cli_placements_checks_oracle_steps(tmp_path, capsys):
         "--out", str(tmp_path / "p.png")])
     assert "--priors" in exit_message(capsys, ["priors", "--priors", "uniform,nope",
                                                "--out", str(tmp_path / "p.png")])
+
+
+@pytest.mark.parametrize("command", ["placements", "trajectories", "saliency"])
+def test_cli_old_search_flags_are_hidden_aliases(command, capsys):
+    """--oracle-steps and --steps (and --prior for --search-from) still parse, into the new
+    flags' values; --help shows only the new spellings."""
+    parser = visualize.build_parser()
+    base = [command, "--checkpoint", "c.pt"]
+    for old in ("--oracle-steps", "--steps", "--search-steps"):
+        args = parser.parse_args(base + [old, "3"])
+        assert args.search_steps == 3
+    assert parser.parse_args(base + ["--prior", "center"]).search_from == "center"
+    defaults = parser.parse_args(base)
+    assert defaults.search_from == "isotropic" and defaults.search_lr is None
+    assert defaults.search_steps == (0 if command == "placements" else None)
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "--search-steps" in shown and "--search-lr" in shown and "--search-from" in shown
+    assert "--oracle-steps" not in shown and "--steps" not in shown and "--prior " not in shown
+
+
+def test_cli_tokens_grammar_one_budget(tmp_path, capsys, monkeypatch):
+    """--tokens takes the one grammar of utils.parse_tokens ('all' = the full grid), but a figure
+    draws one budget: a list is refused by name."""
+    out, drawn, real = tmp_path / "p.png", [], visualize.plot_priors
+    monkeypatch.setattr(visualize, "plot_priors",
+                        lambda size, window, n, **kwargs: drawn.append(n) or real(size, window, n, **kwargs))
+    main(["priors", "--priors", "grid", "--tokens", "all", "--out", str(out)])
+    assert drawn == [64] and out.is_file()                 # 32 / 4 = 8 -> 8 x 8 grid cells
+    assert "one budget" in exit_message(capsys, ["priors", "--tokens", "4,8", "--out", str(out)])
+    assert "--tokens" in exit_message(capsys, ["priors", "--tokens", "300", "--out", str(out)])
 
 
 def save_tiny_checkpoint(path):
@@ -414,35 +448,15 @@ def test_cli_checkpoint_commands(tmp_path, fake_shapes):
     """placements / trajectories / saliency end to end: a tiny untrained checkpoint, the real
     oracle search (2 steps), and a stand-in dataset."""
     ckpt = ["--checkpoint", str(save_tiny_checkpoint(tmp_path / "checkpoint.pt")), "--tokens", "9"]
-    main(["placements", *ckpt, "--index", "1", "--oracle-steps", "2",
+    main(["placements", *ckpt, "--index", "1", "--search-steps", "2",
           "--out", str(tmp_path / "pl.png")])
-    main(["trajectories", *ckpt, "--n-images", "2", "--steps", "2",
+    main(["trajectories", *ckpt, "--n-images", "2", "--search-steps", "2",
           "--out", str(tmp_path / "tr.png"), "--gif", str(tmp_path / "tr.gif")])
-    main(["saliency", *ckpt, "--prior", "center", "--steps", "2", "--lr", "0.02",
+    main(["saliency", *ckpt, "--search-from", "center", "--search-steps", "2", "--search-lr", "0.02",
           "--out", str(tmp_path / "sa.png")])
     for name in ("pl.png", "tr.png", "sa.png"):
         assert_png(tmp_path / name)
     assert (tmp_path / "tr.gif").stat().st_size > 0
-
-
-def test_cli_label_free_figure(tmp_path, capsys, fake_shapes):
-    """Issue 13's figure: prior, the learned head, the entropy search and the oracle side by side;
-    a placer made for another model is refused with a message, not a traceback."""
-    from experiments import placement
-
-    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint.pt")
-    model = spot.load_checkpoint(checkpoint)
-    config = model.config
-    for name, dim in (("placer.pt", config.dim), ("other.pt", config.dim + 4)):
-        placer = placement.GlancePlacer(placement.PlacerConfig(
-            image_size=config.image_size, window=config.window, dim=dim, width=16, heads=2))
-        torch.save({"placer_config": dataclasses.asdict(placer.config), "placer": placer.state_dict()},
-                   tmp_path / name)
-    args = ["label-free", "--checkpoint", str(checkpoint), "--tokens", "4", "--n-images", "2", "--steps", "2"]
-    main(args + ["--placer", str(tmp_path / "placer.pt"), "--out", str(tmp_path / "lf.png")])
-    assert_png(tmp_path / "lf.png")
-    assert "another model" in exit_message(capsys, args + ["--placer", str(tmp_path / "other.pt"),
-                                                           "--out", str(tmp_path / "x.png")])
 
 
 def test_cli_index_past_the_test_split(tmp_path, capsys, fake_shapes):
