@@ -12,6 +12,9 @@ its method needs is in this one file:
                          for every prior and budget: retrofitting), built from an SPoTConfig
                          (nanoGPT's GPT(GPTConfig) pattern)
     load_checkpoint      rebuild a model from a checkpoint written by train.py
+    load_pretrained      a pretrained timm / DeiT / MAE ViT (a state dict, a file, or timm:NAME) as
+                         an SPoTViT that computes on the grid what it computed (the paper's
+                         retrofitting starts there); export writes an SPoTViT back as timm's keys
 
 Try it:  python spot.py      (a tiny demo: samples every prior and runs a forward pass)
 
@@ -41,8 +44,10 @@ the window is exactly the i-th non-overlapping k x k patch, so the grid is one p
 all the subpixel ones ("Ω_grid ⊆ Ω_subpix").
 """
 
+import importlib
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,16 +57,17 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Subpixel tokens: reading a k x k window at a subpixel position
 
-def grid_positions(image_size, window):
+def grid_positions(image_size, window, dtype=torch.float32):
     """Centres of the non-overlapping patch grid, row-major: (G, 2), G = (H//k) * (W//k).
 
-    Cell (i, j) has centre ((i + 0.5) k / H, (j + 0.5) k / W). When k does not divide the
-    image, the grid covers the top-left (H//k)k x (W//k)k pixels, like a strided convolution.
+    Cell (i, j) has centre ((i + 0.5) k / H, (j + 0.5) k / W), computed in `dtype` (float64 for
+    comparisons at float64 precision). When k does not divide the image, the grid covers the
+    top-left (H//k)k x (W//k)k pixels, like a strided convolution.
     """
     height, width = to_hw(image_size)
     check_window(window, (height, width))
-    rows = (torch.arange(height // window) + 0.5) * window / height
-    cols = (torch.arange(width // window) + 0.5) * window / width
+    rows = (torch.arange(height // window, dtype=dtype) + 0.5) * window / height
+    cols = (torch.arange(width // window, dtype=dtype) + 0.5) * window / width
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
@@ -75,6 +81,12 @@ def extract_patches(images, positions, window):
                values outside [0, 1] are allowed and read zeros where they leave the image)
     window:    k, the side of the square window in pixels
     returns    (B, N, C, k, k)
+
+    At grid_positions the windows are the reshaped k x k patches: exactly when H and W are powers
+    of two (32/4: measured error 0), else up to H * 2^-23 px off after grid_sample's round trip
+    through [-1, 1] in float32: on [0, 1] images at 224/16 within 2^-15 (about 3.1e-5; measured
+    2^-15 on a checkerboard, the worst case). In float64 (grid_positions(..., dtype=
+    torch.float64)) the error is below 1e-12; extract_patches_reference is exact in both.
     """
     positions = _check_sampler_inputs(images, positions, window)
     (B, C, H, W), N, k = images.shape, positions.shape[1], window
@@ -152,19 +164,54 @@ def sincos_pos_embed(positions, dim, image_size, window, temperature=10000.0):
 
     Channel order is [x half, y half], exactly MAE's `get_2d_sincos_pos_embed`, so on the grid
     centres this IS the fixed sin-cos table of a standard ViT (tests/test_spot.py checks it), and
-    a grid-placed SPoTViT is a standard ViT with fixed sin-cos embeddings.
+    a grid-placed SPoTViT is a standard ViT with fixed sin-cos embeddings. Computed in float32,
+    or in float64 for float64 positions.
     """
     if dim % 4 != 0:
         raise ValueError(f"dim must be divisible by 4 for a 2D sin-cos embedding, got {dim}")
     height, width = to_hw(image_size)
     quarter = dim // 4
+    dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
     omega = 1.0 / temperature ** (torch.arange(quarter, device=positions.device,
-                                               dtype=torch.float32) / quarter)      # (dim/4,)
-    p_y = positions[..., 0].float() * (height / window) - 0.5                        # (B, N)
-    p_x = positions[..., 1].float() * (width / window) - 0.5
+                                               dtype=dtype) / quarter)              # (dim/4,)
+    p_y = positions[..., 0].to(dtype) * (height / window) - 0.5                     # (B, N)
+    p_x = positions[..., 1].to(dtype) * (width / window) - 0.5
     angle_y = p_y[..., None] * omega                                                 # (B, N, dim/4)
     angle_x = p_x[..., None] * omega
     return torch.cat([angle_x.sin(), angle_x.cos(), angle_y.sin(), angle_y.cos()], dim=-1)
+
+
+def learned_pos_embed(table, positions, image_size, window):
+    """A learned table (1, gh*gw, dim), one row per grid cell (row-major, a timm ViT's pos_embed
+    without its class slot), read at (B, N, 2) continuous positions -> (B, N, dim).
+
+    The cell-centre coordinates of sincos_pos_embed, p_y = y H / k - 0.5, p_x = x W / k - 0.5,
+    put cell (i, j) at exactly (i, j); between centres the table is read bilinearly:
+
+        row(p_y, p_x) = lerp(lerp(T[i0, j0], T[i0, j1], f_x), lerp(T[i1, j0], T[i1, j1], f_x), f_y)
+        i0 = floor(p_y), i1 = i0 + 1, f_y = p_y - i0   (and the same for x)
+
+    so a grid position reads its cell's row exactly (lerp is exact at weights 0 and 1), halfway
+    between two cells reads their mean, and p is first clamped to [0, gh - 1] x [0, gw - 1]:
+    beyond the outer centres (the image's border half-cells, or outside) the border value holds.
+    Gradients reach the positions through f_y and f_x, as in extract_patches_reference.
+    """
+    (height, width), k = to_hw(image_size), window
+    last = positions.new_tensor((height // k - 1, width // k - 1))          # (2,) outer centres
+    p = positions * positions.new_tensor((height / k, width / k)) - 0.5      # (B, N, 2)
+    # y = (i + 0.5) k / H is rounded, so a grid centre's p lands a few ulps off i: snap p within
+    # 1024 ulps of an integer (1.2e-4 cells in float32) to it in value (the gradient passes
+    # straight through), so that the grid reads exact rows.
+    near = p.detach().round()
+    snap = (p.detach() - near).abs() <= 1024 * torch.finfo(p.dtype).eps
+    p = torch.where(snap, near + (p - p.detach()), p).clamp(torch.zeros_like(last), last)
+    low = torch.minimum(p.detach().floor(), (last - 1).clamp_min(0)).long()   # (B, N, 2) i0, j0
+    high = torch.minimum(low + 1, last.long())                                 # (B, N, 2) i1, j1
+    frac = (p - low).to(table.dtype)                                           # (B, N, 2) f_y, f_x
+    grid = table.reshape(height // k, width // k, -1)                          # (gh, gw, dim)
+    top = torch.lerp(grid[low[..., 0], low[..., 1]], grid[low[..., 0], high[..., 1]], frac[..., 1:])
+    bottom = torch.lerp(grid[high[..., 0], low[..., 1]], grid[high[..., 0], high[..., 1]], frac[..., 1:])
+    return torch.lerp(top, bottom, frac[..., :1])                              # (B, N, dim)
 
 
 # -----------------------------------------------------------------------------
@@ -308,9 +355,21 @@ class SPoTConfig:
     in_chans: int = 3
     image_mean: tuple = (0.5, 0.5, 0.5)   # the model normalizes its [0, 1] input itself, so
     image_std: tuple = (0.5, 0.5, 0.5)    # callers (oracle, plots) always pass raw images
+    # The defaults below are how every model of this project was built before pretrained ViTs
+    # (load_pretrained sets norm_eps=1e-6, timm's, and pos_embed="learned"), so old checkpoints,
+    # whose configs lack these keys, load unchanged.
+    norm_eps: float = 1e-5        # every LayerNorm's epsilon
+    pos_embed: str = "sincos"     # "sincos": sincos_pos_embed; "learned": a table, learned_pos_embed
+    pool: str = "token"           # "token": the class token, final norm; "avg": mean of the
+                                  # position tokens, then fc_norm (MAE's fine-tuning head)
 
     def __post_init__(self):
         self.image_size = to_hw(self.image_size)
+        for name, choices in (("pos_embed", ("sincos", "learned")), ("pool", ("token", "avg"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not (isinstance(self.norm_eps, float) and 0 < self.norm_eps < 1):
+            raise ValueError(f"norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
         check_window(self.window, self.image_size)
         for name in ("num_classes", "dim", "depth", "heads", "in_chans"):
             _positive_int(getattr(self, name), name)
@@ -330,12 +389,13 @@ def attention(q, k, v):
     On CUDA this is torch's fused kernel. On the CPU it is the same formula written out, because
     torch's fused CPU kernel has a slow backward in bf16 (experiments/bench.py's attention section
     measures both; experiments/NOTES.md gives the numbers). The softmax runs in float32 even under bf16
-    autocast, as the fused kernels do internally.
+    autocast, as the fused kernels do internally, and in float64 for float64 inputs.
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                 # (B, h, T, T)
-    return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v       # (B, h, T, d)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)               # float32 or float64
+    return scores.softmax(dim=-1, dtype=softmax_dtype).to(v.dtype) @ v       # (B, h, T, d)
 
 
 class Attention(nn.Module):
@@ -363,11 +423,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, eps):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
@@ -387,7 +447,10 @@ class SPoTViT(nn.Module):
     a class token is prepended, and the sequence goes through pre-norm blocks. There is no
     token order anywhere, so the logits do not depend on the order of the positions.
     With positions = grid_positions(...) this is exactly a standard ViT with fixed sin-cos
-    position embeddings.
+    position embeddings. With config.pos_embed="learned" the embedding is a learned table of one
+    row per grid cell (`pos_table`, read by learned_pos_embed) and with config.pool="avg" the
+    head reads the mean of the position tokens through fc_norm: together, a timm / MAE ViT
+    (load_pretrained).
     """
 
     def __init__(self, config=None):
@@ -399,16 +462,21 @@ class SPoTViT(nn.Module):
         for name in ("image_mean", "image_std"):    # (1, C, 1, 1); not saved: the config has them
             value = torch.tensor(getattr(config, name)).view(1, -1, 1, 1)
             self.register_buffer(name, value, persistent=False)
-        k, dim, heads, ratio = config.window, config.dim, config.heads, config.mlp_ratio
+        k, dim, heads, ratio, eps = config.window, config.dim, config.heads, config.mlp_ratio, config.norm_eps
         self.patch_embed = nn.Linear(config.in_chans * k * k, dim)          # (C*k*k) -> dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, ratio) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, ratio, eps) for _ in range(config.depth))
+        avg = config.pool == "avg"     # (nn.Identity has no weights: "token" keeps the old keys)
+        self.norm = nn.Identity() if avg else nn.LayerNorm(dim, eps=eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=eps) if avg else nn.Identity()
         self.head = nn.Linear(dim, config.num_classes)
         self.apply(self._init_weights)
         # timm/MAE init: the patch embedding like a conv (xavier on the flattened weight).
         nn.init.xavier_uniform_(self.patch_embed.weight)
         nn.init.normal_(self.cls_token, std=0.02)
+        if config.pos_embed == "learned":     # (1, gh*gw, dim), timm's init
+            table = torch.zeros(1, (config.image_size[0] // k) * (config.image_size[1] // k), dim)
+            self.pos_table = nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
 
     @staticmethod
     def _init_weights(module):
@@ -417,17 +485,26 @@ class SPoTViT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def pos_embed(self, positions):
-        """(B, N, 2) -> (B, N, dim): fixed continuous sin-cos embedding (no parameters)."""
-        return sincos_pos_embed(positions, self.config.dim, self.config.image_size, self.config.window)
+        """(B, N, 2) -> (B, N, dim): the fixed continuous sin-cos embedding (no parameters), or
+        the learned table read bilinearly (config.pos_embed="learned")."""
+        config = self.config
+        if config.pos_embed == "learned":
+            return learned_pos_embed(self.pos_table, positions, config.image_size, config.window)
+        return sincos_pos_embed(positions, config.dim, config.image_size, config.window)
 
     def forward_features(self, images, positions):
-        """images (B, C, H, W) in [0, 1], positions (B, N, 2) -> normed tokens (B, 1 + N, dim)."""
+        """images (B, C, H, W) in [0, 1], positions (B, N, 2) -> tokens (B, 1 + N, dim) after the
+        final norm (pool="avg" has none: its fc_norm comes after the pooling, in forward_head)."""
         _check_images(images)
-        shape = ("B", self.config.in_chans, *self.config.image_size)
+        config = self.config
+        shape = ("B", config.in_chans, *config.image_size)
         if images.shape[1:] != shape[1:]:
             raise ValueError(f"images must be {shape} for this model, got {tuple(images.shape)}")
-        images = (images - self.image_mean) / self.image_std
-        windows = extract_patches(images, positions, self.config.window)     # (B, N, C, k, k)
+        mean, std = self.image_mean, self.image_std
+        if images.dtype == torch.float64:   # the buffers round the config's values to float32
+            mean, std = (images.new_tensor(v).view(1, -1, 1, 1) for v in (config.image_mean, config.image_std))
+        images = (images - mean) / std
+        windows = extract_patches(images, positions, config.window)          # (B, N, C, k, k)
         tokens = self.patch_embed(windows.flatten(2))                        # (B, N, dim)
         tokens = tokens + self.pos_embed(positions).to(tokens.dtype)
         cls = self.cls_token.expand(len(tokens), -1, -1)                     # (B, 1, dim)
@@ -437,8 +514,10 @@ class SPoTViT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, features, pre_logits=False):
-        """Class-token feature (B, dim) if pre_logits (used for kNN), else logits (B, classes)."""
-        return features[:, 0] if pre_logits else self.head(features[:, 0])
+        """The pooled feature (B, dim) if pre_logits (used for kNN), else logits (B, classes):
+        the class token, or with pool="avg" fc_norm(the mean of the N position tokens)."""
+        pooled = self.fc_norm(features[:, 1:].mean(dim=1) if self.config.pool == "avg" else features[:, 0])
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, images, positions):
         return self.forward_head(self.forward_features(images, positions))
@@ -474,6 +553,173 @@ def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
         raise ValueError(f"{path}: its model does not load ({str(error).splitlines()[0]})") from None
     model = model.to(map_location).eval()
     return (model, checkpoint) if return_checkpoint else model
+
+
+# -----------------------------------------------------------------------------
+# Pretrained ViTs (timm, DeiT, MAE) as SPoTViTs: the paper retrofits such models into SPoT
+#
+# A timm VisionTransformer's state dict uses SPoTViT's names for blocks.*, norm.*, fc_norm.* and
+# head.*, and differs in two (D = width, C = channels, k = patch side, G = gh * gw grid cells):
+#   patch_embed.proj.weight (D, C, k, k), a stride-k conv  <->  patch_embed.weight (D, C*k*k):
+#       the same numbers flattened. extract_patches' windows are (C, k, k) and flatten in that
+#       order, so the linear map of a grid window is the conv on its patch.
+#   pos_embed (1, 1 + G, D): slot 0 for the class token, then the grid row-major. timm adds it
+#       after prepending the class token, so cls_token + pos_embed[:, 0] is what the class token
+#       carries: it is folded into cls_token, and pos_embed[:, 1:] becomes pos_table, read by
+#       learned_pos_embed in cell-centre coordinates (cell (i, j) at p = (i, j): its own row).
+# timm's LayerNorms use eps 1e-6 (norm_eps), its GELU is exact (as here); MAE's fine-tuning head
+# has no norm.* but fc_norm.* (pool="avg"). Weights with no place in SPoTViT are refused by name.
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}   # ViT-Ti, S, B, L, H
+UNSUPPORTED = {   # key pattern -> what those weights are
+    r"^dist_token$|^head_dist\.": "a distilled DeiT's distillation token and head",
+    r"^reg_token$": "register tokens",
+    r"\.ls[12]\.gamma$|\.gamma_[12]$": "layer scale",
+    r"^norm_pre\.": "a norm before the blocks (norm_pre)",
+    r"\.q_bias$|\.v_bias$": "separate q/v biases",
+    r"^decoder|^mask_token$": "an MAE pre-training checkpoint's decoder (use a fine-tuned one)",
+}
+
+
+def load_pretrained(source, *, image_size=None, num_classes=None, heads=None, mean=None, std=None):
+    """A pretrained ViT -> an SPoTViT (eval mode) that, with its tokens at grid_positions,
+    computes the logits the source computes (timm's numbers, up to float round-off).
+
+    source: a timm-style state dict; a .pth/.pt/.bin file (read with weights_only=True; a
+    {"model": ...} or {"state_dict": ...} wrapper and DDP's "module." prefixes are removed); a
+    .safetensors file (needs the safetensors package); or "timm:NAME" (needs timm; downloads
+    NAME's pretrained weights). The shape comes from the weights: dim, in_chans and window from
+    patch_embed.proj.weight, depth from the blocks, mlp_ratio from mlp.fc1, pool="avg" when
+    there is an fc_norm, the native grid from pos_embed (square, after one class slot or none).
+    heads= is needed unless dim is a standard width (192, 384, 768, 1024, 1280).
+    image_size (default: the native one) other than the native one resamples the table as timm's
+    resample_abs_pos_embed does; num_classes other than the head's gives a fresh head.
+    mean/std: these arguments, else timm's pretrained config for timm:NAME, else ImageNet's,
+    (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225). Anything it cannot read or represent
+    raises a ValueError naming it (and the keys, e.g. dist_token of a distilled DeiT).
+    The model keeps the source's precision, at least float32 (float64 weights: float64 model).
+    """
+    name = repr(str(source)) if isinstance(source, (str, Path)) else "the state dict"
+    state, stats = _read_state_dict(source, name)
+    config, slots, side = _pretrained_config(state, name, image_size, num_classes, heads)
+    stats = stats or IMAGENET_STATS
+    config = replace(config, image_mean=stats[0] if mean is None else mean,
+                     image_std=stats[1] if std is None else std)
+    # The source's precision, at least float32 (float64 weights fold the class slot exactly).
+    dtype = torch.promote_types(state["pos_embed"].dtype, torch.float32)
+    model, table = SPoTViT(config).to(dtype), state.pop("pos_embed").to(dtype)
+    state["cls_token"] = state["cls_token"] + table[:, :slots].sum(1, keepdim=True)   # folded (or + 0)
+    state["pos_table"] = _resample_grid(table[:, slots:], side, config)
+    state["patch_embed.weight"] = state.pop("patch_embed.proj.weight").flatten(1)   # (D, C*k*k)
+    state["patch_embed.bias"] = state.pop("patch_embed.proj.bias")
+    head = state.get("head.weight")
+    if head is None or head.shape[0] != config.num_classes:          # new classes: a fresh head
+        state.update((key, value) for key, value in model.state_dict().items() if key.startswith("head."))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:     # keys with no place in SPoTViT, or shapes that differ
+        raise ValueError(f"{name} does not fit an SPoTViT: {' '.join(str(error).split())}") from None
+    return model.eval()
+
+
+def _read_state_dict(source, name):
+    """load_pretrained's source -> (a flat state dict, timm's (mean, std) or None)."""
+    stats = None
+    if isinstance(source, str) and source.startswith("timm:"):
+        model = _optional("timm", name).create_model(source[len("timm:"):], pretrained=True)
+        stats, source = (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]), model.state_dict()
+        if getattr(model, "global_pool", "token") == "avg" and "fc_norm.weight" not in source:
+            raise ValueError(f"{name} averages its tokens without an fc_norm: not supported")
+    elif isinstance(source, (str, Path)):
+        read = lambda path: torch.load(path, map_location="cpu", weights_only=True)
+        if str(source).endswith(".safetensors"):
+            read = _optional("safetensors.torch", "reading .safetensors").load_file
+        try:
+            source = read(source)
+        except Exception as error:   # missing, truncated, random bytes, or holding code (refused)
+            raise ValueError(f"{name} could not be read as a state dict ({type(error).__name__})") from None
+    for key in ("model", "state_dict"):       # training scripts' wrappers: {"model": state dict}
+        if isinstance(source, dict) and isinstance(source.get(key), dict):
+            source = source[key]
+    if not isinstance(source, dict) or not all(torch.is_tensor(value) for value in source.values()):
+        raise ValueError(f"{name} is not a state dict (a dict of tensors)")
+    return {key.removeprefix("module."): value for key, value in source.items()}, stats
+
+
+def _optional(module, purpose):
+    """Import timm or safetensors only on the path that reads their format."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ValueError(f"{purpose} needs the {package} package: pip install {package}") from None
+
+
+def _pretrained_config(state, name, image_size, num_classes, heads):
+    """Refuse what SPoTViT cannot represent; read the shape -> (SPoTConfig, class slots, side)."""
+    weight = state.get("patch_embed.proj.weight")
+    if weight is None or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"{name} is not a ViT state dict: it has no (D, C, k, k) "
+                         f"patch_embed.proj.weight (its keys begin {list(state)[:4]})")
+    for pattern, what in UNSUPPORTED.items():
+        if keys := [key for key in state if re.search(pattern, key)]:
+            raise ValueError(f"{name} holds {what}: {', '.join(keys[:4])}; SPoTViT has no place for them")
+    if "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError(f"{name} has no {'pos_embed' if 'cls_token' in state else 'cls_token'}: models "
+                         f"without a class token or a learned pos_embed are not supported")
+    (dim, in_chans, k, _), cells = weight.shape, state["pos_embed"].shape[1]
+    slots = next((n for n in (1, 0) if math.isqrt(cells - n) ** 2 == cells - n), None)
+    if slots is None:
+        raise ValueError(f"{name}: pos_embed {tuple(state['pos_embed'].shape)} is not a square grid")
+    if heads is None and dim not in STANDARD_HEADS:
+        raise ValueError(f"{name}: a ViT of width {dim} has no standard number of heads; pass heads=")
+    head = state.get("head.weight")
+    if num_classes is None and head is None:
+        raise ValueError(f"{name} has no head.weight: pass num_classes= for a fresh head")
+    # Block builds int(dim * mlp_ratio) hidden units: the ratio that gives fc1's back exactly.
+    hidden = state.get("blocks.0.mlp.fc1.weight", weight).shape[0]     # (no blocks: depth 0, refused)
+    ratio = next(r for r in (hidden / dim, math.nextafter(hidden / dim, math.inf)) if int(dim * r) == hidden)
+    side = math.isqrt(cells - slots)
+    config = SPoTConfig(image_size=image_size or side * k, window=k, in_chans=in_chans, dim=dim,
+                        depth=len({key.split(".")[1] for key in state if key.startswith("blocks.")}),
+                        heads=heads or STANDARD_HEADS[dim], mlp_ratio=ratio,
+                        num_classes=num_classes or head.shape[0], norm_eps=1e-6,
+                        pos_embed="learned", pool="avg" if "fc_norm.weight" in state else "token")
+    return config, slots, side
+
+
+def _resample_grid(table, side, config):
+    """timm's resample_abs_pos_embed: the (1, side*side, D) table as a D-channel side x side image,
+    resized bicubically (antialiased, align_corners=False) to the model's grid -> (1, gh*gw, D).
+    At the same size every output pixel sits on its input pixel: the table comes back unchanged."""
+    size = tuple(s // config.window for s in config.image_size)
+    image = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)              # (1, D, side, side)
+    image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return image.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1)
+
+
+def export(model):
+    """An SPoTViT -> a timm VisionTransformer state dict (a plain dict of tensors, keys above).
+
+    timm's VisionTransformer(img_size=image_size, patch_size=window, embed_dim=dim, depth=depth,
+    num_heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes, global_pool=pool, fc_norm=
+    pool == "avg") loads it with strict=True. pos_embed's class slot is zeros (cls_token carries
+    it) and a sin-cos model exports its embedding of the grid as the table; timm's LayerNorms use
+    eps 1e-6, so a model with another norm_eps computes a little differently there.
+    load_pretrained(export(model)) gives back the same logits at grid_positions.
+    """
+    config, k = model.config, model.config.window
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    weight, _ = state.pop("patch_embed.weight"), state.pop("pos_table", None)
+    # The embedding the model adds at grid_positions (a learned table's rows, exactly), computed
+    # in the model's precision (float32, or float64 for a float64 model).
+    grid = grid_positions(config.image_size, k, dtype=torch.promote_types(weight.dtype, torch.float32))
+    table = model.pos_embed(grid[None].to(weight.device)).detach().to(weight.dtype)    # (1, G, D)
+    return {"cls_token": state.pop("cls_token"),
+            "pos_embed": torch.cat([torch.zeros_like(table[:, :1]), table], dim=1),   # (1, 1+G, D)
+            "patch_embed.proj.weight": weight.view(config.dim, config.in_chans, k, k),
+            "patch_embed.proj.bias": state.pop("patch_embed.bias"), **state}
 
 
 # -----------------------------------------------------------------------------

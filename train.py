@@ -4,11 +4,15 @@ train.py -- train a SPoT ViT (arXiv 2507.01654): one model for every token budge
 The idea is the paper's "retrofitting": each batch draws its number of tokens from --tokens and
 its positions from one of the --train-priors ("spatial priors"), so one model learns to read an
 image through any sparse set of subpixel tokens. `--tokens all --train-priors grid` trains a
-plain grid ViT (the baseline), and `--init-from` fine-tunes such a model into SPoT.
+plain grid ViT (the baseline), and `--init-from` fine-tunes such a model into SPoT: one of ours (a
+checkpoint of train.py) or a pretrained timm / DeiT / MAE ViT (spot.load_pretrained), the paper's
+setting (the imagenet-retrofit preset).
 
     python train.py                                   # built-in shapes data, CPU, a few minutes
     python train.py --dataset cifar10 --data-dir data/cifar10 --preset cifar10-cpu   # CPU recipe
     python train.py --dataset folder --data-dir imagenette --device cuda
+    python train.py --dataset folder --data-dir imagenet-subset --preset imagenet-retrofit \
+        --init-from timm:vit_base_patch16_224.augreg_in21k_ft_in1k --device cuda     # needs timm
     torchrun --nproc_per_node=4 train.py --dataset cifar10 --data-dir data/cifar10 --device cuda
     python train.py --resume --out runs/shapes        # continue an interrupted run
 
@@ -67,6 +71,17 @@ PRESETS = {
     # NOT YET RUN: Imagenette-style folders at 128 px, windows of 16 px: an 8x8 grid of 64 cells.
     "folder": dict(model=spot.SPoTConfig(image_size=128, window=16, dim=384, depth=8, heads=6, mlp_ratio=4.0),
                    epochs=100, batch_size=128, lr=1e-3, warmup_epochs=5, augment_padding=16, val_size=0.1, **FIRST),
+    # NOT RUN HERE (no GPU, no pretrained weights reachable): the paper's setting, a pretrained
+    # ViT-B/16 retrofitted on an ImageNet subset (`--dataset folder`) at 224 px, the paper's budgets
+    # 25-196 (196 = the full 14x14 grid), every prior. Meant with --init-from
+    # timm:vit_base_patch16_224.augreg_in21k_ft_in1k --device cuda; the source decides the model
+    # (the SPoTConfig here only names its shape). lr 1e-4, ten times below the from-scratch recipes:
+    # the weights are already good, and a from-scratch peak would wash their features out in the
+    # first steps. Known limits: every image is decoded into memory at 224 px (about 150 kB each),
+    # and the only augmentation is flips (no random-resized crop, which ImageNet recipes use).
+    "imagenet-retrofit": dict(model=spot.SPoTConfig(image_size=224, window=16, dim=768, depth=12, heads=12),
+                              epochs=5, batch_size=128, lr=1e-4, warmup_epochs=0.5, augment_padding=0,
+                              val_size=0.02, tokens="25-196", train_priors=list(spot.PRIORS)),
 }
 MODEL_FLAGS = ("image_size", "window", "dim", "depth", "heads", "mlp_ratio")
 
@@ -157,14 +172,28 @@ def load_data(args, world, progress):
 
 
 def build_model(args, dataset, device):
-    """SPoTViT from the flags and the data; --init-from copies a trained model's weights."""
-    config = spot.SPoTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS}, num_classes=len(dataset.classes),
-                             in_chans=dataset.train.images.shape[1], image_mean=dataset.mean, image_std=dataset.std)
+    """SPoTViT from the flags and the data, or from a source (--init-from): an SPoT checkpoint of
+    the same model, or a pretrained ViT, which gets a fresh head when the dataset has other
+    classes. Either keeps its own input statistics (its weights learned on them); a model from
+    scratch takes the dataset's. A resumed run rebuilds its own model from its checkpoint's
+    config (start_or_resume then loads the weights)."""
     torch.manual_seed(args.seed)
+    source, n_classes = getattr(args, "init_model", None), len(dataset.classes)
+    if args.checkpoint:
+        return spot.SPoTViT(spot.SPoTConfig(**args.checkpoint["model_config"])).to(device)
+    if getattr(args, "init_pretrained", False):   # the source, rebuilt for this dataset's classes
+        known = source.config
+        return spot.load_pretrained(spot.export(source), image_size=args.image_size, num_classes=n_classes,
+                                    heads=known.heads, mean=known.image_mean, std=known.image_std).to(device)
+    # A source keeps what no flag sets: its kind of model and the input statistics it learned on.
+    own = ({k: getattr(source.config, k) for k in ("norm_eps", "pos_embed", "pool", "image_mean", "image_std")}
+           if source else dict(image_mean=dataset.mean, image_std=dataset.std))
+    config = spot.SPoTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS}, num_classes=n_classes,
+                             in_chans=dataset.train.images.shape[1], **own)
     model = spot.SPoTViT(config)
-    if (source := getattr(args, "init_model", None)) is not None:      # (a resumed run has none: it has its own)
+    if source is not None:
         differ = [f"{k} {v} vs {getattr(config, k)}" for k, v in dataclasses.asdict(source.config).items()
-                  if k not in ("image_mean", "image_std") and v != getattr(config, k)]
+                  if v != getattr(config, k)]
         if differ:
             sys.exit(f"error: --init-from {args.init_from} is another model ({', '.join(differ)})")
         model.load_state_dict(source.state_dict())
@@ -328,7 +357,9 @@ RESUME_MAY_CHANGE = {"resume", "out", "threads", "device", "progress", "max_step
 
 def build_parser():
     """Flags marked (preset) default to the preset's value (listed by --help)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], epilog="Presets (cifar10, folder: not yet run): "
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], epilog="Presets (cifar10, folder: not yet run; imagenet-retrofit: NOT RUN HERE (no GPU, "
+        "no pretrained weights reachable), meant with --init-from timm:vit_base_patch16_224.augreg_in21k_ft_in1k --device "
+        "cuda; it decodes every image into memory at 224 px and has no random-resized crop): "
         + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in _flat(p).items()) for name, p in PRESETS.items()))
     add = parser.add_argument
     add("--dataset", default="shapes", choices=data.DATASETS, help="folder: DIR/{train,val}/<class>/<images>")
@@ -345,7 +376,9 @@ def build_parser():
     add("--eval-tokens", default="16", help="budgets evaluated each epoch besides the full grid (default: 16)")
     add("--eval-prior", default="isotropic", choices=spot.PRIORS, help="(default: isotropic)")
     add("--final-test", action=argparse.BooleanOptionalAction, default=True, help="read test once, at the end")
-    add("--init-from", help="start from this checkpoint's weights (retrofitting a grid ViT into SPoT)")
+    add("--init-from", help="start from a model (retrofitting it into SPoT): a checkpoint of train.py, or a pretrained "
+        "ViT: a timm/DeiT/MAE state dict (.pth, .pt, .bin, .safetensors) or timm:NAME, whose shape decides the "
+        "model flags but --image-size")
     add("--epochs", type=utils.int_at_least(1), help="(preset)")
     add("--batch-size", type=utils.int_at_least(1), help="global, split over processes (preset)")
     add("--lr", type=utils.float_in(0, low_open=True), help="peak AdamW learning rate (preset)")
@@ -390,13 +423,15 @@ def parse_args(argv=None):
         if changed:
             raise ValueError(f"--resume: {out} was trained with other flags; these differ: {'; '.join(changed)}. "
                              f"Resume without them, or start a new run in another --out")
-        return args if checkpoint else check_args(args)
+        return args if checkpoint else check_args(args, {k for k in MODEL_FLAGS if getattr(first, k) is not None})
     except ValueError as error:
         parser.error(str(error))
 
 
-def check_args(args):
-    """A new run's flags -> args, or ValueError naming the flag of a value that cannot work."""
+def check_args(args, explicit):
+    """A new run's flags -> args, or ValueError naming the flag of a value that cannot work.
+    explicit: the model flags given on the command line (a pretrained source decides the others)."""
+    args.init_model, args.init_pretrained = read_source(args, explicit) if args.init_from else (None, False)
     spot.SPoTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS})                    # raises for a bad model
     n_grid = (args.image_size // args.window) ** 2
     args.token_choices = utils.parse_tokens(args.tokens, n_grid, "--tokens")
@@ -405,8 +440,42 @@ def check_args(args):
                                   ("--eval-tokens", args.budgets, [args.eval_prior])):
         if "grid" in priors and max(budgets) > n_grid:
             raise ValueError(f"{flag} up to {max(budgets)} but prior 'grid' has only {n_grid} cells")
-    args.init_model = spot.load_checkpoint(args.init_from) if args.init_from else None
     return args
+
+
+def read_source(args, explicit):
+    """--init-from -> (model, pretrained?). The file is read once to tell an SPoT checkpoint
+    (a dict with "model_config" and "model": build_model checks that it is this run's model)
+    from a pretrained ViT, which spot.load_pretrained reads at this run's image size; the
+    source's shape then becomes the run's: model flags left unset take its values, and one
+    given that contradicts it is refused. A file that stores "mean" and "std" beside its
+    state dict gives them; else load_pretrained's default (timm's config, or ImageNet's)."""
+    source, stats, name = args.init_from, {}, args.init_from
+    if not source.startswith("timm:") and not source.endswith(".safetensors"):
+        if not Path(source).is_file():
+            raise ValueError(f"--init-from {name} does not exist; pass a checkpoint of train.py, a ViT state "
+                             f"dict (.pth, .pt, .bin, .safetensors) or timm:NAME")
+        try:
+            source = torch.load(name, map_location="cpu", weights_only=True)
+        except Exception as error:   # random bytes, truncated, or holding code (refused)
+            raise ValueError(f"--init-from {name} could not be read ({type(error).__name__}): not a checkpoint "
+                             f"or a state dict of tensors") from None
+        if isinstance(source, dict) and {"model_config", "model"} <= source.keys():
+            return spot.load_checkpoint(name), False               # (read again, by its own loader)
+        stats = {k: source[k] for k in ("mean", "std") if isinstance(source, dict) and k in source}
+    try:
+        model = spot.load_pretrained(source, image_size=args.image_size,
+                                     heads=args.heads if "heads" in explicit else None, **stats)
+    except (ValueError, ImportError) as error:
+        hint = " (train.py: --heads N)" if "heads=" in str(error) else ""
+        raise ValueError(f"--init-from {name}: {error}{hint}") from None
+    for flag in MODEL_FLAGS[1:]:                           # window, dim, depth, heads, mlp_ratio
+        ours, theirs = getattr(args, flag), getattr(model.config, flag)
+        if flag in explicit and ours != theirs:
+            raise ValueError(f"--{flag.replace('_', '-')} {ours} contradicts --init-from {name}, whose {flag} is "
+                             f"{theirs}: leave --{flag.replace('_', '-')} out (the source decides it) or use another source")
+        setattr(args, flag, theirs)
+    return model, True
 
 
 def main(argv=None):

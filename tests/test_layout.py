@@ -19,8 +19,8 @@ from conftest import ROOT
 
 TOP_LEVEL = ("spot", "train", "oracle", "data", "visualize", "utils")
 READING_PATH = ("spot", "train", "oracle", "data")
-READING_PATH_BUDGET = 1050        # code lines of spot + train + oracle + data
-ALL_PYTHON_BUDGET = 2950          # code lines of every .py outside tests/
+READING_PATH_BUDGET = 1250        # code lines of spot + train + oracle + data
+ALL_PYTHON_BUDGET = 3300          # code lines of every .py outside tests/
 LONGEST_ON_READING_PATH = 60      # lines of one function, def to last line
 LONGEST_ANYWHERE = 80
 

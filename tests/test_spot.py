@@ -107,6 +107,27 @@ def test_grid_special_case_at_224_manual_exact_grid_sample_close():
     assert (extract_patches(images, positions, 16) - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("size,window", [(224, 16), (96, 16)])
+def test_grid_special_case_is_exact_in_float64(size, window):
+    """In float64 (images and grid_positions(..., dtype=torch.float64)) grid_sample's round trip
+    through [-1, 1] costs nothing measurable: the windows are the reshaped patches."""
+    images = torch.rand(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    positions = grid_positions(size, window, dtype=torch.float64).expand(2, -1, -1)
+    assert positions.dtype == torch.float64
+    assert (extract_patches(images, positions, window) - reshape_patchify(images, window)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("size,window,bound", [(224, 16, 2 ** -15), (32, 4, 0.0)])
+def test_grid_special_case_float32_bound(size, window, bound):
+    """The float32 bound that extract_patches' docstring states, on [0, 1] images: random ones and
+    a checkerboard (neighbouring pixels differ by 1: the worst case for a coordinate error)."""
+    checkerboard = (torch.arange(size)[:, None] + torch.arange(size)).remainder(2).float()
+    images = torch.cat([torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(6)),
+                        checkerboard.expand(1, 3, -1, -1)])
+    positions = grid_positions(size, window).expand(4, -1, -1)
+    assert (extract_patches(images, positions, window) - reshape_patchify(images, window)).abs().max() <= bound
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_images_at_224_px_read_like_float32(dtype):
     """bf16/fp16 images at the paper's 224 px: the CPU grid_sample kernel used to read values
@@ -298,6 +319,46 @@ def test_grid_placed_spot_equals_standard_vit_forward():
     assert torch.allclose(model(images, positions), expected, atol=1e-5)
 
 
+def test_configs_without_the_new_keys_build_the_old_model():
+    """Checkpoints written before norm_eps / pos_embed / pool existed load unchanged: the defaults
+    are the old model (LayerNorm eps 1e-5, sin-cos, class-token pooling, the same state dict)."""
+    model = tiny_model(image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))
+    old = {k: v for k, v in asdict(model.config).items() if k not in ("norm_eps", "pos_embed", "pool")}
+    rebuilt = SPoTViT(SPoTConfig(**old)).eval()
+    rebuilt.load_state_dict(model.state_dict())                   # strict: the same keys
+    assert sorted(model.state_dict()) == sorted(
+        ["patch_embed.weight", "patch_embed.bias", "cls_token", "norm.weight", "norm.bias", "head.weight",
+         "head.bias"] + [f"blocks.{i}.{name}" for i in range(2) for name in (
+             "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias")])
+    assert all(m.eps == 1e-5 for m in rebuilt.modules() if isinstance(m, torch.nn.LayerNorm))
+    images, positions = torch.rand(2, 3, 16, 16), torch.rand(2, 9, 2)
+    x = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(
+        extract_patches((images - model.image_mean) / model.image_std, positions, 4).flatten(2))
+        + sincos_pos_embed(positions, 32, 16, 4)], 1)
+    for block in model.blocks:
+        x = block(x)
+    expected = model.head(F.layer_norm(x, (32,), model.norm.weight, model.norm.bias, 1e-5)[:, 0])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images, positions), model(images, positions))
+        assert torch.allclose(rebuilt(images, positions), expected, atol=1e-6)
+
+
+def test_float64_model_computes_in_float64():
+    """.double() with float64 positions: embedding, softmax and normalization all in float64
+    (the config's mean/std, not their float32 buffers), matching the float32 model closely."""
+    model = tiny_model(image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    images, positions = torch.rand(2, 3, 16, 16), torch.rand(2, 9, 2)
+    assert sincos_pos_embed(positions.double(), 32, 16, 4).dtype == torch.float64
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    expected = torch.softmax(q @ q.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ q
+    assert (spot.attention(q, q, q) - expected).abs().max() <= 1e-14
+    with torch.no_grad():
+        low, high = model(images, positions), model.double()(images.double(), positions.double())
+    assert high.dtype == torch.float64 and torch.allclose(low.double(), high, atol=1e-5)
+
+
 def test_gradients_reach_positions():
     model = tiny_model()
     positions = torch.rand(2, 6, 2, requires_grad=True)
@@ -373,6 +434,9 @@ def test_bad_input_errors_name_the_argument():
         (lambda: SPoTConfig(dim=30, heads=4), "dim"),
         (lambda: SPoTConfig(image_size=16, window=20), "window"),
         (lambda: SPoTViT({"dim": 32}), "SPoTConfig"),
+        (lambda: SPoTConfig(pos_embed="rope"), "pos_embed"),
+        (lambda: SPoTConfig(pool="max"), "pool"),
+        (lambda: SPoTConfig(norm_eps=0.0), "norm_eps"),
         (lambda: sample_positions("uniform", 2, 0, 16, 4), "n_tokens"),
         (lambda: sample_positions("random", 2, 4, 16, 4), "uniform"),
         (lambda: sample_positions("salient", 2, 4, 16, 4), "images"),

@@ -284,3 +284,65 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(checkpoint["rng"]) == 2                  # both processes' random streams
     assert checkpoint["step"] == 12                     # global batch 32 = 2 x 16 per process
     spot.load_checkpoint(out / "checkpoint.pt")
+
+
+# Retrofitting a pretrained ViT (timm / DeiT / MAE; the fixtures are small timm models, made
+# without timm at test time: tests/fixtures/README.md).
+FIXTURES = ROOT / "tests" / "fixtures"
+RETRO = ["--dataset", "shapes", "--batch-size", "32", "--train-limit", "320", "--test-limit", "32",
+         "--tokens", "4-16", "--eval-tokens", "4", "--lr", "1e-4", "--no-progress", "--threads", "1",
+         "--precision", "fp32", "--heads", "3"]       # (a width of 48 has no standard number of heads)
+
+
+def test_init_from_a_pretrained_vit_takes_its_shape_and_statistics(tmp_path):
+    """The source decides the model: dim, depth, window, learned positions, LayerNorm eps and
+    its own input statistics (not the dataset's); before training it IS load_pretrained's model."""
+    source = FIXTURES / "vit_token.pt"
+    fixture = torch.load(source, weights_only=True)
+    out = tmp_path / "retro"
+    argv = RETRO + ["--init-from", str(source), "--epochs", "3", "--max-steps", "20", "--out", str(out)]
+    args = train.parse_args(argv)
+    dataset = train.data.load_dataset("shapes", image_size=32, progress=False)
+    built = train.build_model(args, dataset, torch.device("cpu"))
+    reference = spot.load_pretrained(str(source), image_size=32, num_classes=10, heads=3,
+                                     mean=fixture["mean"], std=fixture["std"])
+    images = fixture["images"]
+    grid = spot.grid_positions(32, 4).expand(len(images), -1, -1)
+    with torch.no_grad():
+        assert torch.equal(built(images, grid), reference(images, grid))
+        assert torch.allclose(built(images, grid), fixture["logits"], atol=1e-4)   # timm's own logits
+    assert train.main(argv) == 0                        # 20 steps: stops in epoch 2 of 3
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    model, checkpoint = spot.load_checkpoint(out / "checkpoint.pt", return_checkpoint=True)
+    config = model.config
+    assert (config.dim, config.depth, config.window, config.heads) == (48, 2, 4, 3)
+    assert (config.pos_embed, config.norm_eps, config.pool) == ("learned", 1e-6, "token")
+    assert list(config.image_mean) == fixture["mean"] and list(config.image_std) == fixture["std"]
+    assert config.image_mean != tuple(dataset.mean)
+    assert checkpoint["step"] == 30 and read_metrics(out)[-1]["final"]
+
+
+def test_init_from_an_avg_pooled_vit_with_fc_norm(tmp_path):
+    out = tmp_path / "mae"
+    assert train.main(RETRO + ["--init-from", str(FIXTURES / "vit_avg_fcnorm.pt"), "--epochs", "1",
+                               "--max-steps", "3", "--out", str(out)]) == 0
+    config = spot.load_checkpoint(out / "checkpoint.pt").config
+    assert config.pool == "avg" and config.pos_embed == "learned"
+
+
+@pytest.mark.parametrize("source, extra, words", [
+    ("vit_token.pt", ["--window", "8"], ["--window 8", "window is 4", "leave --window out"]),
+    ("vit_token.pt", ["--dim", "64"], ["--dim 64", "dim is 48"]),
+    ("vit_token.pt", "drop --heads", ["heads", "--heads N"]),
+    ("resnet_like.pt", [], ["resnet_like.pt", "not a ViT"]),
+    ("deit_distilled.pt", [], ["deit_distilled.pt", "dist_token"]),
+])
+def test_init_from_refuses_what_contradicts_or_is_not_a_vit(tmp_path, capsys, monkeypatch, source, extra, words):
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    argv = (RETRO[:-2] if extra == "drop --heads" else RETRO + extra) + [
+        "--init-from", str(FIXTURES / source), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert all(word in err.splitlines()[-1] for word in words), err
