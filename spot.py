@@ -592,7 +592,8 @@ def load_pretrained(source, *, image_size=None, num_classes=None, heads=None, me
     NAME's pretrained weights). The shape comes from the weights: dim, in_chans and window from
     patch_embed.proj.weight, depth from the blocks, mlp_ratio from mlp.fc1, pool="avg" when
     there is an fc_norm, the native grid from pos_embed (square, after one class slot or none).
-    heads= is needed unless dim is a standard width (192, 384, 768, 1024, 1280).
+    heads= is needed unless dim is a standard width (192, 384, 768, 1024, 1280: ViT-Ti to H)
+    or a multiple of 64 (timm's ViTs use 64-wide heads).
     image_size (default: the native one) other than the native one resamples the table as timm's
     resample_abs_pos_embed does; num_classes other than the head's gives a fresh head.
     mean/std: these arguments, else timm's pretrained config for timm:NAME, else ImageNet's,
@@ -672,7 +673,8 @@ def _pretrained_config(state, name, image_size, num_classes, heads):
     slots = next((n for n in (1, 0) if math.isqrt(cells - n) ** 2 == cells - n), None)
     if slots is None:
         raise ValueError(f"{name}: pos_embed {tuple(state['pos_embed'].shape)} is not a square grid")
-    if heads is None and dim not in STANDARD_HEADS:
+    heads = heads or STANDARD_HEADS.get(dim) or (dim // 64 if dim % 64 == 0 else None)   # timm: 64-wide heads
+    if heads is None:
         raise ValueError(f"{name}: a ViT of width {dim} has no standard number of heads; pass heads=")
     head = state.get("head.weight")
     if num_classes is None and head is None:
@@ -683,7 +685,7 @@ def _pretrained_config(state, name, image_size, num_classes, heads):
     side = math.isqrt(cells - slots)
     config = SPoTConfig(image_size=image_size or side * k, window=k, in_chans=in_chans, dim=dim,
                         depth=len({key.split(".")[1] for key in state if key.startswith("blocks.")}),
-                        heads=heads or STANDARD_HEADS[dim], mlp_ratio=ratio,
+                        heads=heads, mlp_ratio=ratio,
                         num_classes=num_classes or head.shape[0], norm_eps=1e-6,
                         pos_embed="learned", pool="avg" if "fc_norm.weight" in state else "token")
     return config, slots, side

@@ -18,6 +18,7 @@ machine that has one:
 One line per check ("ok" or "FAIL", with the numbers), then the GPU, the torch version and the
 total time; the exit code is 1 if any check failed. Without CUDA it says so and exits 0.
 """
+import argparse
 import sys
 import tempfile
 import time
@@ -78,7 +79,8 @@ def check_fixture():
     return error <= 1e-4, f"max |logits - timm's| {error:.2e} (tolerance 1e-04)"
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)   # (only --help)
     if not torch.cuda.is_available():
         print("no CUDA device: this script checks the GPU paths (fused attention, training and the oracle "
               "search on CUDA, loading a pretrained ViT there); run it on a machine with a GPU. Nothing to do.")
@@ -99,6 +101,7 @@ def main():
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.time() - start:.0f} s in all | "
           f"{failed} of {len(checks)} failed")
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ mean, std, images_uint8, images, logits, logits64, pooled -- see tests/fixtures/
     vit_token.pt       32x32 images, patch 4, class token, token pooling, final norm
     vit_avg_fcnorm.pt  the same with MAE's head: global_pool="avg", fc_norm (norm is Identity)
     vit_224.pt         224x224 images, patch 16 (a 14x14 grid), token pooling; one image
+    vit_w128.pt        width 128 with two 64-wide heads (no heads= needed), depth 1, token pooling
 Bad sources, state dicts only (timm_version, model_name, kwargs, state_dict), for refusal tests:
     deit_distilled.pt, vit_layerscale.pt, vit_registers.pt, vit_no_class_token.pt, resnet_like.pt
 
@@ -44,6 +45,10 @@ GOOD = {   # name: (kwargs, (mean, std), images)
                        IMAGENET, 3),
     "vit_224": (dict(img_size=224, patch_size=16, embed_dim=24, depth=1, num_heads=3,
                      mlp_ratio=2.0, num_classes=5), HALF, 1),
+    # timm's 64-wide heads (128 = 2 x 64): the head count follows from the width, so
+    # `python train.py --init-from tests/fixtures/vit_w128.pt --dataset shapes` needs no --heads.
+    "vit_w128": (dict(img_size=32, patch_size=4, embed_dim=128, depth=1, num_heads=2, mlp_ratio=1.0,
+                      num_classes=10), HALF, 3),
 }
 TINY = {**SMALL, "depth": 1}
 BAD = {    # name: (class name, kwargs)

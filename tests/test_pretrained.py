@@ -16,7 +16,7 @@ import spot
 from spot import SPoTConfig, SPoTViT, export, grid_positions, learned_pos_embed, load_pretrained
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-GOOD = ("vit_token", "vit_avg_fcnorm", "vit_224")
+GOOD = ("vit_token", "vit_avg_fcnorm", "vit_224", "vit_w128")
 
 
 def fixture(name):
@@ -285,3 +285,11 @@ def test_num_classes_gives_a_fresh_head_and_keeps_the_rest():
     kept, new = same.state_dict(), other.state_dict()
     assert kept.keys() == new.keys()
     assert all(torch.equal(kept[key], new[key]) for key in kept if not key.startswith("head."))
+
+
+def test_heads_follow_from_a_width_of_64_wide_heads():
+    """No heads= for a width that is a multiple of 64 (timm's ViTs use 64-wide heads)."""
+    record = fixture("vit_w128")
+    model = load_pretrained(record["state_dict"], mean=record["mean"], std=record["std"])
+    assert model.config.heads == 2 == record["kwargs"]["num_heads"]
+    assert (at_grid(model, record["images_uint8"].float() / 256)[0] - record["logits"]).abs().max() <= 1e-5

@@ -322,6 +322,18 @@ def test_init_from_a_pretrained_vit_takes_its_shape_and_statistics(tmp_path):
     assert checkpoint["step"] == 30 and read_metrics(out)[-1]["final"]
 
 
+def test_the_documented_retrofit_command_of_a_fixture(tmp_path):
+    """`python train.py --init-from tests/fixtures/vit_w128.pt --dataset shapes --max-steps 20`
+    (README): no model flag at all, since a width of 128 means two 64-wide heads; it retrofits and
+    its checkpoint reloads with the source's shape."""
+    out = tmp_path / "w128"
+    assert train.main(["--init-from", str(FIXTURES / "vit_w128.pt"), "--dataset", "shapes", "--max-steps", "20",
+                       "--train-limit", "640", "--test-limit", "64", "--no-progress", "--threads", "1",
+                       "--precision", "fp32", "--out", str(out)]) == 0
+    config = spot.load_checkpoint(out / "checkpoint.pt").config
+    assert (config.dim, config.heads, config.depth, config.pos_embed) == (128, 2, 1, "learned")
+
+
 def test_init_from_an_avg_pooled_vit_with_fc_norm(tmp_path):
     out = tmp_path / "mae"
     assert train.main(RETRO + ["--init-from", str(FIXTURES / "vit_avg_fcnorm.pt"), "--epochs", "1",
