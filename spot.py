@@ -707,9 +707,11 @@ def export(model):
     timm's VisionTransformer(img_size=image_size, patch_size=window, embed_dim=dim, depth=depth,
     num_heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes, global_pool=pool, fc_norm=
     pool == "avg") loads it with strict=True. pos_embed's class slot is zeros (cls_token carries
-    it) and a sin-cos model exports its embedding of the grid as the table; timm's LayerNorms use
-    eps 1e-6, so a model with another norm_eps computes a little differently there.
-    load_pretrained(export(model)) gives back the same logits at grid_positions.
+    it) and a sin-cos model exports its embedding of the grid as the table. A state dict holds no
+    LayerNorm eps: timm's ViTs, and load_pretrained, use 1e-6, so a model trained here with the
+    default norm_eps=1e-5 computes slightly differently after the trip (set the eps back, e.g.
+    timm's norm_layer=partial(nn.LayerNorm, eps=1e-5)). With norm_eps=1e-6 (every model that
+    load_pretrained made), load_pretrained(export(model)) gives back the same logits.
     """
     config, k = model.config, model.config.window
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
