@@ -74,14 +74,10 @@ def float_in(low, high=math.inf, low_open=False, high_open=False):
     return _argument_type(float, ok, f"a finite number in {interval}")
 
 
-def _whole_as_int(text):
-    value = float(text)
-    return int(value) if value == int(value) else value
-
-
 # An argparse type: a count (an int >= 0) or a fraction (a float in (0, 1)).
 count_or_fraction = _argument_type(
-    _whole_as_int, lambda v: v >= 0 if isinstance(v, int) else 0 < v < 1,
+    lambda text: int(float(text)) if float(text).is_integer() else float(text),
+    lambda v: v >= 0 if isinstance(v, int) else 0 < v < 1,
     "a count (an int >= 0) or a fraction in (0, 1)")
 
 
@@ -173,15 +169,12 @@ def choose_precision(precision, device, time_step, log=print):
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    fp32 = time_step(False, 1.0)
-    eighth = time_step(True, 1 / 8)
-    if eighth > fp32:
-        log(f"precision: fp32 (probe: fp32 {1e3 * fp32:.0f} ms/step, bf16 {1e3 * eighth:.0f} ms "
-            f"for 1/8 of the batch)")
-        return False
-    bf16 = time_step(True, 1.0)
+    fp32, eighth = time_step(False, 1.0), time_step(True, 1 / 8)
+    bf16 = time_step(True, 1.0) if eighth <= fp32 else math.inf
+    probe = (f"{1e3 * bf16:.0f} ms/step" if bf16 < math.inf   # else not run: cannot win
+             else f"{1e3 * eighth:.0f} ms for 1/8 of the batch")
     log(f"precision: {'bf16' if bf16 < fp32 else 'fp32'} (probe: fp32 {1e3 * fp32:.0f} ms/step, "
-        f"bf16 {1e3 * bf16:.0f} ms/step)")
+        f"bf16 {probe})")
     return bf16 < fp32
 
 
@@ -195,9 +188,8 @@ def probe_step_seconds(model, batch_size, n_tokens, device, bf16, steps=3):
     """Median seconds of a forward + backward of `model` on a random batch, after a warm-up.
     Leaves no trace: its own generator, gradients to a list (never .grad), no optimizer step."""
     generator = torch.Generator(device=device).manual_seed(0)
-    config = model.config
-    images = torch.rand(batch_size, config.in_chans, *config.image_size, generator=generator,
-                        device=device)
+    images = torch.rand(batch_size, model.config.in_chans, *model.config.image_size,
+                        generator=generator, device=device)
     positions = torch.rand(batch_size, n_tokens, 2, generator=generator, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
@@ -275,14 +267,12 @@ def channel_stats(images):
     and it never makes a float copy of the images (which would be 4x their size in memory).
     """
     values = torch.arange(256, dtype=torch.float64) / 255                 # (256,)
-    mean, std = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
-        p = hist / hist.sum()                                              # (256,) frequencies
-        m = (p * values).sum()
-        mean.append(round(float(m), 4))
-        std.append(round(float(((p * (values - m) ** 2).sum()).sqrt()), 4))
-    return tuple(mean), tuple(std)
+    hist = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
+                        for c in range(images.shape[1])]).to(torch.float64)  # (C, 256)
+    p = hist / hist.sum(1, keepdim=True)                                   # (C, 256) frequencies
+    mean = (p * values).sum(1)                                             # (C,)
+    std = (p * (values - mean[:, None]) ** 2).sum(1).sqrt()                # (C,)
+    return tuple(tuple(round(v, 4) for v in s.tolist()) for s in (mean, std))
 
 
 def resize_uint8(images, size, chunk=2048):
@@ -329,11 +319,9 @@ def load_cifar10(root, size, download, cache_dir, progress):
     has_folders = (root / "train").is_dir() and (root / "test").is_dir()
     if not has_pickles and not has_folders:
         _get_cifar10_archive(root, download, progress)
-    if has_pickles or not has_folders:
-        train, test, classes = _load_cifar_pickles(pickles)
-    else:
-        train, test, classes = _load_class_folders(root / "train", root / "test", (32, 32),
-                                                   cache_dir, progress)
+    train, test, classes = (_load_cifar_pickles(pickles) if has_pickles or not has_folders else
+                            _load_class_folders(root / "train", root / "test", (32, 32),
+                                                cache_dir, progress))
     return (resize_uint8(train[0], size), train[1]), (resize_uint8(test[0], size), test[1]), classes
 
 
@@ -362,12 +350,11 @@ def _get_cifar10_archive(root, download, progress):
     file that is verified before it gets the archive's name, and is deleted on any failure
     (network error, deadline, wrong MD5, Ctrl-C), so a failed attempt leaves nothing behind.
     """
-    archive = root / CIFAR10_ARCHIVE
+    archive, absent = root / CIFAR10_ARCHIVE, f"CIFAR-10 was not found in {root} and"
     if archive.is_file():
         _verify_md5(archive, CIFAR10_MD5, root)
     elif not download:
-        raise _cifar_help(root, f"CIFAR-10 was not found in {root} and downloading is switched "
-                                f"off.")
+        raise _cifar_help(root, f"{absent} downloading is switched off.")
     else:
         part = archive.with_name(archive.name + ".part")
         try:
@@ -377,19 +364,15 @@ def _get_cifar10_archive(root, download, progress):
                     print(f"downloading {CIFAR10_URL} -> {archive} (170 MB)")
                 _urlretrieve(CIFAR10_URL, part)
             except Exception as e:
-                raise _cifar_help(root, f"CIFAR-10 was not found in {root} and downloading "
-                                        f"{CIFAR10_URL} failed ({type(e).__name__}: {e}).") \
-                    from None
+                raise _cifar_help(root, f"{absent} downloading {CIFAR10_URL} failed "
+                                        f"({type(e).__name__}: {e}).") from None
             _verify_md5(part, CIFAR10_MD5, root, downloaded=True)
             os.replace(part, archive)    # only a complete, verified download gets the real name
         finally:
             part.unlink(missing_ok=True)
-    try:
+    try:   # Python >= 3.11.4/3.12: filter refuses absolute paths, links out of root, devices...
         with tarfile.open(archive, "r:gz") as tar:
-            try:   # Python >= 3.11.4/3.12: refuse absolute paths, links out of root, devices...
-                tar.extractall(root, filter="data")
-            except TypeError:
-                tar.extractall(root)
+            tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, OSError) as e:
         raise _cifar_help(root, f"Extracting {archive} failed ({e}).")
     if not (root / CIFAR10_FOLDER).is_dir():
@@ -470,11 +453,10 @@ def _read_cifar_batch(path):
     then 1024 green, then 1024 blue -- so a plain reshape to (n, 3, 32, 32) is exact.
     """
     batch = _read_pickle(path)
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise _cifar_damaged(path, "is not in the official format: it is not a dict holding "
-                                   "b'data' and b'labels'")
-    x, y = batch[b"data"], batch[b"labels"]          # a numpy array, a list of ints
-    if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2
+    x, y = (batch.get(b"data"), batch.get(b"labels")) if isinstance(batch, dict) else (None, None)
+    if x is None or y is None:    # official: a numpy array, a list of ints
+        problem = "it is not a dict holding b'data' and b'labels'"
+    elif (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2
             or x.shape[0] < 1 or x.shape[1] != 3 * 32 * 32):
         got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
                else type(x).__name__)
@@ -603,12 +585,11 @@ def _decode_image(path, size):
             im = _to_rgb(im)
             w, h = im.size
             scale = max(H / h, W / w)
-            if (w, h) != (W, H):
-                nw, nh = max(W, round(w * scale)), max(H, round(h * scale))
-                if (nw, nh) != (w, h):
-                    im = im.resize((nw, nh), Image.BICUBIC)
-                left, top = (nw - W) // 2, (nh - H) // 2
-                im = im.crop((left, top, left + W, top + H))
+            nw, nh = max(W, round(w * scale)), max(H, round(h * scale))   # (w, h) when exact
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - W) // 2, (nh - H) // 2
+            im = im.crop((left, top, left + W, top + H))
             return np.asarray(im, dtype=np.uint8)                      # (H, W, 3)
     except Exception as e:
         raise DataError(f"Could not read the image file {path} ({type(e).__name__}: {e}). "
@@ -627,29 +608,22 @@ def _to_rgb(im):
     """
     from PIL import Image
 
-    if im.mode == "RGB" and "transparency" not in im.info:
-        return im
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im)
-        if im.mode == "F":
-            a = np.clip(np.rint(a), 0, 255)
-        else:
-            a = (np.clip(a.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
+        a = (np.clip(np.rint(a), 0, 255) if im.mode == "F"
+             else (np.clip(a.astype(np.int64), 0, 65535) * 255 + 32767) // 65535)
         return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im).convert("RGB")
-    return im.convert("RGB")    # L, 1, P, CMYK, YCbCr, ...
+    return im if im.mode == "RGB" else im.convert("RGB")    # L, 1, P, CMYK, YCbCr, ...
 
 
 def _decode_chunk(job):
     """Worker function (module level so multiprocessing can pickle it): decode a list of files."""
     paths, size = job
-    out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)  # (n, H, W, 3)
-    for i, p in enumerate(paths):
-        out[i] = _decode_image(p, size)
-    return out
+    return np.stack([_decode_image(p, size) for p in paths])           # (n, H, W, 3)
 
 
 def _decode_many(paths, size, progress, desc, workers=2, chunk=500):
@@ -691,8 +665,7 @@ def _cache_file(cache_dir, split_dir, size, files):
     """
     root = Path(cache_dir or os.environ.get("SPOT_CACHE") or Path.home() / ".cache" / "spot")
     split_dir = split_dir.resolve()
-    h = hashlib.sha256()
-    h.update(f"v2|{split_dir}|{split_dir.name}|{size[0]}x{size[1]}|".encode())
+    h = hashlib.sha256(f"v2|{split_dir}|{split_dir.name}|{size[0]}x{size[1]}|".encode())
     for rel, label in files:
         st = os.stat(split_dir / rel)
         h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -710,12 +683,11 @@ def _cache_load(path, classes, labels, size):
     except Exception as e:  # truncated, foreign, or holding more than tensors
         problem = f"it is unreadable ({type(e).__name__}: {e})"
     else:
-        n = len(labels)
         if not isinstance(hit, dict) or not {"images", "labels", "classes"} <= hit.keys():
             problem = "it is not a dict holding images, labels and classes"
         elif (not torch.is_tensor(hit["images"]) or hit["images"].dtype != torch.uint8
-              or tuple(hit["images"].shape) != (n, 3, *size)):
-            problem = f"its images are not a uint8 tensor of shape {(n, 3, *size)}"
+              or tuple(hit["images"].shape) != (len(labels), 3, *size)):
+            problem = f"its images are not a uint8 tensor of shape {(len(labels), 3, *size)}"
         elif not (torch.is_tensor(hit["labels"]) and hit["labels"].dtype == torch.int64
                   and torch.equal(hit["labels"], labels)):
             problem = "its labels do not match the class folders"

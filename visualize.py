@@ -111,8 +111,7 @@ def _finish(fig, path):
     """Save the figure if path is given (".png" when it has no extension) and return it. The
     temporary file of utils.write_atomic keeps the extension: savefig picks the format from it."""
     if path is not None:
-        utils.write_atomic(_with_default_suffix(path), lambda tmp: fig.savefig(tmp, dpi=DPI,
-                                                                               bbox_inches="tight"))
+        utils.write_atomic(_with_default_suffix(path), lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight"))
     return fig
 
 
@@ -129,12 +128,13 @@ def _panels(n, side, height, width, extra):
 # -----------------------------------------------------------------------------
 # Drawing primitives, all in pixel units (see "Drawing convention" above)
 
-def _show_image(ax, image, window=None, grid=False, **imshow):
+def _show_image(ax, image, window=None, grid=False, title=None, title_size=9, **imshow):
     """imshow with pixel i spanning [i, i+1): extent = (left, right, bottom, top).
 
     With a window k the view widens by k/2 beyond the image, so windows that hang over the edge
     (they read zeros there) stay visible, the outside in a neutral grey; grid=True draws the
-    patch grid of k x k cells over the image. y grows downward, like image rows."""
+    patch grid of k x k cells over the image; title, if given, titles the panel. y grows downward,
+    like image rows."""
     height, width = image.shape[:2]
     margin = (window or 0) / 2
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest", **imshow)
@@ -142,6 +142,8 @@ def _show_image(ax, image, window=None, grid=False, **imshow):
            xticks=[], yticks=[])
     if grid:
         _draw_grid(ax, height, width, window)
+    if title is not None:
+        ax.set_title(title, fontsize=title_size)
 
 
 def _draw_grid(ax, height, width, window):
@@ -166,6 +168,13 @@ def _draw_windows(ax, centres_px, window, color=WINDOW_COLOR, alpha=1.0, lw=1.3,
     for row, col in centres_px:
         ax.add_patch(Rectangle((col - window / 2, row - window / 2), window, window, fill=False,
                                edgecolor=color, lw=lw, alpha=alpha, zorder=zorder))
+
+
+def _dots(ax, centres_px, color, size, hollow=False, **style):
+    """Token centres as markers: hollow rings (start positions), or dots with a black rim."""
+    style = {**(dict(facecolors="none", edgecolors=color, linewidths=1.2, zorder=5) if hollow
+                else dict(c=color, edgecolors="black", linewidths=0.5, zorder=6)), **style}
+    ax.scatter(centres_px[..., 1], centres_px[..., 0], s=size, **style)
 
 
 def _on_grid(centres_px, window, height, width, tol=1e-3):
@@ -196,12 +205,10 @@ def plot_placements(image, positions, window, grid=True, ax=None, title=None, pa
     centres = _to_pixels(_positions_array(positions), height, width)      # (N, 2) pixel units
     if ax is None:
         ax = plt.subplots(figsize=(4.2, 4.2 * height / width + 0.4))[1]
-    _show_image(ax, img, window, grid)
+    _show_image(ax, img, window, grid, title if title is not None else
+                f"{len(centres)} tokens, k = {window}, {_on_grid(centres, window, height, width)} on the grid")
     _draw_windows(ax, centres, window)
-    ax.scatter(centres[:, 1], centres[:, 0], s=14, c=WINDOW_COLOR, edgecolors="black",
-               linewidths=0.6, zorder=4)
-    ax.set_title(title if title is not None else f"{len(centres)} tokens, k = {window}, "
-                 f"{_on_grid(centres, window, height, width)} on the grid", fontsize=9)
+    _dots(ax, centres, WINDOW_COLOR, 14, linewidths=0.6, zorder=4)
     return _finish(ax.figure, path)
 
 
@@ -243,8 +250,7 @@ def plot_priors(image_size, window, n_tokens, priors=spot.PRIORS, image=None, se
             positions = spot.sample_positions(prior, 1, int(n_tokens), (height, width), window,
                                               generator=generator, images=images)[0]
         except ValueError as error:          # e.g. "grid" with more tokens than grid cells
-            _show_image(ax, canvas)
-            ax.set_title(prior, fontsize=10)
+            _show_image(ax, canvas, title=prior, title_size=10)
             ax.text(width / 2, height / 2, str(error).split(";")[0][:60], ha="center",
                     va="center", fontsize=6, wrap=True)
             continue
@@ -267,10 +273,13 @@ def _draw_trajectory(ax, track_px, window, colors):
     for n in range(track_px.shape[1]):
         ax.plot(track_px[:, n, 1], track_px[:, n, 0], color=colors[n], lw=1.2, alpha=0.9, zorder=4)
         _draw_windows(ax, track_px[-1, n:n + 1], window, color=colors[n], alpha=0.55, lw=0.9)
-    ax.scatter(track_px[0, :, 1], track_px[0, :, 0], s=22, facecolors="none",
-               edgecolors=colors, linewidths=1.2, zorder=5)
-    ax.scatter(track_px[-1, :, 1], track_px[-1, :, 0], s=16, c=colors, edgecolors="black",
-               linewidths=0.5, zorder=6)
+    _dots(ax, track_px[0], colors, 22, hollow=True)
+    _dots(ax, track_px[-1], colors, 16)
+
+
+def _legend_below(fig, handles):
+    """The figure's legend in one row under its panels (the figure has a constrained layout)."""
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
 
 
 def _marker(label, face, edge="black"):
@@ -297,8 +306,7 @@ def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=
         raise ValueError(f"n_images must be an int >= 1, got {n_images!r}")
     n_images = min(int(n_images), len(array))
     if titles is not None and (isinstance(titles, str) or len(titles) < n_images):
-        raise ValueError(f"titles must be a list of at least n_images={n_images} strings, "
-                         f"got {titles!r}")
+        raise ValueError(f"titles must be a list of at least n_images={n_images} strings, got {titles!r}")
     height, width = array.shape[-2:]
     spot.check_window(window, (height, width))
 
@@ -306,16 +314,15 @@ def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=
     colors = _token_colors(track.shape[2])
     for b, ax in enumerate(axes):
         track_px = _to_pixels(track[:, b], height, width)                 # (S+1, N, 2)
-        _show_image(ax, _image_hwc(array[b], f"images[{b}]"), window, grid=True)
-        _draw_trajectory(ax, track_px, window, colors)
         moved = np.linalg.norm(track_px[-1] - track_px[0], axis=-1).mean()
         title = titles[b] if titles is not None else f"image {b}"
-        ax.set_title(f"{title}\nmean move {moved:.2f} px in {len(track) - 1} steps", fontsize=9)
+        _show_image(ax, _image_hwc(array[b], f"images[{b}]"), window, grid=True,
+                    title=f"{title}\nmean move {moved:.2f} px in {len(track) - 1} steps")
+        _draw_trajectory(ax, track_px, window, colors)
     fig.suptitle("SPoT-ON oracle search: from prior to oracle placement", fontsize=11)
-    handles = [_marker("start (prior)", "none"), _marker("end (oracle)", "grey"),
-               Line2D([], [], color="grey", lw=1.2, label="path (one colour per token)"),
-               Rectangle((0, 0), 1, 1, fill=False, edgecolor="grey", label="final k x k window")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    _legend_below(fig, [_marker("start (prior)", "none"), _marker("end (oracle)", "grey"),
+                        Line2D([], [], color="grey", lw=1.2, label="path (one colour per token)"),
+                        Rectangle((0, 0), 1, 1, fill=False, edgecolor="grey", label="final k x k window")])
     return _finish(fig, path)
 
 
@@ -349,9 +356,8 @@ def save_trajectory_gif(image, trajectory, window, path, fps=4):
             for step in range(len(track_px)):
                 # Redraw from scratch each frame: simplest, and cheap at these sizes.
                 ax.clear()
-                _show_image(ax, img, window, grid=True)
+                _show_image(ax, img, window, True, f"SPoT-ON step {step} / {len(track_px) - 1}", title_size=10)
                 _draw_trajectory(ax, track_px[: step + 1], window, colors)
-                ax.set_title(f"SPoT-ON step {step} / {len(track_px) - 1}", fontsize=10)
                 writer.grab_frame()
             for _ in range(int(math.ceil(fps))):          # hold the result for about a second
                 writer.grab_frame()
@@ -540,29 +546,23 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
                        if pos is not None)
 
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.2 * height / width + 0.9), layout="constrained")
-    _show_image(axes[0], img, window)
-    axes[0].set_title("image", fontsize=9)
+    _show_image(axes[0], img, window, title="image")
     # The map is drawn in units of its own mean, so the colour bar reads like the title's ratios.
-    _show_image(axes[1], saliency.numpy() / saliency.mean().item(), window, cmap="magma")
-    axes[1].set_title("spectral-residual saliency (x image mean)", fontsize=9)
+    _show_image(axes[1], saliency.numpy() / saliency.mean().item(), window, title="spectral-residual saliency "
+                "(x image mean)", cmap="magma")
     end_px = _to_pixels(end, height, width)
     for ax in axes:
         if window is not None:
             _draw_windows(ax, end_px, window, color=END_COLOR, alpha=0.7, lw=0.9)
-        if start is not None:
-            start_px = _to_pixels(start, height, width)
-            ax.scatter(start_px[:, 1], start_px[:, 0], s=24, facecolors="none",
-                       edgecolors=START_COLOR, linewidths=1.2, zorder=5)
-            for a, b in zip(start_px, end_px):            # thin arrows start -> end
-                ax.plot([a[1], b[1]], [a[0], b[0]], color="white", lw=0.6, alpha=0.7, zorder=4)
-        ax.scatter(end_px[:, 1], end_px[:, 0], s=18, c=END_COLOR, edgecolors="black",
-                   linewidths=0.5, zorder=6)
+        if start is not None:                 # hollow starts, and a thin line start -> end per token
+            track_px = _to_pixels(np.stack([start, end]), height, width)            # (2, N, 2)
+            _dots(ax, track_px[0], START_COLOR, 24, hollow=True)
+            ax.plot(track_px[..., 1], track_px[..., 0], color="white", lw=0.6, alpha=0.7, zorder=4)
+        _dots(ax, end_px, END_COLOR, 18)
     handles = [_marker("start (prior)", "none", START_COLOR)] * (start is not None) \
         + [_marker("oracle position", END_COLOR)]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
-               frameon=False)
-    fig.suptitle(f"Saliency vs oracle placement (finding 3)\nsaliency read / image mean: {report}",
-                 fontsize=10)
+    _legend_below(fig, handles)
+    fig.suptitle(f"Saliency vs oracle placement (finding 3)\nsaliency read / image mean: {report}", fontsize=10)
     # One colour bar for both panels (constrained layout keeps the panels the same size).
     fig.colorbar(axes[1].images[0], ax=list(axes), fraction=0.025, pad=0.02)
     return _finish(fig, path)
@@ -673,8 +673,7 @@ def _cmd_placements(args):
     for ax, (name, positions) in zip(axes[0], panels):
         plot_placements(uint8[0], positions[0], model.config.window, ax=ax,
                         title=f"{name}\npredicted '{classes[_predict(model, uint8, positions)[0]]}'")
-    fig.suptitle(f"test image {args.index}, label '{classes[labels[0]]}', {start.shape[1]} tokens",
-                 fontsize=10)
+    fig.suptitle(f"test image {args.index}, label '{classes[labels[0]]}', {start.shape[1]} tokens", fontsize=10)
     return _finish(fig, args.out)
 
 
@@ -708,10 +707,6 @@ def _cmd_budget(args):
     return _finish(fig, args.out)
 
 
-def _cmd_training(args):
-    return plot_training_curves(args.runs, keys=args.keys.split(","), path=args.out)
-
-
 def _image_flags(sub, index_help):
     """--tokens, --index, --seed: which budget, which test image, which random draw."""
     sub.add_argument("--tokens", type=_one_budget, default="16",
@@ -721,14 +716,10 @@ def _image_flags(sub, index_help):
 
 
 def _model_flags(sub, steps=None, steps_help="SPoT-ON steps (default: oracle.py's)"):
-    """The flags of a command that reads test images through a trained model, and searches."""
+    """The flags of a command that reads test images through a trained model, and searches
+    them with SPoT-ON, spelled as in every command of the project (old spellings hidden)."""
     sub.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     _image_flags(sub, "(first) test image index")
-    _search_flags(sub, steps, steps_help)
-
-
-def _search_flags(sub, steps, steps_help):
-    """The SPoT-ON search, spelled as in every command of the project (old spellings hidden)."""
     sub.add_argument("--search-from", choices=spot.PRIORS, default="isotropic",
                      help="prior the tokens are drawn from, and the search starts from")
     sub.add_argument("--search-steps", type=utils.int_at_least(0), default=steps, help=steps_help)
@@ -780,7 +771,8 @@ def build_parser():
     p.add_argument("--results", required=True, nargs="+", help="results.json (or folders): a panel each")
     p.add_argument("--metric", choices=tuple(METRICS), default="top1", help="which accuracy")
 
-    p = add("training", _cmd_training, "validation accuracy vs training time of train.py runs (retrofitting)")
+    p = add("training", lambda args: plot_training_curves(args.runs, args.keys.split(","), args.out),
+            "validation accuracy vs training time of train.py runs (retrofitting)")
     p.add_argument("--runs", required=True, nargs="+", help="run folders (metrics.jsonl, run.json)")
     p.add_argument("--keys", default="val_acc,val_acc@16", help="metrics.jsonl fields, a panel each")
     return parser
