@@ -498,12 +498,15 @@ def parse_args(argv=None):
     return parser, args
 
 
-def main(argv=None):
+def setup(argv=None):
+    """oracle.py's command line, checked, and what it names loaded -> (parser, args, model,
+    dataset, the transfer model or None, EvalConfig). experiments/label_free.py reuses it."""
     parser, args = parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())      # --threads, else all cores
     try:         # a bad file or flag is a message, never a traceback
         model, dataset, train_args = data.load_model_and_data(args.checkpoint, args.device, args.data_dir,
                                                               args.progress)
+        args.data_dir = args.data_dir or train_args.get("data_dir")
         args.tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(model.config.image_size,
                                                                               model.config.window)))
         other = spot.load_checkpoint(args.transfer_checkpoint, args.device) if args.transfer_checkpoint else None
@@ -517,10 +520,14 @@ def main(argv=None):
     except data.DataError as error:      # a paragraph for the user, no usage text
         parser.exit(2, f"error: {error}\n")
     config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    return parser, args, model, dataset, other, config
+
+
+def main(argv=None):
+    _, args, model, dataset, other, config = setup(argv)
     results = evaluate(model, dataset, config, other)
     # The settings keep the other flags too (out, name, threads, ...).
-    results["settings"] = {**vars(args), **results["settings"], "run": args.name or run_name(args.checkpoint),
-                           "data_dir": args.data_dir or train_args.get("data_dir")}
+    results["settings"] = {**vars(args), **results["settings"], "run": args.name or run_name(args.checkpoint)}
     utils.write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2))
     print(summary(results) + f"\nwrote {Path(args.out) / 'results.json'} (python -m experiments.tables "
           f"{args.out} renders it as markdown)")

@@ -38,10 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import utils
 import data
 import oracle
 import spot
+import utils
 
 # -----------------------------------------------------------------------------
 # Presets: a model (an SPoTConfig) and a schedule. Every flag left unset takes its value from the

@@ -30,7 +30,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -153,22 +152,14 @@ def gap_rows(rows, per_image, budgets, seed=0, resamples=1000):
 def evaluate(placer_path, oracle_argv):
     """`evaluate`: oracle.py's command line (oracle_argv) plus --placer -> results.json and
     results.md in --out, as oracle.py writes them, with "spot-learned" rows and "gap_closed"."""
-    parser, args = oracle.parse_args(oracle_argv)
-    torch.set_num_threads(args.threads or torch.get_num_threads())     # --threads, else all cores
-    try:         # a bad file or flag is a message, never a traceback
-        other = args.transfer_checkpoint and spot.load_checkpoint(args.transfer_checkpoint, args.device)
-        model, dataset, train_args = data.load_model_and_data(args.checkpoint, args.device, data_dir=args.data_dir,
-                                                              progress=args.progress)
-        args.tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(model.config.image_size,
-                                                                              model.config.window)))
-        if getattr(dataset, args.split) is None:
-            raise ValueError(f"--split {args.split}: this run held out no validation images")
+    parser, args, model, dataset, other, config = oracle.setup(oracle_argv)
+    try:
         placer = placement.load_placer(placer_path, args.device)[0]
         placement.check_fits(placer, model)
-    except (ValueError, data.DataError) as error:
-        parser.error(str(error))
-    config, per_image = oracle.EvalConfig(**{f.name: getattr(args, f.name) for f in fields(oracle.EvalConfig)}), {}
-    results = oracle.evaluate(model, dataset, config, other or None, per_image)
+    except ValueError as error:
+        parser.error(f"--placer: {error}")
+    per_image = {}
+    results = oracle.evaluate(model, dataset, config, other, per_image)
     n_test, n_bank, split = results["settings"]["n_test"], results["settings"]["n_bank"], getattr(dataset, config.split)
     n_searched = results["settings"]["n_searched"]
     if n_searched:
@@ -178,8 +169,7 @@ def evaluate(placer_path, oracle_argv):
                                     (dataset.train.images[:n_bank], dataset.train.labels[:n_bank]), config, per_image)
     gap = gap_rows(results["rows"], per_image, config.tokens, config.seed)
     results["settings"] = {**vars(args), **results["settings"], "placer": placer_path,
-                           "run": args.name or oracle.run_name(args.checkpoint),
-                           "data_dir": args.data_dir or train_args.get("data_dir")}
+                           "run": args.name or oracle.run_name(args.checkpoint)}
     results.update({"gap_closed": gap} if gap else {})
     for name, content in (("results.json", json.dumps(results, indent=2)), ("results.md", tables.results_markdown(results))):
         utils.write_atomic(Path(args.out) / name, content)
