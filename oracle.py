@@ -38,7 +38,7 @@ import json
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -171,18 +171,37 @@ def snap_to_grid(positions, image_size, window):
     return cells[dist.argmin(dim=-1)]                                                      # (..., N, 2)
 
 
-def saliency_read(images, positions, window, saliency=None):
+def saliency_read(saliency, positions, window):
     """Finding 3 as a number: how salient is what the tokens read? -> (B,)
 
-    The mean of spot.saliency_map inside each image's k x k token windows, divided by the map's
-    mean over the image: 1 = the tokens read average pixels, 2 = twice as salient as average.
-    images (B, C, H, W) in [0, 1], positions (B, N, 2); windows hanging outside read zero.
-    saliency: the images' maps (B, H, W), when already computed (they do not depend on positions).
+    saliency (B, H, W): a map per image (spot.saliency_map, or gradient_saliency: the model's
+    own); positions (B, N, 2). The mean of the map inside the image's k x k token windows,
+    divided by its mean over the image: 1 = the tokens read average pixels, 2 = twice as salient
+    as average. Only the in-image part of a window counts: the sampler reads zeros off the image,
+    which would score a border token as unsalient for a reason that has nothing to do with saliency.
     """
-    if saliency is None:
-        saliency = spot.saliency_map(images)                                 # (B, H, W), sums to 1
-    windows = spot.extract_patches(saliency[:, None], positions, window)     # (B, N, 1, k, k)
-    return windows.mean(dim=(1, 2, 3, 4)) * saliency[0].numel()
+    inside = torch.ones_like(saliency)                     # read through the same windows: the
+    windows = spot.extract_patches(torch.stack([saliency, inside], 1), positions, window)  # in-image
+    total = windows.sum(dim=(1, 3, 4))                     # (B, 2): saliency read, in-image area
+    return total[:, 0] / total[:, 1] / saliency.flatten(1).mean(1)
+
+
+def gradient_saliency(model, images_uint8, device, batch_size):
+    """The model's own saliency, label-free (finding 3's second map, beside spectral residual):
+    read the whole patch grid (a first look), back-propagate the logit of the class the model
+    predicts to the pixels; |gradient| summed over channels, normalized to sum 1 per image
+    -> (n, H, W) on the CPU. One forward and one backward pass per image; the model is frozen."""
+    cells, maps, was_training = spot.grid_positions(model.config.image_size, model.config.window), [], model.training
+    model.eval()
+    for batch in images_uint8.split(batch_size):
+        images = batch.to(device).float().div_(255).requires_grad_(True)                  # (B, C, H, W)
+        with torch.enable_grad():
+            logits = model(images, cells.to(device).expand(len(images), -1, -1))         # (B, classes)
+            (grad,) = torch.autograd.grad(logits.max(1).values.sum(), images)            # (B, C, H, W)
+        maps.append(grad.abs().sum(1).cpu())
+    model.train(was_training)
+    maps = torch.cat(maps)                                                               # (n, H, W)
+    return maps / maps.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]
 
 
 # -----------------------------------------------------------------------------
@@ -240,9 +259,10 @@ def seed_for(seed, *key):
 
 def draw_positions(prior, images_uint8, n_tokens, image_size, window, seed, device):
     """Positions for a whole split from one prior: (n, N, 2) on the CPU, reproducible from seed.
-    "salient" needs the images (spot.saliency_map)."""
+    "salient" reads the images (uint8; spot.saliency_map), or takes their (n, H, W) maps."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    pixels = lambda chunk: chunk.to(device).float().div_(255) if prior == "salient" else None
+    pixels = lambda chunk: None if prior != "salient" else chunk.to(device).float() / (  # noqa: E731
+        255 if chunk.dtype == torch.uint8 else 1)
     return torch.cat([spot.sample_positions(prior, len(chunk), n_tokens, image_size, window, generator, pixels(chunk))
                       .cpu() for chunk in images_uint8.split(POSITION_CHUNK)])
 
@@ -283,13 +303,8 @@ def search_split(model, images_uint8, labels, start, config, objective="label", 
 # -----------------------------------------------------------------------------
 # The paper's results table: every prior x budget, then the SPoT-ON rows
 
-def option(default, help, **argparse_kwargs):
-    """An EvalConfig field that is also a flag of oracle.py (search_steps -> --search-steps);
-    old="--oracle-steps": an old spelling that keeps working, hidden from --help."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-COUNT, POSITIVE = utils.int_at_least(0), utils.float_in(0, low_open=True)
+# Every EvalConfig field made by utils.option is also a flag of oracle.py (search_steps -> --search-steps).
+option, COUNT, POSITIVE = utils.option, utils.int_at_least(0), utils.float_in(0, low_open=True)
 
 
 @dataclass
@@ -358,7 +373,9 @@ def prior_rows(model, test, bank, config, per_image):
                                                config.knn_k, config.knn_temperature) == test_y)
         correct, knn_correct = torch.stack(correct), torch.stack(knn_correct) if knn_correct else None
         rows.append(table_row("prior", prior, tokens, correct, knn_correct, config.seed))
-        per_image["prior", prior, tokens] = correct                                  # (draws, n)
+        per_image["top1", "prior", prior, tokens] = correct                          # (draws, n)
+        if knn_correct is not None:
+            per_image["knn", "prior", prior, tokens] = knn_correct
     return rows
 
 
@@ -368,18 +385,26 @@ def hits(model, test, positions, config):
     return predict(model, test[0], positions, config.device, config.batch_size)[0].argmax(1) == test[1]
 
 
-def saliency_rows(model, images_uint8, tokens, named_positions, config):
-    """Finding 3 at one budget: the saliency read (saliency_read) by each (name, positions) and by
-    the salient prior, on `images_uint8` -> one record each, a mean with its 95 % interval."""
-    salient = draw_positions("salient", images_uint8, tokens, model.config.image_size, model.config.window,
-                             seed_for(config.seed, "salient", tokens, "test"), config.device)
-    out, images = [], images_uint8.float() / 255
-    for name, positions in named_positions + [("salient", salient)]:
-        read = saliency_read(images, positions[:len(images)], model.config.window)                 # (n,)
-        mean, low, high = (value / 100 for value in bootstrap_interval(read, seed=config.seed))
-        out.append({"positions": name, "tokens": tokens, "mean": mean, "low": low, "high": high,
-                    "n_images": len(images)})
-    return out
+def saliency_rows(model, test, tokens, named_positions, maps, config, per_image):
+    """Finding 3 at one budget, under each saliency map: maps = {"spectral": spot.saliency_map,
+    "model": gradient_saliency} of the first n images of test = (uint8 images, labels), (n, H, W).
+    Each map also gives a salient prior ("salient" from spectral residual, as the prior rows draw
+    it; "salient-model"). -> (the model-salient prior's top-1 row on those n images, records: the
+    saliency read of each (name, positions) and salient prior under each map, mean and 95 % interval)."""
+    size, window, seed, n = model.config.image_size, model.config.window, config.seed, len(maps["spectral"])
+    named, records = dict(named_positions), []
+    for kind, saliency in maps.items():
+        name = "salient" if kind == "spectral" else f"salient-{kind}"
+        named[name] = draw_positions("salient", saliency, tokens, size, window, seed_for(seed, name, tokens, "test"),
+                                     config.device)
+    per_image["top1", "prior", "salient-model", tokens] = correct = hits(
+        model, (test[0][:n], test[1][:n]), named["salient-model"], config)
+    for kind, name in ((kind, name) for kind in maps for name in named):
+        per_image[f"saliency-{kind}", "read", name, tokens] = read = saliency_read(maps[kind], named[name][:n], window)
+        mean, low, high = (value / 100 for value in bootstrap_interval(read, seed=seed))
+        records.append({"saliency": kind, "positions": name, "tokens": tokens, "mean": mean, "low": low,
+                        "high": high, "n_images": n})
+    return table_row("prior", "salient-model", tokens, correct, seed=seed), records
 
 
 def search_rows(model, test, config, transfer_model, per_image):
@@ -391,15 +416,18 @@ def search_rows(model, test, config, transfer_model, per_image):
                         (finding 4); transfer_reverse holds the other direction, which costs three
                         forward passes: our oracle positions on the other model, beside its own
                         prior and its own oracle on the same images;
-    saliency            finding 3 on the first config.saliency_limit images (saliency_rows).
+    saliency            finding 3 on the first config.saliency_limit images (saliency_rows),
+                        under spectral residual and the model's own gradient saliency.
     SPoT-ON rows get no kNN: oracle positions are chosen with the test label, so a kNN on them
     would leak it. A grid start above the grid size has no rows (the table says "n/a").
     """
     size, window, prior, seed = model.config.image_size, model.config.window, config.search_from, config.seed
-    rows, reverse, saliency = [], [], []
+    rows, reverse, saliency, first = [], [], [], test[0][:config.saliency_limit]
+    maps = {"spectral": spot.saliency_map(first.float() / 255),
+            "model": gradient_saliency(model, first, config.device, config.batch_size)} if len(first) else {}
 
     def add(method, tokens, positions, **extra):
-        per_image[method, prior, tokens] = correct = hits(model, test, positions, config)
+        per_image["top1", method, prior, tokens] = correct = hits(model, test, positions, config)
         rows.append(table_row(method, prior, tokens, correct, seed=seed, **extra))
     for tokens in [n for n in config.tokens if prior != "grid" or n <= len(spot.grid_positions(size, window))]:
         start = draw_positions(prior, test[0], tokens, size, window, seed_for(seed, prior, tokens, "test"),
@@ -410,13 +438,14 @@ def search_rows(model, test, config, transfer_model, per_image):
         if transfer_model is not None:
             theirs = search_split(transfer_model, test[0], test[1], start, config, "label", f"transfer {tokens}T")
             add("spot-on-transfer", tokens, theirs, source=config.transfer_checkpoint)
-            other = lambda positions: 100 * hits(transfer_model, test, positions, config).float().mean().item()
-            reverse.append({"model": config.transfer_checkpoint, "source": config.checkpoint, "prior": prior,
-                            "tokens": tokens, "top1_prior": other(start), "top1_own_oracle": other(theirs),
-                            "top1_transfer": other(found)})
-        if config.saliency_limit:
-            saliency += saliency_rows(model, test[0][:config.saliency_limit], tokens,
-                                      [(prior, start), ("spot-on", found)], config)
+            reverse.append(dict(model=config.transfer_checkpoint, source=config.checkpoint, prior=prior, tokens=tokens))
+            for name, where in (("prior", start), ("own_oracle", theirs), ("transfer", found)):   # on their model
+                per_image["top1", f"reverse-{name}", prior, tokens] = hit = hits(transfer_model, test, where, config)
+                reverse[-1][f"top1_{name}"] = 100 * hit.float().mean().item()
+        if maps:
+            row, records = saliency_rows(model, test, tokens, [(prior, start), ("spot-on", found)], maps, config,
+                                         per_image)
+            rows, saliency = rows + [row], saliency + records
     return rows, reverse, saliency
 
 
@@ -431,14 +460,15 @@ def evaluate(model, dataset, config, transfer_model=None, per_image=None):
     searches run on the first `config.search_limit` of those (a search costs ~2 x steps forward
     passes per image); the kNN bank is the first `config.knn_limit` train images.
     transfer_model: a second model, for the transfer rows. per_image: a dict to fill with every
-    row's 0/1 correctness per image, (draws, n) or (n,), keyed (method, prior, tokens).
+    row's 0/1 correctness per image, (draws, n) or (n,) bool, keyed ("top1" or "knn", method,
+    prior, tokens), and finding 3's saliency reads (n,), keyed ("saliency-spectral" or
+    "saliency-model", "read", positions, tokens): what oracle.py writes to per_image.npz.
     """
     images = getattr(dataset, config.split)
     n = len(images) if config.limit is None else min(config.limit, len(images))
     n_searched = n if config.search_limit is None else min(config.search_limit, n)
     n_bank = min(config.knn_limit, len(dataset.train))
-    test = images.images[:n], images.labels[:n]
-    bank = dataset.train.images[:n_bank], dataset.train.labels[:n_bank]
+    test, bank = (images.images[:n], images.labels[:n]), (dataset.train.images[:n_bank], dataset.train.labels[:n_bank])
     per_image = {} if per_image is None else per_image
     rows = prior_rows(model, test, bank, config, per_image)
     more, reverse, saliency = search_rows(model, (test[0][:n_searched], test[1][:n_searched]), config,
@@ -452,14 +482,13 @@ def evaluate(model, dataset, config, transfer_model=None, per_image=None):
 
 
 def summary(results):
-    """A plain-text view of results["rows"] for the terminal: top-1 % per (method, prior) and
-    budget. (experiments/tables.py renders results.json as the markdown tables of RESULTS.md.)"""
-    budgets, table = results["settings"]["tokens"], {}
+    """A plain-text view of results["rows"] for the terminal: top-1 % per (method, prior), then
+    per budget. (experiments/tables.py renders results.json as the markdown tables of RESULTS.md.)"""
+    table = {}
     for r in results["rows"]:
-        table.setdefault(f"{r['method']}: {r['prior']}", {})[r["tokens"]] = r["top1"]
-    return "\n".join([f"{'top-1 %':<28}" + "".join(f"{b:>7} T" for b in budgets)] + [
-        f"{name:<28}" + "".join(f"{'n/a' if row.get(b) is None else round(row[b], 1):>9}" for b in budgets)
-        for name, row in table.items()])
+        table.setdefault(f"{r['method']}: {r['prior']}", []).append("n/a" if r["top1"] is None else f"{r['top1']:.1f}")
+    return "\n".join([f"{'top-1 % at':<28}" + " ".join(f"{b:>5} T" for b in results["settings"]["tokens"])]
+                     + [f"{name:<28}" + " ".join(f"{cell:>7}" for cell in cells) for name, cells in table.items()])
 
 
 def run_name(checkpoint):
@@ -477,12 +506,7 @@ def parse_args(argv=None):
     -> (parser, args), --device resolved and --out proven writable."""
     parser = argparse.ArgumentParser(description="SPoT-ON (the oracle search) and the paper's results table.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in (f for f in fields(EvalConfig) if f.metadata):
-        kwargs = {key: value for key, value in f.metadata.items() if key != "old"}
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
-        if "old" in f.metadata:
-            utils.add_alias(parser, f.name, f.metadata["old"], **{k: v for k, v in kwargs.items() if k != "help"})
+    utils.add_fields(parser, EvalConfig)
     add = parser.add_argument
     add("--name", help="a run name for the table, e.g. cifar10-spot (None: the checkpoint's folder)")
     add("--data-dir", help="dataset folder (None: the one the checkpoint was trained on)")
@@ -525,11 +549,12 @@ def setup(argv=None):
 
 def main(argv=None):
     _, args, model, dataset, other, config = setup(argv)
-    results = evaluate(model, dataset, config, other)
+    results = evaluate(model, dataset, config, other, per_image := {})
     # The settings keep the other flags too (out, name, threads, ...).
     results["settings"] = {**vars(args), **results["settings"], "run": args.name or run_name(args.checkpoint)}
+    utils.save_per_image(Path(args.out) / "per_image.npz", per_image)
     utils.write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2))
-    print(summary(results) + f"\nwrote {Path(args.out) / 'results.json'} (python -m experiments.tables "
+    print(summary(results) + f"\nwrote {args.out}/results.json and per_image.npz (python -m experiments.tables "
           f"{args.out} renders it as markdown)")
     return 0
 

@@ -291,14 +291,15 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
                             scramble per image
                 "isotropic" deterministic, exactly n evenly spread points (isotropic_positions)
                 "center"    the isotropic lattice warped toward the centre (center_warp)
-                "salient"   drawn in proportion to each image's saliency_map (needs images=)
+                "salient"   drawn in proportion to each image's saliency_map (needs images=;
+                            a (B, H, W) map passed as images= is drawn from as it is)
                 "grid"      n distinct patch-grid centres chosen at random per image: patch
                             dropout, what a standard ViT can do with n tokens (the baseline)
     image_size: int or (H, W); window: the token window k (used by "grid")
     generator:  a torch.Generator; random priors draw every image independently from it, so a
                 seeded generator reproduces the positions. Deterministic priors ignore it and
                 return the same positions for every image.
-    images:     (B, C, H, W) in [0, 1], required by "salient" only
+    images:     (B, C, H, W) in [0, 1] or a (B, H, W) saliency map, required by "salient" only
     """
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -329,10 +330,10 @@ def sample_positions(prior, batch_size, n_tokens, image_size, window, generator=
         chosen = torch.rand(B, len(cells), generator=generator, device=device).argsort(dim=1)[:, :N]
         return cells[chosen]
     # prior == "salient"
-    if not torch.is_tensor(images) or images.shape[:1] + images.shape[2:] != (B, height, width):
+    if not torch.is_tensor(images) or (images.shape[0], *images.shape[-2:]) != (B, height, width):
         raise ValueError(f"prior 'salient' needs images=({B}, C, {height}, {width}) to compute "
-                         f"saliency from, got {getattr(images, 'shape', images)}")
-    saliency = saliency_map(images.to(device)).flatten(1)                     # (B, H*W)
+                         f"saliency from, or a ({B}, {height}, {width}) map, got {getattr(images, 'shape', images)}")
+    saliency = (images if images.dim() == 3 else saliency_map(images)).to(device).flatten(1)   # (B, H*W)
     pixel = torch.multinomial(saliency, N, replacement=True, generator=generator)  # (B, N)
     jitter = torch.rand(B, N, 2, generator=generator, device=device)          # subpixel offset
     row, col = pixel // width, pixel % width

@@ -20,6 +20,7 @@ int64); data.py wraps them in its Split and Dataset.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -116,6 +117,22 @@ def add_alias(parser, dest, *old, **kwargs):
     for flag in old:
         parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                             **kwargs)
+
+
+def option(default, help, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag (add_fields: search_steps ->
+    --search-steps); old="--oracle-steps": an old spelling that keeps working, hidden from --help."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def add_fields(parser, config_class):
+    """A flag for every field of config_class made by option(); a tuple default is shown as 'a,b'."""
+    for f in (f for f in dataclasses.fields(config_class) if f.metadata):
+        kwargs = {key: value for key, value in f.metadata.items() if key != "old"}
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
+        if "old" in f.metadata:
+            add_alias(parser, f.name, f.metadata["old"], **{k: v for k, v in kwargs.items() if k != "help"})
 
 
 def check_out_dir(out, flag):
@@ -230,6 +247,23 @@ def write_atomic(path, content):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def save_per_image(path, per_image):
+    """An evaluation's per-image results -> one compressed .npz, so that every interval and every
+    paired difference can be recomputed without a checkpoint. per_image: {key tuple: tensor}, the
+    file's names join each key with "/"; 0/1 correctness stays bool ((draws, n) or (n,): a few
+    bits per image once compressed), anything else (saliency reads) is stored as float16."""
+    arrays = {"/".join(map(str, key)): values.cpu().numpy() for key, values in per_image.items()}
+    arrays = {name: a if a.dtype == bool else a.astype(np.float16) for name, a in arrays.items()}
+    write_atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+
+
+def load_per_image(path):
+    """save_per_image's file -> {key tuple (its numbers as int): numpy array}."""
+    with np.load(path, allow_pickle=False) as saved:
+        return {tuple(int(part) if part.isdigit() else part for part in name.split("/")): saved[name]
+                for name in saved.files}
 
 
 # -----------------------------------------------------------------------------

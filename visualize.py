@@ -540,8 +540,7 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 
     saliency = spot.saliency_map(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])[0]  # (H, W)
     # Saliency read / image mean (no window: the map's value at each centre, a 1 x 1 window).
-    ratio = lambda pos: oracle.saliency_read(None, torch.as_tensor(pos).float()[None], window or 1,
-                                             saliency[None]).item()
+    ratio = lambda pos: oracle.saliency_read(saliency[None], torch.as_tensor(pos).float()[None], window or 1).item()
     report = ", ".join(f"{name} {ratio(pos):.2f}x" for name, pos in (("oracle", end), ("start", start))
                        if pos is not None)
 

@@ -5,7 +5,6 @@ repository root as modules:
     python -m experiments.bench --quick          # what subpixel tokens cost next to a grid ViT
     python -m experiments.placement --help       # train the learned label-free placer
     python -m experiments.label_free --help      # evaluate it against the oracle; its figure
-    python -m experiments.label_free_probe --help   # label-free search objectives, on validation
     python -m experiments.tables                 # RESULTS.md's tables from results/
 
 NOTES.md is the lab notebook: what was tried, measured and kept.

@@ -25,14 +25,14 @@ side by side with the standard-ViT equivalent:
                   torch's fused F.scaled_dot_product_attention), in fp32 and in bf16 autocast.
                   Not a goal: it is why spot.attention exists.
 
-Two more sections read a model trained by train.py (--checkpoint) and run only on request:
+One more section reads a model trained by train.py (--checkpoint) and runs only on request:
 
   oracle-sweep    SPoT-ON's top-1 over a (steps, lr) grid on the first --limit VALIDATION images
                   (train.py's --val-size; training images if the run held none out; the test
                   split never chooses a default): how oracle.DEFAULT_STEPS and DEFAULT_LR
                   were chosen. Writes OUT/sweep.json and OUT/sweep.md.
-  oracle-time     one search's cost per image next to a forward and a forward + backward, in
-                  fp32 as oracle.py runs it. Writes OUT/timing.json.
+(A whole search's cost next to one forward pass is measured where it is used: the label-free
+evaluation's cost column, experiments/label_free.py.)
 
 Run it from the repository root (RESULTS.md and experiments/NOTES.md hold the measured numbers):
     python -m experiments.bench                           # sections 1-5
@@ -41,7 +41,6 @@ Run it from the repository root (RESULTS.md and experiments/NOTES.md hold the me
     python -m experiments.bench --device cuda --json runs/bench-cuda.json
     python -m experiments.bench --only oracle-sweep --checkpoint runs/shapes/checkpoint.pt \\
         --limit 300 --tokens 8,16 --out runs/shapes-sweep
-    python -m experiments.bench --only oracle-time --checkpoint runs/shapes/checkpoint.pt --out runs/timing
 
 How the numbers are made (read this before trusting one):
   * Each comparison is timed in ONE interleaved loop: round r calls A, B, C, round r+1 calls
@@ -102,7 +101,7 @@ def parse_args(argv=None):
     """Command line -> checked args: a bad flag stops the run before a model is built or a
     checkpoint read, not after minutes of timing."""
     parser = argparse.ArgumentParser("python -m experiments.bench", description=__doc__.split("\n\n")[0])
-    add, count, positive = parser.add_argument, utils.int_at_least, utils.float_in(0, low_open=True)
+    add, count = parser.add_argument, utils.int_at_least
     add("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
     add("--threads", type=count(1), help="CPU threads for torch (default: all cores)")
     add("--repeats", type=count(1), help="timed rounds per comparison (default 15, quick 3)")
@@ -114,27 +113,24 @@ def parse_args(argv=None):
     add("--only", type=utils.name_list(SECTIONS), default=",".join(list(SECTIONS)[:5]), help="comma-separated sections")
     add("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
     add("--json", help="write every number, settings and machine info here")
-    add("--checkpoint", help="oracle-sweep, oracle-time: checkpoint.pt written by train.py")
+    add("--checkpoint", help="oracle-sweep: checkpoint.pt written by train.py")
     add("--data-dir", help="its dataset folder (default: the one it stores)")
-    add("--out", help="folder for sweep.json, sweep.md and timing.json")
+    add("--out", help="folder for sweep.json and sweep.md")
     add("--limit", type=count(1), default=500, help="oracle-sweep: the first N validation (else train) images (500)")
     add("--search-from", default="isotropic", choices=spot.PRIORS, help="prior the searches start from (isotropic)")
-    add("--search-steps", type=count(0), default=oracle.DEFAULT_STEPS, help="oracle-time: steps of the search")
-    add("--search-lr", type=positive, default=oracle.DEFAULT_LR, help="oracle-time: its lr (oracle.DEFAULT_LR)")
-    for name, kwargs in (("from", {"choices": spot.PRIORS}), ("steps", {"type": count(0)}), ("lr", {"type": positive})):
-        utils.add_alias(parser, f"search_{name}", f"--oracle-{name}", **kwargs)
+    utils.add_alias(parser, "search_from", "--oracle-from", choices=spot.PRIORS)
     args = parser.parse_args(argv)
     preset = train.PRESETS[args.model]
     for name, quick, full in (("repeats", 3, 15), ("warmup", 1, 3), ("batch_size", 8, preset["batch_size"])):
         setattr(args, name, (quick if args.quick else full) if getattr(args, name) is None else getattr(args, name))
     args.n_grid = n_grid = len(spot.grid_positions(preset["model"].image_size, preset["model"].window))
-    on_checkpoint = set(args.only) & {"oracle-sweep", "oracle-time"}
+    on_checkpoint = set(args.only) & {"oracle-sweep"}
     try:
         args.tokens = utils.parse_tokens(args.tokens, n_grid)
         if {"train", "memory"} & set(args.only) and max(args.tokens) > n_grid:
             raise ValueError(f"--tokens: the grid ViT of '{args.model}' has {n_grid} patches, got {max(args.tokens)}")
         if bool(on_checkpoint) != (args.checkpoint is not None) or (on_checkpoint and args.out is None):
-            raise ValueError("--checkpoint and --out go with --only oracle-sweep,oracle-time, and only there")
+            raise ValueError("--checkpoint and --out go with --only oracle-sweep, and only there")
         if args.json is not None and Path(args.json).is_dir():
             raise ValueError(f"--json {args.json} is a folder; name a file inside it")
         args.device = utils.resolve_device(args.device)
@@ -485,45 +481,6 @@ def bench_oracle_sweep(args):
 
 
 # -----------------------------------------------------------------------------
-# oracle-time: what one search costs on a trained model
-
-def time_oracle(model, images, labels, positions, steps=oracle.DEFAULT_STEPS, lr=oracle.DEFAULT_LR,
-                repeats=3, warmup=1, sync=lambda: None):
-    """Seconds per image of one forward, one forward + backward (training-style, w.r.t. the
-    parameters), one oracle step, and a whole search; and their ratios. Interleaved rounds as
-    every other timing here. Leaves no gradients behind (autograd.grad, not .backward()). The
-    model runs in the mode it is in: no layer of SPoTViT behaves differently in train mode.
-
-    A step is the whole search / steps, so it includes a share of the final forward that scores
-    the last positions. Expect a step to cost about one forward + backward: the backward pass
-    skips the weight gradients but still runs back through every layer to the positions."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fns = {"forward": torch.no_grad()(lambda: model(images, positions)),
-           "forward_backward": lambda: torch.autograd.grad(F.cross_entropy(model(images, positions), labels), params),
-           "oracle_search": lambda: oracle.oracle_search(model, images, labels, positions, steps=steps, lr=lr)}
-    t = {k: statistics.median(times) / len(images) for k, times in measure(fns, repeats, warmup, sync).items()}
-    t["oracle_step"] = t["oracle_search"] / max(steps, 1)
-    return {"batch_size": len(images), "tokens": positions.shape[1], "steps": steps,
-            **{f"{k}_s_per_image": v for k, v in t.items()}, "step_vs_forward_backward":
-            t["oracle_step"] / t["forward_backward"], "search_vs_forward": t["oracle_search"] / t["forward"]}
-
-
-def bench_oracle_time(args):
-    """Oracle cost on --checkpoint, seconds per image (fp32, from --search-from).
-
-    The first --batch-size test images, start positions drawn with seed 0; the search of
-    --search-steps at --search-lr."""
-    model, dataset, _ = args.loaded
-    uint8, labels = dataset.test.images[:args.batch_size], dataset.test.labels[:args.batch_size].to(args.device)
-    start = lambda n: oracle.draw_positions(args.search_from, uint8, n, model.config.image_size,  # noqa: E731
-                                            model.config.window, 0, args.device).to(args.device)
-    timing = {str(n): time_oracle(model, uint8.to(args.device).float() / 255, labels, start(n), args.search_steps,
-                                  args.search_lr, args.repeats, args.warmup, args.sync) for n in args.tokens}
-    utils.write_atomic(f"{args.out}/timing.json", json.dumps({"settings": args.settings, "timing": timing}, indent=2))
-    return list(timing.values())
-
-
-# -----------------------------------------------------------------------------
 # Report
 
 def rows_table(rows):
@@ -560,14 +517,14 @@ def run_settings(args, decided):
                 cpu=utils.cpu_name(), threads=torch.get_num_threads(), precision=decided.split()[1],
                 precision_choice=decided, goals=GOALS, load_average={}, model={"preset": args.model, **vars(config)},
                 **{k: getattr(args, k) for k in ("repeats", "warmup", "quick", "batch_size", "tokens", "checkpoint",
-                                                 "limit", "search_from", "search_steps", "search_lr")},
+                                                 "limit", "search_from")},
                 command=" ".join(["python -m experiments.bench", *sys.argv[1:]]),
                 dataset=getattr(loaded[1], "name", None), data_dir=args.data_dir or loaded[2].get("data_dir"))
 
 
 # The sections, in the order they run; the first four run in the --precision chosen.
 SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "oracle": bench_oracle, "memory": bench_memory,
-            "attention": bench_attention, "oracle-sweep": bench_oracle_sweep, "oracle-time": bench_oracle_time}
+            "attention": bench_attention, "oracle-sweep": bench_oracle_sweep}
 
 
 def main(argv=None):

@@ -19,6 +19,9 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
+
 import oracle
 import utils
 
@@ -66,19 +69,15 @@ def training_table(runs, n_val, n_test):
 
 
 # -----------------------------------------------------------------------------
-# Markdown of one results.json (oracle.py's, or experiments.label_free's with its gap rows)
+# Markdown of one results.json (oracle.py's, or experiments.label_free's with its comparisons)
 
-METHOD_LABELS = {"prior": "SPoT", "spot-learned": "SPoT-learned (glance + place, label-free)",
+METHOD_LABELS = {"prior": "SPoT", "best-of-k": "best of K by confidence (label-free control)",
+                 "spot-learned": "SPoT-learned (glance + place, label-free)",
                  "spot-on": "SPoT-ON (label oracle)", "spot-on-entropy": "SPoT-ON (entropy, label-free)",
                  "spot-on-snapped": "SPoT-ON snapped to grid", "spot-on-transfer": "SPoT-ON transfer"}
 CELL_TEXT = ("Cell = top-1 % / kNN %, each ± half its 95 % bootstrap interval over images; \"–\" "
              "= not computed, \"n/a\" = not applicable.")
 REVERSE = ["", "| Model | Tokens | its prior | its own oracle | our oracle positions |", "|---" * 5 + "|"]
-GAP_TEXT = ("Label-free placement against the best fixed prior (the open problem: closing the gap to "
-            "the oracle without labels), on the searched images: the gain in points and the fraction "
-            "of the prior -> oracle gap it closes, each with its paired 95 % bootstrap interval; cost = "
-            "wall time as a multiple of one forward pass at the budget.")
-GAP_HEADER = ["Method", "Tokens", "best prior", "gain (points)", "gap closed", "cost"]
 
 
 def line(cells, model=None):
@@ -116,11 +115,14 @@ def table_lines(rows, budgets, model=None):
 
 
 def saliency_lines(saliency, budgets, model=None):
-    """Finding 3's rows: the mean saliency read per position set and budget, ± half the interval."""
-    found = {(r["positions"], r["tokens"]): r for r in saliency}
+    """Finding 3's rows: the mean saliency read per (map, position set) and budget, ± half the
+    interval. The map: spectral residual, or the model's own gradient saliency."""
+    kind = lambda r: r.get("saliency", "spectral")  # noqa: E731   (older results: spectral only)
+    found = {(kind(r), r["positions"], r["tokens"]): r for r in saliency}
     text = lambda r: "n/a" if r is None else f"{r['mean']:.2f} ±{(r['high'] - r['low']) / 2:.2f}"  # noqa: E731
-    return [line([name] + [text(found.get((name, b))) for b in budgets], model)
-            for name in dict.fromkeys(r["positions"] for r in saliency)]
+    return [line([name if "saliency" not in saliency[0] else f"{name}, read on the {map_} map"]
+                 + [text(found.get((map_, name, b))) for b in budgets], model)
+            for map_, name in dict.fromkeys((kind(r), r["positions"]) for r in saliency)]
 
 
 def reverse_lines(reverse):
@@ -128,15 +130,29 @@ def reverse_lines(reverse):
                  ("top1_prior", "top1_own_oracle", "top1_transfer")]) for r in reverse]
 
 
-def gap_lines(gap, rows, model=None):
-    """One line per (label-free method, budget) of experiments.label_free.gap_rows; the cost is
-    cost_vs_prior of the method's row: 1.34 -> '1.3x', 38.2 -> '38x'."""
-    cost = {(r["method"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
+COMPARE_TEXT = ("Each label-free method against the best fixed prior *chosen on the validation split* and "
+                "against the best-of-K control at no more K than its cost (at least 2), image by image on the "
+                "images it read: the difference in points with its paired 95 % bootstrap interval; gap closed "
+                "= the share of the prior -> oracle gap, on the oracle's searched images; cost = wall time as a "
+                "multiple of one forward pass at the budget (the control: exactly K passes).")
+COMPARE_HEADER = ["Method", "Tokens", "images", "best prior (val)", "prior %", "method %", "gain (points)",
+                  "vs control (K)", "gap closed", "cost"]
+
+
+def bracket(r, name, scale=1.0, digits=1):
+    """'+1.7 [-0.4, +3.8]': r[name] and its 95 % interval r[name_low], r[name_high], times scale."""
+    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*(scale * r[name + end] for end in ("", "_low", "_high")), d=digits)
+
+
+def comparison_lines(comparisons, rows, model=None):
+    """One line per record of experiments.label_free.comparison_rows."""
+    cost = {(r["method"], r["prior"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
     times = lambda c: "–" if not c else f"{c:.1f}x" if c < 10 else f"{c:.0f}x"  # noqa: E731
-    return [line([METHOD_LABELS[g["method"]], g["tokens"], g["best_prior"],
-                  f"{g['gain']:+.1f} [{g['gain_low']:+.1f}, {g['gain_high']:+.1f}]",
-                  f"{100 * g['gap_closed']:.1f} % [{100 * g['gap_closed_low']:.1f}, {100 * g['gap_closed_high']:.1f}]",
-                  times(cost.get((g["method"], g["tokens"])))], model) for g in gap]
+    return [line([METHOD_LABELS[c["method"]] + (f", {c['prior']}" if c["method"] == "best-of-k" else ""),
+                  c["tokens"], c["n_images"], c["best_prior"], f"{c['prior_top1']:.1f}", f"{c['top1']:.1f}",
+                  bracket(c, "gain"), f"{bracket(c, 'vs_control')} (K={c['control_k']})",
+                  f"{bracket(c, 'gap_closed', 100)} % of {c['n_oracle']}" if "gap_closed" in c else "–",
+                  times(cost.get((c["method"], c["prior"], c["tokens"])))], model) for c in comparisons]
 
 
 def search_text(s):
@@ -145,39 +161,33 @@ def search_text(s):
 
 
 def results_markdown(results):
-    """One model's results.json -> its results.md: the results table, then the reverse transfer,
-    finding 3 and the label-free gap, where the results hold them."""
-    s, budgets, saliency, gap = results["settings"], results["settings"]["tokens"], results.get("saliency"), \
-        results.get("gap_closed")
-    lines = [f"# SPoT evaluation: {s.get('run') or s['checkpoint']}", "",
-             f"{s['dataset']} {s['split']} split, {s['n_test']} images; kNN bank {s['n_bank']} train images (k="
-             f"{s['knn_k']}, T={s['knn_temperature']}). {CELL_TEXT} {s['draws']} position draw(s) for random "
-             f"priors." + (f" {search_text(s)} images." if s.get("n_searched") else ""), ""]
-    lines += header(["Method", "Prior"], budgets) + table_lines(results["rows"], budgets)
-    if results.get("transfer_reverse"):
-        lines += ["", "Transfer, the other way: positions found with this model, evaluated on the transfer model "
-                  "(top-1 %).", *REVERSE, *reverse_lines(results["transfer_reverse"])]
-    if saliency:
-        lines += ["", f"Finding 3: the saliency the tokens read, relative to the image mean (1 = average "
-                  f"pixels), on the first {saliency[0]['n_images']} images, ± half the 95 % interval.", ""]
-        lines += header(["Positions"], budgets) + saliency_lines(saliency, budgets)
-    if gap:
-        lines += ["", f"{GAP_TEXT} Searched images: {gap[0]['n_images']}.", "", *header(GAP_HEADER)]
-        lines += gap_lines(gap, results["rows"])
-    return "\n".join(lines) + "\n"
+    """One model's results.json -> its results.md: a title and the settings, then body_lines."""
+    s = results["settings"]
+    return "\n".join([f"# SPoT evaluation: {s.get('run') or s['checkpoint']}", "",
+                      f"{s['dataset']} {s['split']} split, {s['n_test']} images; kNN bank {s['n_bank']} train images "
+                      f"(k={s['knn_k']}, T={s['knn_temperature']}). {CELL_TEXT} {s['draws']} position draw(s) for "
+                      f"random priors." + (f" {search_text(s)} images." if s.get("n_searched") else ""), "",
+                      *body_lines([results], named=False)]) + "\n"
 
 
 def combined_markdown(results_list):
     """One table for several models on the same data (e.g. the grid ViT, the retrofit and SPoT
-    from scratch), a first column naming each run; then their reverse transfer, finding 3, gap."""
-    budgets = sorted({r["tokens"] for results in results_list for r in results["rows"]})
-    runs = [results["settings"]["run"] for results in results_list]
-    lines = [f"# SPoT evaluation: {', '.join(runs)}", "", CELL_TEXT, ""]
+    from scratch): a title, each run's settings, then body_lines with a first column naming each run."""
+    lines = [f"# SPoT evaluation: {', '.join(r['settings']['run'] for r in results_list)}", "", CELL_TEXT, ""]
     for s in (results["settings"] for results in results_list):
         lines.append(f"- **{s['run']}**: {s['dataset']} {s['split']} split, {s['n_test']} images, {s['draws']} "
                      f"position draw(s) per random prior, kNN bank {s['n_bank']} train images"
                      + (f"; {search_text(s)}" if s.get("n_searched") else ""))
-    lines += ["", *header(["Model", "Method", "Prior"], budgets)]
+    return "\n".join(lines + ["", *body_lines(results_list, named=True)]) + "\n"
+
+
+def body_lines(results_list, named):
+    """The tables of one or more results.json: the results table, the reverse transfer, finding 3
+    and the label-free comparisons, where they are held; named: a first column naming the run."""
+    budgets = sorted({r["tokens"] for results in results_list for r in results["rows"]})
+    runs = [results["settings"].get("run") if named else None for results in results_list]
+    first = ["Model"] if named else []
+    lines = header(first + ["Method", "Prior"], budgets)
     for run, results in zip(runs, results_list):
         lines += table_lines(results["rows"], budgets, run)
     reverse = [r for results in results_list for r in results.get("transfer_reverse", [])]
@@ -189,15 +199,102 @@ def combined_markdown(results_list):
         n_images = sorted({r["n_images"] for _, saliency in with_saliency for r in saliency})
         lines += ["", f"Finding 3: the saliency the tokens read, relative to the image mean (1 = average "
                   f"pixels), on the first {'/'.join(map(str, n_images))} images, ± half the 95 % interval.",
-                  "", *header(["Model", "Positions"], budgets)]
+                  "", *header(first + ["Positions"], budgets)]
         for run, saliency in with_saliency:
             lines += saliency_lines(saliency, budgets, run)
-    with_gap = [(run, r) for run, r in zip(runs, results_list) if r.get("gap_closed")]
-    if with_gap:
-        lines += ["", GAP_TEXT, "", *header(["Model"] + GAP_HEADER)]
-        for run, results in with_gap:
-            lines += gap_lines(results["gap_closed"], results["rows"], run)
-    return "\n".join(lines) + "\n"
+    with_comparisons = [(run, r) for run, r in zip(runs, results_list) if r.get("comparisons")]
+    if with_comparisons:
+        lines += ["", COMPARE_TEXT, "", *header(first + COMPARE_HEADER)]
+        for run, results in with_comparisons:
+            lines += comparison_lines(results["comparisons"], results["rows"], run)
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Verdicts: each finding of the paper as claims "a > b", judged on paired intervals
+
+# The paper's findings as claims "a > b": finding | the claim | a | b | budgets. a and b are
+# RUN/METRIC/METHOD/PRIOR of the per-image files oracle.py writes, {spot}, {grid}, {retrofit}
+# naming the runs of one dataset and seed (VERDICTS). Few tokens: 4 and 8 of the 64 cells (the
+# paper's 25 of 196); more: 16 on.
+CLAIMS = [claim.split(" | ") for claim in """\
+1 | SPoT isotropic > grid ViT, patch dropout | {spot}/top1/prior/isotropic | {grid}/top1/prior/grid | 4,8,16,32,64
+1 | SPoT isotropic > its own grid subsets | {spot}/top1/prior/isotropic | {spot}/top1/prior/grid | 4,8,16,32
+2 | few tokens: centre > isotropic | {spot}/top1/prior/center | {spot}/top1/prior/isotropic | 4,8
+2 | more tokens: isotropic > centre | {spot}/top1/prior/isotropic | {spot}/top1/prior/center | 16,32,64
+3 | oracle reads more spectral saliency than its start | {spot}/saliency-spectral/read/spot-on | \
+{spot}/saliency-spectral/read/isotropic | 4,8,16,32,64
+3 | oracle reads more model saliency than its start | {spot}/saliency-model/read/spot-on | \
+{spot}/saliency-model/read/isotropic | 4,8,16,32,64
+3 | salient prior (spectral) > isotropic | {spot}/top1/prior/salient | {spot}/top1/prior/isotropic | 4,8,16,32,64
+3 | salient prior (model) > isotropic | {spot}/top1/prior/salient-model | {spot}/top1/prior/isotropic | 4,8,16,32,64
+4 | retrofit's oracle positions > SPoT's prior | {spot}/top1/spot-on-transfer/isotropic | \
+{spot}/top1/prior/isotropic | 4,8,16,32,64
+snap | oracle > the oracle snapped to the grid | {spot}/top1/spot-on/isotropic | {spot}/top1/spot-on-snapped/isotropic | \
+4,8,16,32,64
+retrofit | SPoT from scratch > the retrofit | {spot}/top1/prior/isotropic | {retrofit}/top1/prior/isotropic | 4,8,16,32,64
+""".splitlines()]
+ALL_BUDGETS = (4, 8, 16, 32, 64)
+VERDICTS = {"cifar10-verdicts": [dict(spot="cifar10-spot", grid="cifar10-grid-vit", retrofit="cifar10-retrofit"),
+                                 dict(spot="cifar10-spot-seed1", grid="cifar10-grid-vit-seed1", retrofit="none")],
+            "imagenette-verdicts": [dict(spot="imagenette-spot", grid="imagenette-grid-vit",
+                                         retrofit="imagenette-retrofit")]}
+VERDICT_TEXT = ("Each cell: a − b at that budget on the same test images (the searched rows: the first "
+                "2,000), with its paired 95 % bootstrap interval (saliency: relative to the image mean; "
+                "accuracy: points), and the verdict on \"a > b\" it allows: **holds** (the interval is above "
+                "0), **tie** (it holds 0), **reversed** (below 0). Recompute a cell: `python -m "
+                "experiments.tables --diff cifar10-spot/top1/prior/isotropic/4 cifar10-grid-vit/top1/prior/grid/4`.")
+
+
+def per_image_of(run, cache={}):  # noqa: B006  (a cache on purpose: each file is read once)
+    """results/RUN/per_image.npz (utils.load_per_image) -> {key: array}; {} when there is none."""
+    if run not in cache:
+        path = RESULTS / str(run) / "per_image.npz"
+        cache[run] = utils.load_per_image(path) if path.exists() else {}
+    return cache[run]
+
+
+def paired_difference(a, b, seed=0):
+    """Per-image values of two rows on the same images ((draws, n) or (n,): 0/1 correctness
+    averaged over the draws, or saliency reads) -> (mean of a - b, low, high) in points (x 100):
+    the paired 95 % percentile bootstrap, oracle.bootstrap_interval of the per-image differences.
+    Only the first min(n_a, n_b) images are compared (the searched rows cover the first 2,000)."""
+    a, b = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (a, b))
+    a, b = (x.reshape(-1, x.shape[-1]).mean(0) for x in (a, b))
+    n = min(len(a), len(b))
+    return oracle.bootstrap_interval(a[:n] - b[:n], seed=seed)
+
+
+def difference(a, b, tokens):
+    """a, b = 'RUN/METRIC/METHOD/PRIOR' -> (mean, low, high, n images) of a - b at `tokens`, in the
+    metric's unit (saliency: relative to the image mean); None when either is not recorded."""
+    (run_a, *key_a), (run_b, *key_b) = a.split("/"), b.split("/")
+    x, y = per_image_of(run_a).get((*key_a, tokens)), per_image_of(run_b).get((*key_b, tokens))
+    if x is None or y is None:
+        return None
+    scale = 0.01 if key_a[0].startswith("saliency") else 1
+    return (*(scale * value for value in paired_difference(x, y)), min(x.shape[-1], y.shape[-1]))
+
+
+def verdict(low, high):
+    return "holds" if low > 0 else "reversed" if high < 0 else "tie"
+
+
+def verdict_table(runs_list):
+    """The verdict block of one dataset: one line per claim of CLAIMS and seed whose files exist."""
+    lines = header(["finding", "claim: a > b", "a (b) run", "images"], ALL_BUDGETS)
+    for runs, (finding, claim, a, b, budgets) in ((runs, claim) for runs in runs_list for claim in CLAIMS):
+        a, b = a.format(**runs), b.format(**runs)
+        found = {t: difference(a, b, t) for t in map(int, budgets.split(","))}
+        if not any(found.values()):
+            continue
+        digits = 2 if "saliency" in a else 1
+        cells = ["" if found.get(t) is None else "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}] {}".format(
+            *found[t][:3], verdict(*found[t][1:3]), d=digits) for t in ALL_BUDGETS]
+        run_a, run_b = a.split("/")[0], b.split("/")[0]
+        n_images = "/".join(sorted({str(f[3]) for f in found.values() if f}))
+        lines.append(line([finding, claim, run_a if run_a == run_b else f"{run_a} ({run_b})", n_images] + cells))
+    return "\n".join([VERDICT_TEXT, "", *lines] if lines[2:] else ["(No per-image results committed yet.)"]) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +308,7 @@ def generate():
         files[path.with_suffix(".md")] = results_markdown(read(path.parent.name))
     blocks = {name: text.split("\n\n", 1)[1] for name, text in tables.items()}    # minus the title
     blocks |= {name: training_table(*spec) for name, spec in TRAINING.items()}
+    blocks |= {name: verdict_table(runs) for name, runs in VERDICTS.items()}
     blocks = {name: f"\n{text}\n" for name, text in blocks.items()}          # a blank line either side
     files[RESULTS_MD] = BLOCK.sub(lambda m: m[1] + blocks.get(m[2], m[3]) + m[4], RESULTS_MD.read_text())
     return files, blocks
@@ -229,7 +327,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write RESULTS.md's tables and results/*.md from results/.")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each table that differs")
     parser.add_argument("folders", nargs="*", help="write FOLDER/results.md from FOLDER/results.json instead")
+    parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="print a - b with its paired 95 %% interval; "
+                        "A, B = RUN/METRIC/METHOD/PRIOR/TOKENS of results/RUN/per_image.npz, e.g. "
+                        "cifar10-spot/top1/prior/isotropic/4 (METRIC: top1, knn, saliency-spectral, saliency-model)")
     args = parser.parse_args(argv)
+    if args.diff:
+        (a, tokens), (b, other) = (x.rsplit("/", 1) for x in args.diff)
+        found = tokens == other and tokens.isdigit() and difference(a, b, int(tokens))
+        if not found:
+            parser.error(f"--diff: no per-image record for {args.diff[0]} and {args.diff[1]} (RUN/METRIC/METHOD/"
+                         f"PRIOR/TOKENS, the same TOKENS; results/RUN/per_image.npz lists the keys)")
+        print(f"{args.diff[0]} - {args.diff[1]}: {found[0]:+.3f} [{found[1]:+.3f}, {found[2]:+.3f}] on {found[3]} "
+              f"images (paired 95 % bootstrap): {verdict(found[1], found[2])}")
+        return 0
     for folder in map(Path, args.folders):
         utils.write_atomic(folder / "results.md", results_markdown(json.loads((folder / "results.json").read_text())))
         print(f"wrote {folder / 'results.md'}")

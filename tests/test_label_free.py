@@ -10,7 +10,7 @@ import torch
 import oracle
 import spot
 from experiments import label_free
-from experiments.label_free import gap_rows
+from experiments.label_free import comparison_rows
 from experiments.tables import combined_markdown, results_markdown
 from test_oracle import patched_data, write_checkpoint  # noqa: F401
 from test_visualize import assert_png, fake_shapes, save_tiny_checkpoint  # noqa: F401
@@ -18,27 +18,35 @@ from test_visualize import assert_png, fake_shapes, save_tiny_checkpoint  # noqa
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
 
 
-def test_gap_rows_known_answers():
-    # 1,000 images: the oracle gets all, the best prior (center, not the weaker isotropic) half,
-    # the label-free method three quarters: +25 points, half of the gap closed.
+def test_comparison_rows_known_answers():
+    # 1,000 images: the oracle gets all, the best prior chosen on validation (center) half, the
+    # label-free method three quarters: +25 points, half of the gap closed; the control (K=2) a
+    # quarter: the method beats it by 50 points.
     n = 1000
     index = torch.arange(n)
-    per_image = {("prior", "isotropic", 8): (index % 4 == 0)[None],
-                 ("prior", "center", 8): torch.stack([index % 2 == 0, index % 2 == 0]),   # 2 draws
-                 ("spot-learned", "isotropic", 8): torch.cat([index % 4 != 3, torch.ones(500, dtype=torch.bool)]),
-                 ("spot-on", "isotropic", 8): torch.ones(n, dtype=torch.bool)}
-    rows = [{"method": "prior", "prior": prior, "tokens": 8, "top1": top1}
-            for prior, top1 in (("isotropic", 25.0), ("center", 50.0))]
-    (gap,) = gap_rows(rows, per_image, [8, 16])          # 16: nothing recorded, no row
-    assert gap["method"] == "spot-learned" and gap["best_prior"] == "center" and gap["n_images"] == n
-    assert gap["gain"] == pytest.approx(25.0) and gap["gap_closed"] == pytest.approx(0.5)
-    assert gap["gain_low"] < 25 < gap["gain_high"] and gap["gap_closed_low"] < 0.5 < gap["gap_closed_high"]
+    reference = {("top1", "prior", "center", 8): torch.stack([index % 2 == 0, index % 2 == 0]).numpy(),  # 2 draws
+                 ("top1", "spot-on", "isotropic", 8): torch.ones(n, dtype=torch.bool).numpy()}
+    per_image = {("top1", "spot-learned", "isotropic", 8): index % 4 != 3,
+                 ("top1", "spot-on-entropy", "isotropic", 8): (index % 4 != 3)[:500],   # searched: first 500
+                 ("top1", "best-of-k", "K=2", 8): index % 4 == 0}
+    choices = {"best_prior": {8: {"prior": "center"}}, "control_k": {8: {"k": 2}}}
+    rows = [{"method": "spot-learned", "prior": "isotropic", "tokens": 8, "top1": 75.0, "cost_vs_prior": 1.4},
+            {"method": "spot-on-entropy", "prior": "isotropic", "tokens": 8, "top1": 75.0, "cost_vs_prior": 3.2},
+            {"method": "best-of-k", "prior": "K=2", "tokens": 8, "top1": 25.0, "cost_vs_prior": 2},
+            {"method": "spot-learned", "prior": "isotropic", "tokens": 16, "top1": None}]   # n/a: no row
+    learned, entropy, control = comparison_rows(per_image, reference, choices, rows)
+    assert learned["best_prior"] == "center" and learned["n_images"] == n and learned["control_k"] == 2
+    assert learned["gain"] == pytest.approx(25.0) and learned["gap_closed"] == pytest.approx(0.5)
+    assert learned["vs_control"] == pytest.approx(50.0) and control["gain"] == pytest.approx(-25.0)
+    assert learned["gain_low"] < 25 < learned["gain_high"] and learned["gap_closed_low"] < 0.5 < learned["gap_closed_high"]
     # paired: the method is right wherever the prior is, so the gain's interval (+-1.96 sqrt(
     # 0.25 * 0.75 / n) = +-2.7 points) is narrower than that of two independent accuracies (75 %
     # and 50 % of 1,000 images: +-1.96 sqrt((0.1875 + 0.25) / n) = +-4.1)
-    assert 2 * 2.3 < gap["gain_high"] - gap["gain_low"] < 2 * 3.1
-    # the comparison runs on the searched images only (the first 1,000), whatever the prior saw
-    assert (per_image["spot-learned", "isotropic", 8].shape[-1], gap["n_images"]) == (1500, 1000)
+    assert 2 * 2.3 < learned["gain_high"] - learned["gain_low"] < 2 * 3.1
+    # the entropy search read the first 500 images only: it is compared there, and no gap is
+    # closed on images the oracle searched but it did not
+    assert entropy["n_images"] == 500 and entropy["gain"] == pytest.approx(25.0) and "gap_closed" not in entropy
+    assert entropy["control_k"] == 2                     # cost 3.2 -> the largest K <= 3
 
 
 def test_combined_table_of_several_models_repeats_each_models_cells(tmp_path, patched_data):
@@ -63,10 +71,10 @@ def test_combined_table_of_several_models_repeats_each_models_cells(tmp_path, pa
         own = [line for line in results_markdown(json.loads((tmp_path / name / "results.json").read_text())).splitlines()
                if line.startswith(("| ViT", "| SPoT"))]
         mine = ["| " + r[len(f"| {run} | "):] for r in rows if r.startswith(f"| {run} | ")
-                and not r.startswith(tuple(f"| {run} | {p} |" for p in ("isotropic", "spot-on", "salient")))]
+                and ", read on the " not in r]                          # finding 3's rows
         assert own and mine == own
     assert "| g | 2 |" in text                                   # the reverse transfer, by run name
-    assert "| tiny-spot | spot-on |" in text                     # finding 3 with its model column
+    assert "| tiny-spot | spot-on, read on the model map |" in text     # finding 3 with its model column
     assert visualize.main(["budget", "--results", str(tmp_path / "g"), str(tmp_path / "s"),
                            "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "b.png").stat().st_size > 10_000

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import data
 import oracle
 import spot
+import utils
 from oracle import OBJECTIVES, knn_predict, oracle_search, snap_to_grid
 from dataclasses import asdict
 
@@ -296,7 +297,17 @@ def test_cli_writes_table(tmp_path, patched_data):
         for key in ("top1", "knn"):
             assert row[key] is None or 0 <= row[key] <= 100
     prior_rows = [r for r in rows if r["method"] == "prior"]
-    assert len(prior_rows) == 9
+    assert len(prior_rows) == 9 + 3              # + the model-salient prior of finding 3, per budget
+    assert {r["prior"] for r in prior_rows[-3:]} == {"salient-model"}
+    # every row's correctness per image is in per_image.npz, and gives back the row's interval
+    bits = utils.load_per_image(tmp_path / "r1" / "per_image.npz")
+    for row in (r for r in rows if r["top1"] is not None):
+        correct = torch.from_numpy(bits["top1", row["method"], row["prior"], row["tokens"]])
+        assert correct.shape[-1] == row["n_images"]
+        assert oracle.bootstrap_interval(correct) == (row["top1"], row["top1_low"], row["top1_high"])
+        if row["knn"] is not None:
+            knn = oracle.bootstrap_interval(torch.from_numpy(bits["knn", row["method"], row["prior"], row["tokens"]]))
+            assert knn == (row["knn"], row["knn_low"], row["knn_high"])
     by = {(r["method"], r["prior"], r["tokens"]): r for r in rows}
     assert by[("prior", "grid", 32)]["top1"] is None          # 32 > 16 grid cells: n/a
     assert by[("prior", "grid", 4)]["knn"] is not None
@@ -319,12 +330,42 @@ def test_cli_writes_table(tmp_path, patched_data):
 def test_saliency_read_is_relative_to_the_image_mean():
     images = torch.full((1, 3, 32, 32), 0.4)
     images[:, :, 8:16, 8:16] = 1.0                                   # one bright square
+    saliency = spot.saliency_map(images)
     on = torch.tensor([[[8 / 32, 8 / 32]]])         # a 4 x 4 window on its corner (saliency = edges)
     off = torch.tensor([[[28 / 32, 28 / 32]]])                       # far from it
-    read_on, read_off = oracle.saliency_read(images, on, 4), oracle.saliency_read(images, off, 4)
+    read_on, read_off = oracle.saliency_read(saliency, on, 4), oracle.saliency_read(saliency, off, 4)
     assert read_on.shape == (1,) and read_on.item() > 1.5 > 0.5 > read_off.item()
     # a window covering the whole image reads exactly the image mean
-    assert oracle.saliency_read(images, torch.tensor([[[0.5, 0.5]]]), 32).item() == pytest.approx(1.0, rel=1e-4)
+    assert oracle.saliency_read(saliency, torch.tensor([[[0.5, 0.5]]]), 32).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_saliency_read_scores_only_the_in_image_part_of_a_window():
+    """A window half off the image is scored on its in-image half: on a flat map every window
+    reads exactly 1, at the corner too (zero padding would score the corner window 1/4)."""
+    flat, ramp = torch.ones(1, 16, 16), torch.arange(16.0).repeat(16, 1)[None] + 1     # ramp: (1, 16, 16)
+    for y, x in ((0.0, 0.0), (0.5, 1.0), (0.3, 0.7)):
+        assert oracle.saliency_read(flat, torch.tensor([[[y, x]]]), 8).item() == pytest.approx(1.0, abs=1e-6)
+    # the corner window covers pixels 0-3 of rows and columns: the ramp's mean there over its image mean
+    corner = oracle.saliency_read(ramp, torch.tensor([[[0.0, 0.0]]]), 8).item()
+    assert corner == pytest.approx(ramp[0, :4, :4].mean().item() / ramp.mean().item(), rel=1e-5)
+
+
+def test_gradient_saliency_is_the_models_own_label_free_map():
+    """|d logit of the predicted class / d pixel|, summed over channels: non-negative maps summing to
+    1, the same in any batch size, equal to autograd through one image; the model is untouched."""
+    model, uint8 = tiny_model(), fake_dataset().test.images[:5]
+    model.train()
+    maps = oracle.gradient_saliency(model, uint8, "cpu", batch_size=2)
+    assert maps.shape == (5, 16, 16) and (maps >= 0).all()
+    assert torch.allclose(maps.flatten(1).sum(1), torch.ones(5))
+    assert torch.allclose(maps, oracle.gradient_saliency(model, uint8, "cpu", batch_size=5), atol=1e-6)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    model.eval()
+    image = (uint8[3:4].float() / 255).requires_grad_(True)
+    cells = spot.grid_positions(16, 4)[None]
+    model(image, cells).max().backward()                    # one image: its top logit is its prediction's
+    expected = image.grad.abs().sum(1)[0]
+    assert torch.allclose(maps[3], expected / expected.sum(), atol=1e-6)
 
 
 def test_cli_draws_and_validation_split(tmp_path, patched_data):
@@ -334,16 +375,18 @@ def test_cli_draws_and_validation_split(tmp_path, patched_data):
             "--search-limit", "6", "--saliency-limit", "5", "--no-progress", "--out", str(tmp_path / "v")]
     assert oracle.main(argv) == 0
     results = json.loads((tmp_path / "v" / "results.json").read_text())
-    assert {r["n_images"] for r in results["rows"] if r["method"] == "prior"} == {12}
+    assert {r["n_images"] for r in results["rows"] if r["method"] == "prior" and r["prior"] != "salient-model"} == {12}
+    assert {r["n_images"] for r in results["rows"] if r["prior"] == "salient-model"} == {5}     # finding 3's images
     assert {r["n_images"] for r in results["rows"] if r["method"] != "prior"} == {6}
-    saliency = results["saliency"]                           # finding 3, per budget
-    assert {(r["positions"], r["tokens"]) for r in saliency} == {
-        (p, n) for p in ("isotropic", "spot-on", "salient") for n in (2, 4)}
+    saliency = results["saliency"]                           # finding 3, per budget and saliency map
+    assert {(r["saliency"], r["positions"], r["tokens"]) for r in saliency} == {
+        (m, p, n) for m in ("spectral", "model") for p in ("isotropic", "spot-on", "salient", "salient-model")
+        for n in (2, 4)}
     assert all(r["low"] <= r["mean"] <= r["high"] and r["n_images"] == 5 for r in saliency)
     assert "Finding 3" in results_md(tmp_path / "v")
     assert results["settings"]["split"] == "val" and results["settings"]["run"] == "tiny-spot"
     draws = {r["prior"]: r["draws"] for r in results["rows"] if r["method"] == "prior"}
-    assert draws == {"uniform": 3, "isotropic": 1}           # a lattice has nothing to redraw
+    assert draws == {"uniform": 3, "isotropic": 1, "salient-model": 1}     # a lattice has nothing to redraw
 
 
 def test_cli_search_limit_zero_gives_prior_rows_only(tmp_path, patched_data):
@@ -484,7 +527,11 @@ def test_evaluate_with_an_eval_config_fills_per_image():
     assert (settings["n_test"], settings["n_searched"], settings["n_bank"], settings["search_steps"]) == (12, 5, 6, 1)
     assert {(r["method"], r["tokens"]) for r in results["rows"]} == {
         (m, n) for m in ("prior", "spot-on", "spot-on-snapped", "spot-on-transfer") for n in (2, 32)}
-    assert per_image["prior", "uniform", 2].shape == (2, 12) and per_image["spot-on", "isotropic", 32].shape == (5,)
-    assert per_image["spot-on-transfer", "isotropic", 2].shape == (5,)
+    assert per_image["top1", "prior", "uniform", 2].shape == (2, 12)
+    assert per_image["knn", "prior", "uniform", 2].shape == (2, 12)
+    assert per_image["top1", "spot-on", "isotropic", 32].shape == (5,)
+    assert per_image["top1", "spot-on-transfer", "isotropic", 2].shape == (5,)
+    assert per_image["top1", "prior", "salient-model", 2].shape == (3,)
+    assert per_image["saliency-model", "read", "spot-on", 32].shape == (3,)
     assert len(results["transfer_reverse"]) == 2 and {r["n_images"] for r in results["saliency"]} == {3}
     json.dumps(results)                                                  # the schema main writes

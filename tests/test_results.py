@@ -33,3 +33,45 @@ def test_readme_is_short_and_links_the_results():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= README_MAX_LINES
     assert "RESULTS.md" in readme
+
+
+def test_committed_intervals_are_recomputed_from_the_per_image_files():
+    """Every results/*/per_image.npz gives back its results.json: each row's accuracy and 95 %
+    interval (the bootstrap of oracle.py) from the committed 0/1 correctness, no checkpoint needed."""
+    import json
+
+    import torch
+
+    import oracle
+    import utils
+
+    folders = sorted(path.parent for path in (ROOT / "results").glob("*/per_image.npz"))
+    assert folders, "no per-image results committed"
+    for folder in folders:
+        bits = utils.load_per_image(folder / "per_image.npz")
+        rows = [r for r in json.loads((folder / "results.json").read_text())["rows"] if r["top1"] is not None]
+        assert rows
+        for row in rows[:: max(1, len(rows) // 6)]:          # a few rows of every kind, each file
+            for metric in ("top1", "knn"):
+                if row.get(metric) is not None:
+                    correct = torch.from_numpy(bits[metric, row["method"], row["prior"], row["tokens"]])
+                    assert correct.shape[-1] == row["n_images"], (folder.name, row)
+                    expected = (row[metric], row[f"{metric}_low"], row[f"{metric}_high"])
+                    assert oracle.bootstrap_interval(correct, seed=0) == expected, (folder.name, row)
+
+
+def test_paired_difference_and_its_verdict_known_answers():
+    """A paired difference is the bootstrap of per-image differences: 1,000 images, a right
+    wherever b is plus 100 more -> +10 points, an interval of about +-1.9 (sqrt(0.1 * 0.9 / n)),
+    narrower than two unpaired accuracies'; the verdict words follow the interval."""
+    import numpy as np
+
+    index = np.arange(1000)
+    b = np.stack([index % 2 == 0, index % 2 == 0])                   # 2 draws, 50 %
+    a = (index % 2 == 0) | (index % 10 == 1)                         # 60 %, right wherever b is
+    mean, low, high = tables.paired_difference(a, b)
+    assert abs(mean - 10.0) < 1e-5 and 2 * 1.6 < high - low < 2 * 2.2 and low > 0
+    assert tables.verdict(low, high) == "holds" and tables.paired_difference(b, a)[0] == -mean
+    assert tables.verdict(-high, -low) == "reversed" and tables.verdict(-1.0, 2.0) == "tie"
+    # only the first min(n_a, n_b) images are compared (a searched row covers the first n)
+    assert abs(tables.paired_difference(a[:100], b)[0] - 100 * (a[:100].mean() - b[0, :100].mean())) < 1e-4
