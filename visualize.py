@@ -371,12 +371,13 @@ def save_trajectory_gif(image, trajectory, window, path, fps=4):
 
 # Method -> (line style, marker, legend name). Every oracle variant is dashed in some way.
 METHOD_STYLES = {"prior": ("-", "o", "prior"), "spot-on": ("--", "s", "SPoT-ON (label oracle)"),
-                 "spot-on-entropy": ((0, (1, 1.5)), "^", "SPoT-ON (entropy oracle)"),
+                 "spot-on-entropy": ((0, (1, 1.5)), "^", "SPoT-ON (entropy, label-free)"),
+                 "best-of-k": ((0, (2, 1)), "*", "best of K by confidence"),
                  "spot-on-snapped": ((0, (5, 2, 1, 2)), "v", "SPoT-ON snapped to grid"),
                  "spot-on-transfer": ((0, (6, 3)), "D", "SPoT-ON transferred"),
                  "spot-learned": ((0, (3, 1, 1, 1)), "P", "SPoT-learned (glance + place)")}
 PRIOR_COLORS = {"uniform": "#1f77b4", "gaussian": "#ff7f0e", "sobol": "#2ca02c", "isotropic": "#d62728",
-                "center": "#9467bd", "salient": "#8c564b", "grid": "black"}
+                "center": "#9467bd", "salient": "#8c564b", "salient-model": "#e377c2", "grid": "black"}
 
 
 def _load_results(results):
