@@ -75,3 +75,19 @@ def test_paired_difference_and_its_verdict_known_answers():
     assert tables.verdict(-high, -low) == "reversed" and tables.verdict(-1.0, 2.0) == "tie"
     # only the first min(n_a, n_b) images are compared (a searched row covers the first n)
     assert abs(tables.paired_difference(a[:100], b)[0] - 100 * (a[:100].mean() - b[0, :100].mean())) < 1e-4
+
+
+def test_diff_recomputes_a_verdict_cell_from_the_committed_files(capsys):
+    """`python -m experiments.tables --diff A B` prints the cell of the verdict table; a key that is
+    not recorded is refused with a message naming the format."""
+    import pytest
+
+    a, b = "cifar10-spot-seed1/top1/prior/isotropic/4", "cifar10-spot-seed1/top1/prior/grid/4"
+    mean, low, high, n = tables.difference(a.rsplit("/", 1)[0], b.rsplit("/", 1)[0], 4)
+    assert tables.main(["--diff", a, b]) == 0
+    assert f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] on {n} images" in capsys.readouterr().out
+    cell = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] {tables.verdict(low, high)}"
+    assert cell in (ROOT / "RESULTS.md").read_text()                     # the same cell, in the verdicts
+    with pytest.raises(SystemExit):
+        tables.main(["--diff", a, "cifar10-spot-seed1/top1/prior/nowhere/4"])
+    assert "RUN/METRIC/METHOD/PRIOR/TOKENS" in capsys.readouterr().err
