@@ -32,10 +32,11 @@ BLOCK = re.compile(r"(<!-- begin: ([\w-]+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
 # baseline, its retrofit, SPoT from scratch); and the label-free evaluations of both datasets.
 COMBINED = {"cifar10-table": ["cifar10-grid-vit", "cifar10-retrofit", "cifar10-spot"],
             "imagenette-table": ["imagenette-grid-vit", "imagenette-retrofit", "imagenette-spot"],
-            "label-free-table": ["cifar10-label-free", "imagenette-label-free"]}
+            "label-free-table": ["cifar10-label-free", "imagenette-label-free"],
+            "cifar10-seed1-table": ["cifar10-spot-seed1"]}
 # The training tables: train.py's runs, and the sizes of the validation and test splits (for the ±).
 TRAINING = {"shapes-training": (["shapes-default"], 1000, 2000),
-            "cifar10-training": (COMBINED["cifar10-table"], 5000, 10000),
+            "cifar10-training": (COMBINED["cifar10-table"] + COMBINED["cifar10-seed1-table"], 5000, 10000),
             "imagenette-training": (COMBINED["imagenette-table"], 947, 3925)}
 
 
@@ -242,8 +243,8 @@ VERDICTS = {"cifar10-verdicts": [dict(spot="cifar10-spot", grid="cifar10-grid-vi
 VERDICT_TEXT = ("Each cell: a − b at that budget on the same test images (the searched rows: the first "
                 "2,000), with its paired 95 % bootstrap interval (saliency: relative to the image mean; "
                 "accuracy: points), and the verdict on \"a > b\" it allows: **holds** (the interval is above "
-                "0), **tie** (it holds 0), **reversed** (below 0). Recompute a cell: `python -m "
-                "experiments.tables --diff cifar10-spot/top1/prior/isotropic/4 cifar10-grid-vit/top1/prior/grid/4`.")
+                "0), **tie** (it holds 0), **reversed** (below 0). Recompute a cell: `python -m experiments.tables "
+                "--diff cifar10-spot-seed1/top1/prior/isotropic/4 cifar10-spot-seed1/top1/prior/grid/4`.")
 
 
 def per_image_of(run, cache={}):  # noqa: B006  (a cache on purpose: each file is read once)
