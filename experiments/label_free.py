@@ -184,7 +184,8 @@ def comparison_rows(per_image, reference, choices, rows, seed=0):
 
 def evaluate(placer_path, against, oracle_argv):
     """`evaluate`: the label-free rows (learned placer and control on the whole test split, the
-    entropy search on the first --search-limit images), the choices made on the validation split,
+    entropy search on the images oracle.py's search read: --against's first n_searched), the
+    choices made on the validation split,
     and the comparisons with the best prior and the oracle of oracle.py's evaluation in --against
     -> results.json, results.md and per_image.npz in --out."""
     parser, args, model, dataset, _, config = oracle.setup(oracle_argv)
