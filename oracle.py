@@ -552,8 +552,8 @@ def main(argv=None):
     results = evaluate(model, dataset, config, other, per_image := {})
     # The settings keep the other flags too (out, name, threads, ...).
     results["settings"] = {**vars(args), **results["settings"], "run": args.name or run_name(args.checkpoint)}
-    utils.save_per_image(Path(args.out) / "per_image.npz", per_image)
     utils.write_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2))
+    utils.save_per_image(Path(args.out) / "per_image.npz", per_image)        # last: the run is complete
     print(summary(results) + f"\nwrote {args.out}/results.json and per_image.npz (python -m experiments.tables "
           f"{args.out} renders it as markdown)")
     return 0

@@ -216,10 +216,10 @@ def evaluate(placer_path, against, oracle_argv):
                             "run": args.name or oracle.run_name(args.checkpoint), "n_bank": len(bank[1])},
                "choices": choices, "rows": rows, "validation_rows": val_rows,
                "comparisons": comparison_rows(per_image, reference_bits, choices, rows, config.seed)}
-    utils.save_per_image(Path(args.out) / "per_image.npz", {**per_image, **{("val-" + k[0],) + k[1:]: v
-                                                                             for k, v in val_bits.items()}})
     for name, content in (("results.json", json.dumps(results, indent=2)), ("results.md", tables.results_markdown(results))):
         utils.write_atomic(Path(args.out) / name, content)
+    utils.save_per_image(Path(args.out) / "per_image.npz", {**per_image, **{("val-" + k[0],) + k[1:]: v
+                                                                             for k, v in val_bits.items()}})
     print(f"{content}\nwrote {args.out}/results.json, results.md and per_image.npz")
     return 0
 

@@ -10,7 +10,8 @@
 #     bash experiments/rerun.sh imagenette ../data/imagenette-128
 #
 # Run it from the repository root. Each step logs to runs/rerun-DATASET/NAME.log and is skipped
-# when its output exists, so a second call continues after the last finished step.
+# when it has finished (a training run with its final test line, an evaluation with its
+# per_image.npz, written last), so a second call continues where the first stopped.
 set -euo pipefail
 dataset=${1:?usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR}
 data_dir=${2:?usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR}
@@ -39,9 +40,16 @@ step() {  # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, its l
   "$@" > "$logs/$name.log" 2>&1
 }
 
-train() {  # train RUN FLAGS...: train.py into runs/RUN, then its run.json and metrics.jsonl into results/RUN
+train() {  # train RUN FLAGS...: train.py into runs/RUN (an interrupted run is resumed), then its
+           # run.json and metrics.jsonl into results/RUN
   local run=$1; shift
-  step "train-$run" "runs/$run/checkpoint.pt" python train.py "${common[@]}" "${pin[@]}" "$@" --out "runs/$run"
+  if grep -qs '"final": true' "runs/$run/metrics.jsonl"; then
+    echo "skip train-$run: finished"
+  elif [[ -e runs/$run/checkpoint.pt ]]; then
+    step "train-$run" "runs/$run/never" python train.py --resume --out "runs/$run"
+  else
+    step "train-$run" "runs/$run/never" python train.py "${common[@]}" "${pin[@]}" "$@" --out "runs/$run"
+  fi
   mkdir -p "results/$run" && cp "runs/$run/run.json" "runs/$run/metrics.jsonl" "results/$run/"
 }
 
@@ -61,6 +69,7 @@ step "oracle-grid-vit" "results/$dataset-grid-vit/per_image.npz" "${evaluate[@]}
 step "oracle-retrofit" "results/$dataset-retrofit/per_image.npz" "${evaluate[@]}" \
   --checkpoint "runs/$dataset-retrofit/checkpoint.pt" --name "$dataset-retrofit" --search-limit 0 \
   --out "results/$dataset-retrofit"
+[[ -e runs/$placer/placer.pt ]] || rm -rf "runs/$placer"       # placement.py never writes into a used folder
 step "placer" "runs/$placer/placer.pt" python -m experiments.placement \
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --tokens 8,16 --epochs 4 --lr 1e-3 --threads 1 --out "runs/$placer"
 wait    # SPoT's table: the label-free evaluation compares against it
