@@ -12,9 +12,9 @@ oracle.py -- SPoT-ON (the oracle search) and the evaluation table of SPoT (arXiv
     knn_predict      the kNN evaluation of retrofitting: DINO-style weighted kNN on the class token
     predict          THE evaluation loop of the project (train.py's per-epoch evaluation uses it)
     evaluate         the paper's results table: every spatial prior x budget (top-1 and kNN, 95 %
-                     bootstrap intervals), then the SPoT-ON rows: label oracle, entropy
-                     (label-free), snapped to the grid, transfer to another model (finding 4),
-                     and finding 3's saliency read
+                     bootstrap intervals), then the SPoT-ON rows: label oracle, snapped to the
+                     grid, transfer to another model (finding 4), and finding 3's saliency read
+                     under two maps (spectral residual, the model's gradient saliency)
 
 Run it on a checkpoint written by train.py:
 
@@ -22,10 +22,11 @@ Run it on a checkpoint written by train.py:
     python oracle.py --checkpoint runs/shapes/checkpoint.pt --out runs/shapes/oracle --limit 500 \
         --transfer-checkpoint runs/shapes_seed1/checkpoint.pt          # + the transfer rows
 
-It writes OUT/results.json (every number, plus the settings) and OUT/results.md (a table laid
-out like the paper's results table: one row per (method, prior), one column per token budget,
-"top1 / knn"). The (steps, lr) sweep that chose the search defaults, the search's timing and
-learned label-free placement live in experiments/.
+It writes OUT/results.json (every number, plus the settings) and OUT/per_image.npz (which images
+each row got right, so that any paired difference can be recomputed without the checkpoint);
+`python -m experiments.tables OUT` renders OUT/results.md, a table laid out like the paper's
+results table: one row per (method, prior), one column per token budget, "top1 / knn". The
+(steps, lr) sweep that chose the search defaults and label-free placement live in experiments/.
 
 Why the oracle matters: with a fixed, frozen model, the only thing it changes is *where* the
 tokens look. Its accuracy is an upper bound on what any placement strategy could achieve with
@@ -180,9 +181,10 @@ def saliency_read(saliency, positions, window):
     as average. Only the in-image part of a window counts: the sampler reads zeros off the image,
     which would score a border token as unsalient for a reason that has nothing to do with saliency.
     """
-    inside = torch.ones_like(saliency)                     # read through the same windows: the
-    windows = spot.extract_patches(torch.stack([saliency, inside], 1), positions, window)  # in-image
-    total = windows.sum(dim=(1, 3, 4))                     # (B, 2): saliency read, in-image area
+    # Read a map of ones through the same windows beside the saliency: its bilinear read is each
+    # window's in-image area (1 per pixel inside, fractions at the border, 0 outside).
+    stacked = torch.stack([saliency, torch.ones_like(saliency)], 1)                  # (B, 2, H, W)
+    total = spot.extract_patches(stacked, positions, window).sum(dim=(1, 3, 4))       # (B, 2)
     return total[:, 0] / total[:, 1] / saliency.flatten(1).mean(1)
 
 

@@ -47,7 +47,6 @@ import spot
 import utils
 from experiments import placement, tables
 
-LABEL_FREE = ("spot-learned", "spot-on-entropy", "best-of-k")
 CONTROL_K = (1, 2, 4, 8, 16, 32)     # the control's candidate counts (K forward passes; 1: the isotropic prior)
 
 
