@@ -680,7 +680,7 @@ def _cmd_placements(args):
 def _cmd_trajectories(args):
     model, classes, uint8, labels, _, found = _load(args, args.n_images)
     before, after = (_predict(model, uint8, found.trajectory[step]) for step in (0, -1))
-    titles = [f"#{args.index + i} '{classes[y]}': predicted {classes[p]} -> {classes[q]}"
+    titles = [f"#{args.index + i} '{classes[y]}'\npredicted {classes[p]} -> {classes[q]}"
               for i, (y, p, q) in enumerate(zip(labels.tolist(), before.tolist(), after.tolist()))]
     fig = plot_trajectories(uint8, found.trajectory, model.config.window, n_images=args.n_images,
                             titles=titles, path=args.out)

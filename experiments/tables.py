@@ -131,11 +131,12 @@ def reverse_lines(reverse):
                  ("top1_prior", "top1_own_oracle", "top1_transfer")]) for r in reverse]
 
 
-COMPARE_TEXT = ("Each label-free method against the best fixed prior *chosen on the validation split* and "
-                "against the best-of-K control at no more K than its cost (at least 2), image by image on the "
-                "images it read: the difference in points with its paired 95 % bootstrap interval; gap closed "
-                "= the share of the prior -> oracle gap, on the oracle's searched images; cost = wall time as a "
-                "multiple of one forward pass at the budget (the control: exactly K passes).")
+COMPARE_TEXT = ('Each label-free method against the best fixed prior *chosen on the validation split* and against the'
+                ' best-of-K control at no more K than its cost (at least 2), image by image on the images it read: '
+                'the difference in points with its paired 95 % bootstrap interval and the verdict on "method > it" '
+                "(holds / tie / reversed); gap closed = the share of the prior -> oracle gap, on the oracle's "
+                'searched images; cost = wall time as a multiple of one forward pass at the budget (the control: '
+                'exactly K passes).')
 COMPARE_HEADER = ["Method", "Tokens", "images", "best prior (val)", "prior %", "method %", "gain (points)",
                   "vs control (K)", "gap closed", "cost"]
 
@@ -145,13 +146,16 @@ def bracket(r, name, scale=1.0, digits=1):
     return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*(scale * r[name + end] for end in ("", "_low", "_high")), d=digits)
 
 
+judged = lambda r, name: f"{bracket(r, name)} {verdict(r[name + '_low'], r[name + '_high'])}"  # noqa: E731
+
+
 def comparison_lines(comparisons, rows, model=None):
     """One line per record of experiments.label_free.comparison_rows."""
     cost = {(r["method"], r["prior"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
     times = lambda c: "–" if not c else f"{c:.1f}x" if c < 10 else f"{c:.0f}x"  # noqa: E731
     return [line([METHOD_LABELS[c["method"]] + (f", {c['prior']}" if c["method"] == "best-of-k" else ""),
                   c["tokens"], c["n_images"], c["best_prior"], f"{c['prior_top1']:.1f}", f"{c['top1']:.1f}",
-                  bracket(c, "gain"), f"{bracket(c, 'vs_control')} (K={c['control_k']})",
+                  judged(c, "gain"), f"{judged(c, 'vs_control')} (K={c['control_k']})",
                   f"{bracket(c, 'gap_closed', 100)} % of {c['n_oracle']}" if "gap_closed" in c else "–",
                   times(cost.get((c["method"], c["prior"], c["tokens"])))], model) for c in comparisons]
 
