@@ -126,11 +126,6 @@ def saliency_lines(saliency, budgets, model=None):
             for map_, name in dict.fromkeys((kind(r), r["positions"]) for r in saliency)]
 
 
-def reverse_lines(reverse):
-    return [line([oracle.run_name(r["model"]), r["tokens"]] + [f"{r[key]:.1f}" for key in
-                 ("top1_prior", "top1_own_oracle", "top1_transfer")]) for r in reverse]
-
-
 COMPARE_TEXT = ('Each label-free method against the best fixed prior *chosen on the validation split* and against the'
                 ' best-of-K control at no more K than its cost (at least 2), image by image on the images it read: '
                 'the difference in points with its paired 95 % bootstrap interval and the verdict on "method > it" '
@@ -198,7 +193,8 @@ def body_lines(results_list, named):
     reverse = [r for results in results_list for r in results.get("transfer_reverse", [])]
     if reverse:
         lines += ["", "Transfer, the other way: oracle positions found with the first model, evaluated on the "
-                  "second (top-1 %).", *REVERSE, *reverse_lines(reverse)]
+                  "second (top-1 %).", *REVERSE] + [line([oracle.run_name(r["model"]), r["tokens"]] + [f"{r[key]:.1f}"
+                  for key in ("top1_prior", "top1_own_oracle", "top1_transfer")]) for r in reverse]
     with_saliency = [(run, r["saliency"]) for run, r in zip(runs, results_list) if r.get("saliency")]
     if with_saliency:
         n_images = sorted({r["n_images"] for _, saliency in with_saliency for r in saliency})
@@ -235,6 +231,8 @@ CLAIMS = [claim.split(" | ") for claim in """\
 3 | salient prior (model) > isotropic | {spot}/top1/prior/salient-model | {spot}/top1/prior/isotropic | 4,8,16,32,64
 4 | retrofit's oracle positions > SPoT's prior | {spot}/top1/spot-on-transfer/isotropic | \
 {spot}/top1/prior/isotropic | 4,8,16,32,64
+4 | SPoT's oracle positions > the retrofit's prior, read by the retrofit | {spot}/top1/reverse-transfer/isotropic | \
+{spot}/top1/reverse-prior/isotropic | 4,8,16,32,64
 snap | oracle > the oracle snapped to the grid | {spot}/top1/spot-on/isotropic | {spot}/top1/spot-on-snapped/isotropic | \
 4,8,16,32,64
 retrofit | SPoT from scratch > the retrofit | {spot}/top1/prior/isotropic | {retrofit}/top1/prior/isotropic | 4,8,16,32,64
