@@ -72,6 +72,7 @@ step "oracle-retrofit" "results/$dataset-retrofit/per_image.npz" "${evaluate[@]}
 [[ -e runs/$placer/placer.pt ]] || rm -rf "runs/$placer"       # placement.py never writes into a used folder
 step "placer" "runs/$placer/placer.pt" python -m experiments.placement \
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --tokens 8,16 --epochs 4 --lr 1e-3 --threads 1 --out "runs/$placer"
+mkdir -p "results/$dataset-placer" && cp "runs/$placer/run.json" "runs/$placer/metrics.jsonl" "results/$dataset-placer/"
 wait    # SPoT's table: the label-free evaluation compares against it
 step "label-free" "results/$dataset-label-free/per_image.npz" python -m experiments.label_free evaluate \
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --placer "runs/$placer/placer.pt" --name "$dataset-spot" \
