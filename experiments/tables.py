@@ -150,7 +150,7 @@ def comparison_lines(comparisons, rows, model=None):
     times = lambda c: "–" if not c else f"{c:.1f}x" if c < 10 else f"{c:.0f}x"  # noqa: E731
     return [line([METHOD_LABELS[c["method"]] + (f", {c['prior']}" if c["method"] == "best-of-k" else ""),
                   c["tokens"], c["n_images"], c["best_prior"], f"{c['prior_top1']:.1f}", f"{c['top1']:.1f}",
-                  judged(c, "gain"), f"{judged(c, 'vs_control')} (K={c['control_k']})",
+                  judged(c, "gain"), "–" if c["method"] == "best-of-k" else f"{judged(c, 'vs_control')} (K={c['control_k']})",
                   f"{bracket(c, 'gap_closed', 100)} % of {c['n_oracle']}" if "gap_closed" in c else "–",
                   times(cost.get((c["method"], c["prior"], c["tokens"])))], model) for c in comparisons]
 
