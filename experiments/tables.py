@@ -246,7 +246,7 @@ VERDICT_TEXT = ("Each cell: a − b at that budget on the same test images (the 
                 "2,000), with its paired 95 % bootstrap interval (saliency: relative to the image mean; "
                 "accuracy: points), and the verdict on \"a > b\" it allows: **holds** (the interval is above "
                 "0), **tie** (it holds 0), **reversed** (below 0). Recompute a cell: `python -m experiments.tables "
-                "--diff cifar10-spot-seed1/top1/prior/isotropic/4 cifar10-spot-seed1/top1/prior/grid/4`.")
+                "--diff {spot}/top1/prior/isotropic/4 {grid}/top1/prior/grid/4`.")
 
 
 def per_image_of(run, cache={}):  # noqa: B006  (a cache on purpose: each file is read once)
@@ -297,7 +297,7 @@ def verdict_table(runs_list):
         run_a, run_b = a.split("/")[0], b.split("/")[0]
         n_images = "/".join(sorted({str(f[3]) for f in found.values() if f}))
         lines.append(line([finding, claim, run_a if run_a == run_b else f"{run_a} ({run_b})", n_images] + cells))
-    return "\n".join([VERDICT_TEXT, "", *lines] if lines[2:] else ["(No per-image results committed yet.)"]) + "\n"
+    return "\n".join([VERDICT_TEXT.format(**runs_list[0]), "", *lines] if lines[2:] else ["(No per-image results committed yet.)"]) + "\n"
 
 
 # -----------------------------------------------------------------------------
