@@ -1,6 +1,7 @@
 """The reported numbers are the committed ones: every table of RESULTS.md and every markdown table
-in results/ is exactly what `python -m experiments.tables` writes from results/*.json(l), and the
-README stays a short front page (the full tables live in RESULTS.md)."""
+in results/ is exactly what `python -m experiments.tables` writes from results/*.json(l), the
+README stays a short front page (the full tables live in RESULTS.md), and its verdicts are cells
+of those tables."""
 import re
 
 from conftest import ROOT
@@ -33,6 +34,19 @@ def test_readme_is_short_and_links_the_results():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= README_MAX_LINES
     assert "RESULTS.md" in readme
+
+
+def test_readme_verdicts_are_cells_of_the_generated_tables():
+    """README's verdict table is copied by hand: each cell "a − b [low, high] verdict" must be a cell
+    of a table that `python -m experiments.tables` generates into RESULTS.md."""
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "RESULTS.md").read_text()
+    generated = "".join(re.findall(r"<!-- begin: [\w-]+ -->(.*?)<!-- end:", results, re.S))
+    cell = r"[+−-]\d+\.\d+ \[[+−-]\d+\.\d+, [+−-]\d+\.\d+\] (?:holds|tie|reversed)"
+    cells = re.findall(cell, readme)
+    assert len(cells) >= 20, f"README's verdict table not found ({len(cells)} cells)"
+    missing = [c for c in cells if c.replace("−", "-") not in generated]
+    assert not missing, f"README cells that no generated table holds: {missing}"
 
 
 def test_committed_intervals_are_recomputed_from_the_per_image_files():
