@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # experiments/rerun.sh -- retrain and re-evaluate the paper's experiment of RESULTS.md on one
 # dataset, in the order the evaluations need: the grid ViT, its retrofit (retrofitting), SPoT from
-# scratch; oracle.py's table for each (SPoT-ON, transfer from the retrofit, finding 3); the learned
-# placer; the label-free evaluation against SPoT's table. Checkpoints are not committed, so this
-# is how the committed results/ are remade; every command is the one RESULTS.md prints, with the
-# recipe pinned (fp32 and the preset's seven training priors, as the first runs had them).
+# scratch; SPoT-ON's lr sweep on validation images; oracle.py's table for each (SPoT-ON, transfer
+# from the retrofit, finding 3); the learned placer; the label-free evaluation against SPoT's
+# table. Checkpoints are not committed, so this is how the committed results/ are remade; every
+# command is the one RESULTS.md prints, with the recipe pinned (fp32 and the preset's seven
+# training priors, as the first runs had them).
 #
 #     bash experiments/rerun.sh cifar10 ../data/cifar10            # about 2.5 hours on 2 CPU cores
 #     bash experiments/rerun.sh imagenette ../data/imagenette-128
@@ -24,12 +25,12 @@ case $dataset in
     common=(--dataset cifar10 --data-dir "$data_dir" --preset cifar10-cpu --eval-tokens 4,8,16)
     grid=(--tokens all --epochs 6 --warmup-epochs 1 --lr 5e-4 --eval-prior isotropic)
     retrofit=(--epochs 3 --warmup-epochs 0.2)
-    search_lr=0.03 placer=c10-placer-lr1e-3 ;;
+    search_lr=0.03 sweep_limit=500 placer=c10-placer-lr1e-3 ;;
   imagenette)
     common=(--dataset folder --data-dir "$data_dir" --preset imagenette-cpu --eval-tokens 4,8,16)
     grid=(--tokens all --epochs 24)
     retrofit=(--epochs 8 --warmup-epochs 0.5)
-    search_lr=0.01 placer=in-placer-lr1e-3 ;;
+    search_lr=0.01 sweep_limit=300 placer=in-placer-lr1e-3 ;;
   *) echo "rerun.sh: the dataset must be cifar10 or imagenette, got '$dataset'" >&2; exit 2 ;;
 esac
 
@@ -58,6 +59,10 @@ train "$dataset-grid-vit" "${grid[@]}" --train-priors grid
 train "$dataset-retrofit" "${retrofit[@]}" --init-from "runs/$dataset-grid-vit/checkpoint.pt"
 train "$dataset-spot"
 
+# SPoT-ON's (steps, lr) sweep on validation images: the record behind $search_lr (RESULTS.md reads it)
+step "oracle-sweep" "results/$dataset-spot-oracle-sweep/sweep.json" python -m experiments.bench --only oracle-sweep \
+  --checkpoint "runs/$dataset-spot/checkpoint.pt" --limit "$sweep_limit" --tokens 4,16 --threads 1 \
+  --out "results/$dataset-spot-oracle-sweep"
 evaluate=(python oracle.py --draws 2 --batch-size 512 --threads 1 --no-progress)
 step "oracle-spot" "results/$dataset-spot/per_image.npz" "${evaluate[@]}" \
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --name "$dataset-spot" \
