@@ -11,8 +11,9 @@
 #     bash experiments/rerun.sh imagenette ../data/imagenette-128
 #
 # Run it from the repository root. Each step logs to runs/rerun-DATASET/NAME.log and is skipped
-# when it has finished (a training run with its final test line, an evaluation with its
-# per_image.npz, written last), so a second call continues where the first stopped.
+# when it has finished (a training run with its final test line, the sweep with its sweep.json,
+# an evaluation with its per_image.npz, written last), so a second call continues where the first
+# stopped.
 set -euo pipefail
 dataset=${1:?usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR}
 data_dir=${2:?usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR}
