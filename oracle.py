@@ -38,7 +38,6 @@ import argparse
 import json
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from tqdm import tqdm
 
 import data
 import spot
+import train
 import utils
 
 # -----------------------------------------------------------------------------
@@ -246,49 +246,7 @@ def bootstrap_interval(correct, resamples=1000, seed=0, level=0.95):
 
 
 # -----------------------------------------------------------------------------
-# Whole splits in batches. Splits stay uint8 on the CPU (data.py); each batch becomes float on
-# `device`. Positions are drawn in fixed chunks, so they do not depend on --batch-size.
-
-POSITION_CHUNK = 256
-RANDOM_PRIORS = ("uniform", "gaussian", "sobol", "salient", "grid")   # a new draw, new positions
-
-
-def seed_for(seed, *key):
-    """A stable seed per (seed, prior, budget, role, ...). Python's hash() of a str is randomized
-    per process, so use CRC32: the same command gives the same positions, run after run."""
-    return (seed * 1_000_003 + zlib.crc32(":".join(map(str, key)).encode())) % (2**63 - 1)
-
-
-def draw_positions(prior, images_uint8, n_tokens, image_size, window, seed, device):
-    """Positions for a whole split from one prior: (n, N, 2) on the CPU, reproducible from seed.
-    "salient" reads the images (uint8; spot.saliency_map), or takes their (n, H, W) maps."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    pixels = lambda chunk: None if prior != "salient" else chunk.to(device).float() / (  # noqa: E731
-        255 if chunk.dtype == torch.uint8 else 1)
-    return torch.cat([spot.sample_positions(prior, len(chunk), n_tokens, image_size, window, generator, pixels(chunk))
-                      .cpu() for chunk in images_uint8.split(POSITION_CHUNK)])
-
-
-@torch.no_grad()
-def predict(model, images_uint8, positions, device, batch_size, features=False, bf16=False):
-    """The one evaluation loop of this project: read a whole split through given positions.
-
-    images_uint8 (n, C, H, W) uint8 on the CPU (data.py keeps splits that way; each batch becomes
-    float in [0, 1] on `device`), positions (n, N, 2). Eval mode, no gradients, bf16 autocast
-    when asked. -> (logits (n, classes), class-token features (n, D) or None), float32 on the CPU.
-    """
-    was_training, logits, feats = model.training, [], []
-    model.eval()
-    for start in range(0, len(images_uint8), batch_size):
-        images = images_uint8[start:start + batch_size].to(device).float().div_(255)
-        with utils.autocast(images.device, bf16):
-            tokens = model.forward_features(images, positions[start:start + batch_size].to(device))
-            logits.append(model.forward_head(tokens).float().cpu())                      # (B, classes)
-            if features:
-                feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())  # (B, D)
-    model.train(was_training)
-    return torch.cat(logits), (torch.cat(feats) if features else None)
-
+# SPoT-ON over a whole split in batches
 
 def search_split(model, images_uint8, labels, start, config, objective="label", desc="search"):
     """oracle_search over a whole split in batches, with config's (an EvalConfig) search_steps,
@@ -362,13 +320,13 @@ def prior_rows(model, test, bank, config, per_image):
         if prior == "grid" and tokens > len(spot.grid_positions(size, window)):   # patch dropout cannot
             rows.append(table_row("prior", prior, tokens))                         # exceed the grid: n/a
             continue
-        draw = lambda x, *key: draw_positions(prior, x, tokens, size, window,
-                                              seed_for(config.seed, prior, tokens, *key), device)
-        bank_features = len(bank_x) and predict(model, bank_x, draw(bank_x, "bank"), device, batch, True)[1]
+        draw = lambda x, *key: train.draw_positions(prior, x, tokens, window,
+                                              train.seed_for(config.seed, prior, tokens, *key), device)
+        bank_features = len(bank_x) and train.predict(model, bank_x, draw(bank_x, "bank"), device, batch, True)[1]
         correct, knn_correct = [], []
-        for index in range(config.draws if prior in RANDOM_PRIORS else 1):
+        for index in range(config.draws if prior in train.RANDOM_PRIORS else 1):
             key = ("test",) + ((index,) if index else ())            # draw 0: the searches' start
-            logits, features = predict(model, test_x, draw(test_x, *key), device, batch, len(bank_x) > 0)
+            logits, features = train.predict(model, test_x, draw(test_x, *key), device, batch, len(bank_x) > 0)
             correct.append(logits.argmax(1) == test_y)
             if len(bank_x):
                 knn_correct.append(knn_predict(bank_features, bank_y, features, model.config.num_classes,
@@ -384,7 +342,7 @@ def prior_rows(model, test, bank, config, per_image):
 def hits(model, test, positions, config):
     """(n,) bool: which of the images test = (uint8 images, labels) `model` classifies right
     when it reads them at `positions`."""
-    return predict(model, test[0], positions, config.device, config.batch_size)[0].argmax(1) == test[1]
+    return train.predict(model, test[0], positions, config.device, config.batch_size)[0].argmax(1) == test[1]
 
 
 def saliency_rows(model, test, tokens, named_positions, maps, config, per_image):
@@ -397,7 +355,7 @@ def saliency_rows(model, test, tokens, named_positions, maps, config, per_image)
     named, records = dict(named_positions), []
     for kind, saliency in maps.items():
         name = "salient" if kind == "spectral" else f"salient-{kind}"
-        named[name] = draw_positions("salient", saliency, tokens, size, window, seed_for(seed, name, tokens, "test"),
+        named[name] = train.draw_positions("salient", saliency, tokens, window, train.seed_for(seed, name, tokens, "test"),
                                      config.device)
     per_image["top1", "prior", "salient-model", tokens] = correct = hits(
         model, (test[0][:n], test[1][:n]), named["salient-model"], config)
@@ -432,7 +390,7 @@ def search_rows(model, test, config, transfer_model, per_image):
         per_image["top1", method, prior, tokens] = correct = hits(model, test, positions, config)
         rows.append(table_row(method, prior, tokens, correct, seed=seed, **extra))
     for tokens in [n for n in config.tokens if prior != "grid" or n <= len(spot.grid_positions(size, window))]:
-        start = draw_positions(prior, test[0], tokens, size, window, seed_for(seed, prior, tokens, "test"),
+        start = train.draw_positions(prior, test[0], tokens, window, train.seed_for(seed, prior, tokens, "test"),
                                config.device)                                                  # (n, N, 2)
         found = search_split(model, test[0], test[1], start, config, "label", f"oracle {tokens}T")
         add("spot-on", tokens, found)

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import oracle
 import spot
 import utils
 
@@ -129,20 +129,73 @@ def lr_lambda(step, warmup_steps, total_steps, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# -----------------------------------------------------------------------------
+# The one evaluation loop: positions for a whole split, then logits in batches
+# Splits stay uint8 on the CPU (data.py); each batch becomes float on `device`. Positions are
+# drawn in fixed chunks, so they do not depend on --batch-size.
+
+POSITION_CHUNK = 256
+RANDOM_PRIORS = ("uniform", "gaussian", "sobol", "salient", "grid")   # a new draw, new positions
+
+
+def seed_for(seed, *key):
+    """A stable seed per (seed, prior, budget, role, ...). Python's hash() of a str is randomized
+    per process, so use CRC32: the same command gives the same positions, run after run."""
+    return (seed * 1_000_003 + zlib.crc32(":".join(map(str, key)).encode())) % (2**63 - 1)
+
+
+def draw_positions(prior, images_uint8, n_tokens, window, seed, device="cpu"):
+    """Positions for a whole split from one prior: (n, N, 2) on the CPU, reproducible from seed.
+    "salient" reads the images (uint8; spot.saliency_map), or takes their (n, H, W) maps; the
+    image size is the images' (or the maps') last two dimensions."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size = tuple(images_uint8.shape[-2:])
+    chunks = []
+    for chunk in images_uint8.split(POSITION_CHUNK):
+        pixels = None
+        if prior == "salient":       # uint8 images in [0, 255], or a float saliency map
+            pixels = chunk.to(device).float() / (255 if chunk.dtype == torch.uint8 else 1)
+        positions = spot.sample_positions(prior, len(chunk), n_tokens, size, window, generator,
+                                          pixels)
+        chunks.append(positions.cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def predict(model, images_uint8, positions, device, batch_size, features=False, bf16=False):
+    """The one evaluation loop of this project: read a whole split through given positions.
+
+    images_uint8 (n, C, H, W) uint8 on the CPU (data.py keeps splits that way; each batch becomes
+    float in [0, 1] on `device`), positions (n, N, 2). Eval mode, no gradients, bf16 autocast
+    when asked. -> (logits (n, classes), class-token features (n, D) or None), float32 on the CPU.
+    """
+    was_training, logits, feats = model.training, [], []
+    model.eval()
+    for start in range(0, len(images_uint8), batch_size):
+        images = images_uint8[start:start + batch_size].to(device).float().div_(255)
+        with utils.autocast(images.device, bf16):
+            tokens = model.forward_features(images, positions[start:start + batch_size].to(device))
+            logits.append(model.forward_head(tokens).float().cpu())                      # (B, classes)
+            if features:
+                feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())  # (B, D)
+    model.train(was_training)
+    return torch.cat(logits), (torch.cat(feats) if features else None)
+
+
 def evaluate(model, split, name, args, device, bf16, rank=0, world=1):
     """Loss and accuracy at the full grid, and accuracy at each --eval-tokens budget drawn from
-    --eval-prior, read by oracle.predict (the one evaluation loop). The positions are drawn for
+    --eval-prior, read by predict (the one evaluation loop). The positions are drawn for
     the whole split from a fixed seed, so every epoch, and any number of processes, reads the
     same ones; each process reads its shard split[rank::world] and the sums are all-reduced.
     -> {f"{name}_loss", f"{name}_acc", f"{name}_acc@N" for N in budgets} (accuracies in percent)"""
-    draw = lambda n: oracle.draw_positions(args.eval_prior, split.images, n, args.image_size, args.window,
-                                           oracle.seed_for(args.seed, "eval", n), device)              # (n, N, 2)
+    draw = lambda n: draw_positions(args.eval_prior, split.images, n, args.window,
+                                           seed_for(args.seed, "eval", n), device)              # (n, N, 2)
     grid = spot.grid_positions(args.image_size, args.window).expand(len(split), -1, -1)             # (n, G, 2)
     reads = {"": grid} | {f"@{n}": draw(n) for n in args.budgets}               # the keys name the accuracies
     images, labels = split.images[rank::world], split.labels[rank::world]
     totals = torch.zeros(len(reads), 2, dtype=torch.float64, device=device)   # per read: loss sum, correct
     for i, positions in enumerate(reads.values()):
-        logits = oracle.predict(model, images, positions[rank::world], device, 2 * args.batch_size, bf16=bf16)[0]
+        logits = predict(model, images, positions[rank::world], device, 2 * args.batch_size, bf16=bf16)[0]
         totals[i] = torch.stack([F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum()])
     if world > 1:
         dist.all_reduce(totals)

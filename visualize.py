@@ -55,8 +55,9 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-import utils
 import spot
+import train
+import utils
 
 DPI = 150                                   # saved PNGs: sharp, yet a few hundred kB at most
 METRICS = {"top1": "top-1 accuracy (%)", "knn": "kNN accuracy (%)"}
@@ -646,10 +647,10 @@ def _load(args, count=1):
 
 
 def _predict(model, uint8, positions):
-    """Predicted classes (B,) through oracle.predict, the one evaluation loop."""
+    """Predicted classes (B,) through train.predict, the one evaluation loop."""
     import oracle
 
-    return oracle.predict(model, uint8, positions, "cpu", len(uint8))[0].argmax(-1)
+    return train.predict(model, uint8, positions, "cpu", len(uint8))[0].argmax(-1)
 
 
 def _cmd_priors(args):

@@ -423,8 +423,8 @@ def sweep(model, images_uint8, labels, budgets, prior="isotropic", steps_grid=SW
     config, checkpoints, results = model.config, sorted({0, *steps_grid}), []
     jobs = [(o, tokens, lr) for o in objectives for tokens in budgets for lr in lr_grid]
     for objective, tokens, lr in tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True):
-        start = oracle.draw_positions(prior, images_uint8, tokens, config.image_size, config.window,
-                                      oracle.seed_for(seed, prior, tokens, "sweep"), device)
+        start = train.draw_positions(prior, images_uint8, tokens, config.window,
+                                      train.seed_for(seed, prior, tokens, "sweep"), device)
         found = [oracle.oracle_search(model, images_uint8[i:i + batch_size].to(device).float() / 255,
                                       labels[i:i + batch_size].to(device) if objective == "label" else None,
                                       start[i:i + batch_size].to(device), steps=max(steps_grid), lr=lr,
@@ -432,7 +432,7 @@ def sweep(model, images_uint8, labels, budgets, prior="isotropic", steps_grid=SW
         trajectory = torch.cat([f.trajectory[checkpoints].cpu() for f in found], 1)     # (S, n, N, 2)
         losses = torch.cat([f.losses[checkpoints].cpu() for f in found], 1)             # (S, n)
         for i, s in enumerate(checkpoints):
-            hits = oracle.predict(model, images_uint8, trajectory[i], device, batch_size)[0].argmax(1) == labels
+            hits = train.predict(model, images_uint8, trajectory[i], device, batch_size)[0].argmax(1) == labels
             results.append({"objective": objective, "tokens": tokens, "lr": lr, "steps": s,
                             "top1": 100.0 * hits.float().mean().item(), "loss": losses[i].mean().item()})
     return results

@@ -44,6 +44,7 @@ import torch
 import data
 import oracle
 import spot
+import train
 import utils
 from experiments import placement, tables
 
@@ -56,7 +57,7 @@ def learned_rows(model, placer, test, bank, config, per_image):
     milliseconds per image, and that time as a multiple of reading the isotropic prior.
     test, bank: (uint8 images, labels). per_image: filled as oracle.evaluate fills it."""
     (test_x, test_y), (bank_x, bank_y), rows = test, bank, []
-    read = lambda images, positions, features=False: oracle.predict(  # noqa: E731
+    read = lambda images, positions, features=False: train.predict(  # noqa: E731
         model, images, positions, config.device, config.batch_size, features)
     place = lambda images, tokens: placement.place_split(  # noqa: E731
         model, placer, images, tokens, config.device, config.batch_size)
@@ -88,8 +89,8 @@ def entropy_rows(model, test, config, per_image):
     budget (reading the start positions), measured side by side. test: (uint8 images, labels)."""
     size, window, prior, rows = model.config.image_size, model.config.window, config.search_from, []
     for tokens in [n for n in config.tokens if prior != "grid" or n <= len(spot.grid_positions(size, window))]:
-        start = oracle.draw_positions(prior, test[0], tokens, size, window,
-                                      oracle.seed_for(config.seed, prior, tokens, "test"), config.device)
+        start = train.draw_positions(prior, test[0], tokens, window,
+                                      train.seed_for(config.seed, prior, tokens, "test"), config.device)
         started = time.perf_counter()
         oracle.hits(model, test, start, config)
         read_seconds, started = time.perf_counter() - started, time.perf_counter()
@@ -113,9 +114,9 @@ def control_rows(model, split, config, per_image, role="test", ks=CONTROL_K):
         confidence, correct = [], []
         for index, prior in enumerate(["isotropic", "center"] + ["sobol"] * (max(ks) - 2)):
             key = (prior, tokens, role) + ((index,) if prior == "sobol" else ())   # isotropic = the prior row's
-            positions = oracle.draw_positions(prior, split[0], tokens, size, window,
-                                              oracle.seed_for(config.seed, *key), config.device)  # (n, N, 2)
-            logits = oracle.predict(model, split[0], positions, config.device, config.batch_size)[0]
+            positions = train.draw_positions(prior, split[0], tokens, window,
+                                              train.seed_for(config.seed, *key), config.device)  # (n, N, 2)
+            logits = train.predict(model, split[0], positions, config.device, config.batch_size)[0]
             confidence.append(logits.softmax(1).amax(1))
             correct.append(logits.argmax(1) == split[1])
         confidence, correct = torch.stack(confidence), torch.stack(correct)                     # (K, n)
@@ -241,7 +242,7 @@ def figure(args):
     uint8, labels = (t[args.index:args.index + args.n_images] for t in (test.images, test.labels))
     if len(labels) < args.n_images:
         raise ValueError(f"--index {args.index} + --n-images {args.n_images} > the {len(test.labels)} test images")
-    images, start = uint8.float() / 255, oracle.draw_positions(args.search_from, uint8, *tokens, size, window,
+    images, start = uint8.float() / 255, train.draw_positions(args.search_from, uint8, *tokens, window,
                                                                args.seed, "cpu")
     columns = [(f"prior '{args.search_from}'", start)]
     if args.placer:
@@ -255,7 +256,7 @@ def figure(args):
     fig, axes = plt.subplots(len(images), len(columns), squeeze=False, layout="constrained",
                              figsize=(3.3 * len(columns), 3.6 * len(images)))
     for column, (name, positions) in enumerate(columns):
-        predicted = oracle.predict(model, uint8, positions, "cpu", len(uint8))[0].argmax(1).tolist()
+        predicted = train.predict(model, uint8, positions, "cpu", len(uint8))[0].argmax(1).tolist()
         for row, (p, y) in enumerate(zip(predicted, labels.tolist())):
             visualize.plot_placements(images[row], positions[row], window, ax=axes[row, column],
                                       title=f"{name}\n'{classes[p]}' ({'right' if p == y else 'wrong'})")

@@ -167,13 +167,13 @@ def check_fits(placer, model):
 
 def placed_accuracy(model, placer, split, budgets, device, batch_size):
     """Top-1 % with glance-then-place and with the isotropic prior, per budget -> dict, read by
-    oracle.predict (the one evaluation loop)."""
+    train.predict (the one evaluation loop)."""
     accuracy = {}
     for n in budgets:
         lattice = spot.isotropic_positions(n).expand(len(split.labels), n, 2)
         for kind, positions in (("placed", place_split(model, placer, split.images, n, device, batch_size)),
                                 ("isotropic", lattice)):
-            logits = oracle.predict(model, split.images, positions, device, batch_size)[0]
+            logits = train.predict(model, split.images, positions, device, batch_size)[0]
             accuracy[f"val_{kind}@{n}"] = 100 * (logits.argmax(1) == split.labels).float().mean().item()
     return accuracy
 
