@@ -8,7 +8,7 @@ results table uses ImageNet; these are the small stand-ins):
 
     shapes    built in, no download: 10 small shapes at random *subpixel* positions on a
               cluttered background (make_shapes). Designed to show that point at 32 px.
-    cifar10   CIFAR-10, from the official python pickles (`DIR/cifar-10-batches-py/`), or from a
+    cifar10   CIFAR-10, from its authors' python pickles (`DIR/cifar-10-batches-py/`), or from a
               class-folder layout (`DIR/train/<class>/*.jpg`, `DIR/test/<class>/*.jpg`);
               downloaded into DIR (with an MD5 check) when neither is there.
     folder    any ImageNet-style subset, e.g. Imagenette: `DIR/train/<class>/*` and
@@ -90,8 +90,8 @@ class Dataset:
 # -----------------------------------------------------------------------------
 # The built-in `shapes` dataset (sparse feature selection): small objects at subpixel positions
 
-SHAPE_CLASSES = ("square", "disc", "ring", "triangle", "plus", "x", "equals", "bar", "diamond",
-                 "corner")
+SHAPE_CLASSES = ("square", "disc", "ring", "triangle", "plus",
+                 "x", "equals", "bar", "diamond", "corner")
 
 
 def make_shapes(n, image_size=32, seed=0, return_info=False):
@@ -110,8 +110,8 @@ def make_shapes(n, image_size=32, seed=0, return_info=False):
     than the object) keeps "find the brightest pixels" from being the whole task.
     Deterministic: the same (n, image_size, seed) always gives the same bytes.
     """
-    S, W = spot.to_hw(image_size)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or S != W or S < 12:
+    S, W = utils.to_hw(image_size)
+    if type(n) is not int or n < 1 or S != W or S < 12:
         raise ValueError(f"make_shapes needs an int n >= 1 and a square image_size >= 12 (fewer "
                          f"pixels cannot tell the shapes apart), got {n!r}, {image_size!r}")
     # One thread, on purpose: rendering is many medium-sized elementwise ops, and a
@@ -122,73 +122,97 @@ def make_shapes(n, image_size=32, seed=0, return_info=False):
     torch.set_num_threads(1)
     try:
         g = torch.Generator().manual_seed(seed)       # all randomness comes from here, in order
-        labels = (torch.arange(n) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g)]
+        order = torch.randperm(n, generator=g)
+        labels = (torch.arange(n) % len(SHAPE_CLASSES))[order]   # balanced, in random order
         chunk = max(1, (1 << 20) // (S * S))          # images per chunk: ~4 MB per float map
-        parts = [_render(labels[a:a + chunk], S, g) for a in range(0, n, chunk)]
+        parts = [_render(labels[a:a + chunk], S, g)
+                 for a in range(0, n, chunk)]
     finally:
         torch.set_num_threads(threads)
-    images, centre, radius, mask = (torch.cat(part) for part in zip(*parts))
-    info = {"center": centre / S, "radius": radius, "mask": mask}
-    return (images, labels, info) if return_info else (images, labels)
+    images, centre, radius, mask = map(torch.cat, zip(*parts))
+    if not return_info:
+        return images, labels
+    return images, labels, dict(center=centre / S, radius=radius, mask=mask)
 
 
 def _render(labels, S, g):
     """Draw and paint len(labels) = m images -> (images (m, 3, S, S) uint8, centres (m, 2) (y, x)
     in pixels, half-sizes (m,) in pixels, object coverage (m, S, S) in [0, 1])."""
-    m, scale = len(labels), S / 32                    # object and clutter sizes follow the image
-    rand = lambda *shape: torch.rand(*shape, generator=g)
+    m = len(labels)
+    scale = S / 32                                    # object and clutter sizes follow the image
+    rand = lambda *shape: torch.rand(m, *shape, generator=g)   # (m, *shape) in [0, 1)
     # The object: half-size r, a continuous centre anywhere it fits, a bright colour.
-    r = (3.2 + rand(m)) * scale                                             # (m,) pixels
-    reach = 1.35 * r + 0.5                            # the widest shape's reach + half a pixel
-    centre = reach[:, None] + rand(m, 2) * (S - 2 * reach[:, None])         # (m, 2) (y, x)
-    colour = F.normalize(rand(m, 3) ** 2, p=math.inf, dim=1)   # (m, 3), its top channel is 1
-    # The background: a dark-to-mid colour, smooth low-contrast noise, pixel noise.
-    img = (0.15 + 0.3 * rand(m, 3, 1, 1) + 0.015 * torch.randn(m, 3, S, S, generator=g)
-           + F.interpolate(0.08 * torch.randn(m, 3, 5, 5, generator=g), (S, S), mode="bicubic"))
+    r = (3.2 + rand()) * scale                        # (m,) pixels
+    reach = 1.35 * r[:, None] + 0.5                   # the widest shape's reach + half a pixel
+    centre = reach + rand(2) * (S - 2 * reach)        # (m, 2) (y, x) pixels
+    colour = F.normalize(rand(3, 1, 1) ** 2, p=math.inf, dim=1)   # (m, 3, 1, 1), top channel 1
+    # The background: a dark-to-mid colour, pixel noise, smooth low-contrast noise.
+    img = 0.15 + 0.3 * rand(3, 1, 1)
+    img = img + 0.015 * torch.randn(m, 3, S, S, generator=g)
+    smooth = 0.08 * torch.randn(m, 3, 5, 5, generator=g)
+    img = img + F.interpolate(smooth, (S, S), mode="bicubic")           # (m, 3, S, S)
     # Clutter, fainter than the object: 3 soft blobs and 3 thin line segments around random
-    # points; (dy, dx) is every pixel centre's offset from each point, (m, 6, S, S).
-    pix = torch.arange(S) + 0.5
-    point = rand(m, 6, 2, 1, 1) * S
-    dy, dx = pix.view(S, 1) - point[:, :, 0], pix - point[:, :, 1]
-    sigma = (1.5 + 2 * rand(m, 3, 1, 1)) * scale
-    blob = torch.exp(-(dy[:, :3] ** 2 + dx[:, :3] ** 2) / (2 * sigma ** 2))
-    angle = rand(m, 3, 1, 1) * math.pi               # a segment: direction, then half-length
-    half = (2 + 3 * rand(m, 3, 1, 1)) * scale
-    along = (dy[:, 3:] * angle.sin() + dx[:, 3:] * angle.cos()).abs() - half
-    across = (dx[:, 3:] * angle.sin() - dy[:, 3:] * angle.cos()).abs()
-    line = (0.5 * scale + 0.5 - torch.hypot(across, along.clamp_min(0))).clamp(0, 1)   # ~1 px wide
-    alpha = torch.cat([blob, line], 1) * (0.15 + 0.2 * rand(m, 6, 1, 1))   # (m, 6, S, S)
+    # points; (dy, dx) is every pixel centre's offset from each point, (m, 6, S, S) together.
+    pix = torch.arange(S) + 0.5                       # pixel centres
+    point = rand(6, 2, 1, 1) * S
+    dy = pix[:, None] - point[:, :, 0]                # (m, 6, S, 1)
+    dx = pix - point[:, :, 1]                         # (m, 6, 1, S)
+    sigma = (1.5 + 2 * rand(3, 1, 1)) * scale
+    square = dy[:, :3] ** 2 + dx[:, :3] ** 2          # squared distance to a blob's centre
+    blob = torch.exp(-square / (2 * sigma ** 2))
+    angle = rand(3, 1, 1) * math.pi                   # a segment: direction, then half-length
+    half = (2 + 3 * rand(3, 1, 1)) * scale
+    sin = angle.sin()
+    cos = angle.cos()
+    along = (dy[:, 3:] * sin + dx[:, 3:] * cos).abs() - half    # past the segment's end
+    across = (dx[:, 3:] * sin - dy[:, 3:] * cos).abs()          # off its line
+    gap = torch.hypot(across, along.clamp_min(0))     # distance to the segment
+    line = (0.5 * scale + 0.5 - gap).clamp(0, 1)      # ~1 px wide
+    strength = 0.15 + 0.2 * rand(6, 1, 1)
+    alpha = torch.cat([blob, line], 1) * strength     # (m, 6, S, S)
     for k in range(6):                                # painted over: img + alpha (colour - img)
-        img = img + alpha[:, k, None] * (rand(m, 3, 1, 1) - img)
+        img = img + alpha[:, k, None] * (rand(3, 1, 1) - img)
     # The object, antialiased: a pixel's coverage is 0.5 - (signed distance from its centre to
     # the shape's outline), clamped to [0, 1] -- exactly the covered area where the outline runs
     # along pixel rows or columns, so the object moves smoothly with its continuous centre.
-    u, v = pix - centre[:, 1, None, None], pix.view(S, 1) - centre[:, 0, None, None]  # x, y (down)
-    distance = _shape_distances(u, v, r[:, None, None])[torch.arange(m), labels]     # (m, S, S)
-    cover = (0.5 - distance).clamp(0, 1)
-    img = img + cover[:, None] * (colour[:, :, None, None] - img)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), centre, r, cover
+    u = pix - centre[:, 1, None, None]                # (m, 1, S) x, right of the centre
+    v = pix[:, None] - centre[:, 0, None, None]       # (m, S, 1) y, down from it
+    distances = _shape_distances(u, v, r[:, None, None])             # (m, 10, S, S)
+    cover = (0.5 - distances[torch.arange(m), labels]).clamp(0, 1)   # (m, S, S)
+    img = img + cover[:, None] * (colour - img)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return images, centre, r, cover
 
 
 def _shape_distances(u, v, r):
     """Signed distance (pixels; < 0 inside) from offsets u (m, 1, S) right and v (m, S, 1) down
-    to each shape of SHAPE_CLASSES, in class order -> (m, 10, S, S). r: (m, 1, 1) half-size (~3.2-4.2 px at 32 px, objects
-    7-9 px wide: two 4 px windows, so a 4 x 4 grid tile sees only a part). Bars are w = 0.32 r
-    half-wide, ~1 px: thin enough to look different, thick enough to survive antialiasing."""
-    w, au, av, d = 0.32 * r, u.abs(), v.abs(), torch.hypot(u, v)
+    to each shape of SHAPE_CLASSES, in class order -> (m, 10, S, S). r: (m, 1, 1) half-size
+    (~3.2-4.2 px at 32 px, objects 7-9 px wide: two 4 px windows, so a 4 x 4 grid tile sees only
+    a part). Bars are w = 0.32 r half-wide, ~1 px: thin enough to look different, thick enough
+    to survive antialiasing."""
+    w = 0.32 * r
+    au = u.abs()
+    av = v.abs()
+    d = torch.hypot(u, v)                             # distance from the centre
     box = lambda x, y, hx, hy: torch.maximum(x.abs() - hx, y.abs() - hy)  # a centred rectangle
-    a, b = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)                   # axes turned 45 deg
+    root2 = math.sqrt(2)
+    a = (u + v) / root2                               # axes turned 45 degrees
+    b = (u - v) / root2
     return torch.stack([
         box(u, v, 0.8 * r, 0.8 * r),                                        # square
         d - r,                                                              # disc
         torch.maximum(d - r, 0.5 * r - d),                                  # ring
-        torch.maximum(v - 0.8 * r, (1.8 * au - v - r) / math.hypot(1.8, 1)),  # triangle, apex up
-        torch.minimum(box(u, v, w, r), box(u, v, r, w)),                    # plus
-        torch.minimum(box(a, b, w, 1.1 * r), box(a, b, 1.1 * r, w)),        # x
+        torch.maximum(v - 0.8 * r,
+                      (1.8 * au - v - r) / math.hypot(1.8, 1)),             # triangle, apex up
+        torch.minimum(box(u, v, w, r),
+                      box(u, v, r, w)),                                     # plus
+        torch.minimum(box(a, b, w, 1.1 * r),
+                      box(a, b, 1.1 * r, w)),                               # x
         box(u, av - 0.6 * r, r, 0.8 * w),                                   # equals: two bars
         box(u, v, 1.2 * w, r),                                              # bar, vertical
-        (au + av - 1.3 * r) / math.sqrt(2),                                 # diamond
-        torch.minimum(box(u + r - w, v, w, r), box(u, v - r + w, r, w)),    # corner: an L
+        (au + av - 1.3 * r) / root2,                                        # diamond
+        torch.minimum(box(u + r - w, v, w, r),
+                      box(u, v - r + w, r, w)),                             # corner: an L
     ], dim=1)
 
 
@@ -196,7 +220,7 @@ def _shape_distances(u, v, r):
 # load_dataset: the one entry point
 
 def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, cache_dir=None,
-                 progress=True, val_size=0, val_seed=0):
+                 progress=True, val_size=0):
     """Load a dataset into memory -> Dataset (uint8 images; see the module docstring).
 
     name:       "shapes" (built in), "cifar10" or "folder"
@@ -204,14 +228,15 @@ def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, ca
     image_size: output size, int or (H, W). shapes: default 32; cifar10: default 32 (other
                 sizes are resized from 32); folder: required (e.g. 64 or 128)
     seed:       shapes only: train uses seed 2*seed, test 2*seed + 1 (disjoint streams)
-    download:   cifar10 only: download the official archive into data_dir if it is missing
+    download:   cifar10 only: download the authors' archive (utils.CIFAR10_URL) into data_dir
+                if it is missing
     cache_dir:  where decoded folder layouts are cached (default $SPOT_CACHE or ~/.cache/spot)
     progress:   show progress while downloading and decoding
     val_size:   0 = no validation split (Dataset.val is None). Else hold out that many train
                 images (int) or that fraction of them (float in (0, 1)) as Dataset.val, per
                 class (split_validation); mean and std then come from the rest of train only,
                 so nothing about the validation images leaks into the model's normalization.
-    val_seed:   which train images are held out. Separate from `seed` and fixed by default:
+                Which images are held out is fixed (split_validation's seed 0, not `seed`):
                 every run that compares recipes must be scored on the same validation images.
     Raises ValueError for bad arguments, DataError for missing or unreadable data.
     """
@@ -219,19 +244,22 @@ def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, ca
             name == "folder" and image_size is None):
         raise ValueError(f"load_dataset needs a name in {DATASETS}, a data_dir (not for shapes) "
                          f"and an image_size (folder); got {name!r}, {data_dir!r}, {image_size!r}")
-    size = spot.to_hw(32 if image_size is None else image_size)
+    size = utils.to_hw(32 if image_size is None else image_size)
     _check_val_size(val_size)   # now, not after a long decode (against n: split_validation)
     if name == "shapes":
         train = make_shapes(10_000, size, seed=2 * seed)
-        test, classes = make_shapes(2_000, size, seed=2 * seed + 1), SHAPE_CLASSES
+        test = make_shapes(2_000, size, seed=2 * seed + 1)
+        classes = SHAPE_CLASSES
     elif name == "cifar10":
         train, test, classes = utils.load_cifar10(data_dir, size, download, cache_dir, progress)
     else:
         train, test, classes = utils.load_folder(data_dir, size, cache_dir, progress)
-    train, test = Split(*train), Split(*test)
-    train, val = split_validation(train, val_size, seed=val_seed) if val_size else (train, None)
-    return Dataset(name, train, test, list(classes), *utils.channel_stats(train.images),
-                   image_size=tuple(train.images.shape[-2:]), val=val)
+    train = Split(*train)
+    val = None
+    if val_size:
+        train, val = split_validation(train, val_size)
+    mean, std = utils.channel_stats(train.images)
+    return Dataset(name, train, Split(*test), list(classes), mean, std, size, val)
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +281,8 @@ def split_validation(split, size, seed=0):
     disjoint, together exactly `split`, and each keeps the images in their original order -- an
     order the loaders already mix -- so the first N validation images are still a class mix.
     """
-    n, labels = len(split), split.labels
+    n = len(split)
+    labels = split.labels
     _check_val_size(size, n)
     classes, counts = torch.unique(labels, return_counts=True)      # (K,) each, sorted
     if isinstance(size, numbers.Integral):
@@ -272,16 +301,19 @@ def split_validation(split, size, seed=0):
     is_val = torch.zeros(n, dtype=torch.bool)
     for c, k in zip(classes.tolist(), take.tolist()):
         members = (labels == c).nonzero().squeeze(1)                 # where class c is, in order
-        is_val[members[torch.randperm(len(members), generator=g)[:k]]] = True
-    return tuple(Split(split.images[part], labels[part]) for part in (~is_val, is_val))
+        chosen = torch.randperm(len(members), generator=g)[:k]
+        is_val[members[chosen]] = True
+    return tuple(Split(split.images[part], labels[part])
+                 for part in (~is_val, is_val))
 
 
 def _check_val_size(size, n=None):
     """ValueError unless `size` is an int >= 1 or a float in (0, 1), and (given the split's
     length n) an int leaves at least one image on each side. Without n, 0 (none) is allowed."""
-    integral = isinstance(size, numbers.Integral)
+    least = 0 if n is None else 1
     if isinstance(size, bool) or not isinstance(size, numbers.Real) or not (
-            (0 if n is None else 1) <= size < (n or math.inf) if integral else 0 < size < 1):
+            least <= size < (n or math.inf) if isinstance(size, numbers.Integral)
+            else 0 < size < 1):
         raise ValueError(f"the validation size must be an int, at least 1 and less than the "
                          f"{n or 'number of'} images it is taken from, or a float in (0, 1) (a "
                          f"fraction of them), got {size!r}")
@@ -307,17 +339,23 @@ def augment(images, generator=None, padding=4, flip=True):
             and padding >= 0):
         raise ValueError(f"augment needs images (B, C, H, W) and an int padding >= 0, got "
                          f"{getattr(images, 'shape', images)!r} and {padding!r}")
-    (B, C, H, W), on = images.shape, images.device
-    dev = generator.device if generator is not None else torch.device("cpu")
+    B, C, H, W = images.shape
+    on = images.device
+    dev = generator.device if generator else "cpu"    # where the random numbers are drawn
     # Always draw all three, so the random stream does not depend on the flags.
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), generator=generator, device=dev).to(on)
-    flipped = (torch.rand(B, generator=generator, device=dev) < 0.5).to(on) & flip
-    ar_h, ar_w = torch.arange(H, device=on), torch.arange(W, device=on)
-    rows = dy[:, None] + ar_h                                        # (B, H) rows of each crop
-    cols = torch.where(flipped[:, None], W - 1 - ar_w, ar_w) + dx[:, None]   # (B, W) maybe reversed
-    b, c = torch.arange(B, device=on).view(B, 1, 1, 1), torch.arange(C, device=on).view(C, 1, 1)
+    shifts = torch.randint(0, 2 * padding + 1, (2, B), generator=generator, device=dev)
+    dy, dx = shifts.to(on)                                           # (B,) each, crop offsets
+    flipped = torch.rand(B, generator=generator, device=dev) < 0.5
+    flipped = flipped.to(on) & flip
+    rows = dy[:, None] + torch.arange(H, device=on)                  # (B, H) rows of each crop
+    ar_w = torch.arange(W, device=on)
+    cols = torch.where(flipped[:, None], W - 1 - ar_w, ar_w)        # (B, W) maybe reversed
+    cols = cols + dx[:, None]
+    b = torch.arange(B, device=on).view(B, 1, 1, 1)
+    c = torch.arange(C, device=on).view(C, 1, 1)
     # Pad with zeros to (B, C, H+2p, W+2p), then gather each crop -> (B, C, H, W).
-    return F.pad(images, (padding,) * 4)[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+    padded = F.pad(images, (padding,) * 4)
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 # -----------------------------------------------------------------------------
@@ -326,21 +364,25 @@ def augment(images, generator=None, padding=4, flip=True):
 def load_model_and_data(checkpoint, device="cpu", data_dir=None, progress=False):
     """A checkpoint (read once, safely), then the dataset it was trained on (train.py stores its
     args; data_dir overrides the folder, which moves between machines) -> (model, dataset,
-    train_args). Refuses data whose classes or image size differ from the model's: a table
-    computed on other classes would be silently meaningless. Raises ValueError or DataError."""
+    train_args). The data is loaded at the model's image size, and refused if its classes differ
+    from the model's: a table computed on other classes would be silently meaningless. Raises
+    ValueError or DataError."""
     model, saved = spot.load_checkpoint(checkpoint, map_location=device, return_checkpoint=True)
-    config, train_args = saved["model_config"], dict(saved.get("args") or {})
-    name, size = train_args.get("dataset"), spot.to_hw(config["image_size"])
+    config = saved["model_config"]
+    train_args = saved.get("args") or {}
+    name = train_args.get("dataset")
     if name is None:
         raise ValueError(f"{checkpoint} stores no dataset name (it was not written by train.py)")
-    folder = train_args.get("data_dir") if data_dir is None else data_dir
-    loaded = load_dataset(name, folder, size, seed=train_args.get("seed", 0), cache_dir=train_args.get("cache_dir"),
-                          val_size=train_args.get("val_size") or 0, progress=progress)
-    trained = (size, config["num_classes"], list(saved.get("classes") or loaded.classes))
-    if (loaded.image_size, len(loaded.classes), loaded.classes) != trained:
-        raise ValueError(f"{checkpoint} was trained on {size} images of the classes "
-                         f"{saved.get('classes') or config['num_classes']}, not on the {name} "
-                         f"data in {folder}: {loaded.image_size} images of {loaded.classes}")
+    folder = data_dir or train_args.get("data_dir")
+    loaded = load_dataset(name, folder, config["image_size"], train_args.get("seed", 0),
+                          cache_dir=train_args.get("cache_dir"), progress=progress,
+                          val_size=train_args.get("val_size") or 0)
+    classes = saved.get("classes")
+    trained = (config["num_classes"], list(classes or loaded.classes))
+    if (len(loaded.classes), loaded.classes) != trained:
+        raise ValueError(f"{checkpoint} was trained on the classes "
+                         f"{classes or config['num_classes']}, not on the {name} "
+                         f"data in {folder}, whose classes are {loaded.classes}")
     return model, loaded, train_args
 
 
@@ -355,20 +397,24 @@ def main(argv=None):
     p.add_argument("--preview", help="save the first 8 x 8 train images here, as one PNG")
     args = p.parse_args(argv)
     try:
-        d = load_dataset(args.name, args.data_dir, args.image_size, seed=args.seed,
+        d = load_dataset(args.name, args.data_dir, args.image_size, args.seed,
                          val_size=args.val_size)
     except (ValueError, DataError) as e:
         raise SystemExit(f"error: {e}")
     print(f"{d.name}: {d.image_size} px, mean {d.mean}, std {d.std}, classes {d.classes}")
-    for part, split in (("train", d.train), ("val", d.val), ("test", d.test)):
+    for part in ("train", "val", "test"):
+        split = getattr(d, part)
         if split is not None:
-            print(f"  {part:>5}: {len(split):6d} images, per class "
-                  f"{torch.bincount(split.labels, minlength=len(d.classes)).tolist()}")
-    if args.preview:   # one mosaic: (64, C, H, W) -> (8 H, 8 W, C), black where images run out
+            counts = torch.bincount(split.labels, minlength=len(d.classes))
+            print(f"  {part:>5}: {len(split):6d} images, per class {counts.tolist()}")
+    if args.preview:   # one mosaic: (64, C, H, W) -> (8 H, 8 W, C)
         from matplotlib.image import imsave
-        x = F.pad(d.train.images[:64], (0, 0) * 3 + (0, 64 - min(64, len(d.train))))
-        x = x.view(8, 8, *x.shape[1:]).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)
-        utils.write_atomic(args.preview, lambda tmp: imsave(tmp, x.numpy(), format="png"))
+        x = d.train.images[:64]
+        x = F.pad(x, (0, 0) * 3 + (0, 64 - len(x)))   # black where the images run out
+        x = x.unflatten(0, (8, 8)).permute(0, 3, 1, 4, 2)              # (8, H, 8, W, C)
+        mosaic = x.flatten(2, 3).flatten(0, 1)                          # (8 H, 8 W, C)
+        mosaic = mosaic.numpy()
+        utils.write_atomic(args.preview, lambda tmp: imsave(tmp, mosaic, format="png"))
 
 
 if __name__ == "__main__":

@@ -1,43 +1,58 @@
 """
 utils.py -- the plumbing under the method files. Nothing here is in the paper, and a reader of
 the method can skip it. It imports no file of this project, so every file may import it.
+Sections, in order:
 
-    flags       argparse types that check a value where the flag is declared (int_at_least,
-                float_in, count_or_fraction) and the one grammar of --tokens (parse_tokens)
-    devices     resolve_device, autocast, choose_precision (bf16 or fp32, measured on the CPU),
-                cpu_name (printed beside every timing)
-    files       write_atomic, the one writer of checkpoints, results and figures; check_out_dir
-    data files  DataError, channel_stats, resize_uint8, load_cifar10 (official pickles through a
-                safe unpickler, or class folders; downloaded with an MD5 check), load_folder and
-                load_split_folder (ImageNet-style class folders, decoded once and cached)
-    Ctrl-C      install_ctrl_c: finish the step, save, exit
+    flags        argparse types that check a value where the flag is declared (int_at_least,
+                 float_in, count_or_fraction, name_list), the one grammar of --tokens
+                 (parse_tokens), dataclass fields that are flags (option, add_fields)
+    devices      resolve_device, autocast, choose_precision (--precision), cpu_name
+    files        write_atomic, the one writer of checkpoints, results and figures; the per-image
+                 results of an evaluation (save_per_image, load_per_image); check_out_dir
+    train.py's command line   its flags (train_parser) and the rules of presets and --resume
+                 (parse_run)
+    reporting    bootstrap_interval, table_row, summary and oracle.py's command line
+    training runs  Processes (one, or several under torchrun), ctrl_c, Run (a run's state),
+                 random_streams, save_checkpoint and restore (an exact resume), run.json and
+                 metrics.jsonl, read_init_from
+    data files   DataError, channel_stats, resize_uint8, load_cifar10 (official pickles through
+                 a safe unpickler, or class folders; downloaded with an MD5 check), load_folder
+                 and load_split_folder (ImageNet-style class folders, decoded once and cached)
+    pretrained ViTs and checkpoints   read_checkpoint; read_pretrained, resample_table and
+                 to_timm: timm / DeiT / MAE state dicts in and out (spot.load_pretrained, export)
+    argument checks  to_hw, check_window, check_images, ... : the checks of spot.py's inputs
 
-Everything read from disk is untrusted input: the CIFAR-10 pickles go through an unpickler that
-can only build the numpy arrays the official files hold (a pickle can otherwise run any code),
-their contents are checked, and a decode-cache file that is not exactly what this module writes
-is ignored and rewritten. Functions return plain tensors (images (N, C, H, W) uint8, labels (N,)
-int64); data.py wraps them in its Split and Dataset.
+Everything read from disk is untrusted input: checkpoints and state dicts are read with
+weights_only=True, the CIFAR-10 pickles go through an unpickler that can only build the numpy
+arrays the official files hold (a pickle can otherwise run any code), their contents are
+checked, and a decode-cache file that is not exactly what this module writes is ignored and
+rewritten. Functions return plain tensors and dicts; data.py and spot.py wrap them.
 """
 
 import argparse
 import dataclasses
 import hashlib
+import importlib
+import json
 import math
 import os
 import pickle
 import platform
+import re
 import signal
+import sys
 import tarfile
 import tempfile
 import threading
 import time
 import urllib.request
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -89,10 +104,11 @@ def name_list(choices):
                           f"comma-separated names from {','.join(choices)}")
 
 
-def parse_tokens(text, n_grid, flag="--tokens"):
+def parse_tokens(text, n_grid, flag="--tokens", priors=()):
     """The one grammar of --tokens in every command: a count '16', a list '4,8,16', a range
     '4-64', 'all' (the full patch grid, n_grid tokens), or a mix '4,8,16-32' -> the sorted
-    budgets. At most 4x the grid: more is no longer a sparse budget, and may not fit in memory."""
+    budgets. At most 4x the grid: more is no longer a sparse budget, and may not fit in memory;
+    at most the grid when the budgets are drawn from `priors` that include "grid"."""
     counts = []
     try:
         for item in str(text).strip().lower().split(","):
@@ -108,12 +124,15 @@ def parse_tokens(text, n_grid, flag="--tokens"):
     if not counts or min(counts) < 1 or max(counts) > 4 * n_grid:
         raise ValueError(f"{flag} must be N, A-B, A,B,C or 'all' (the {n_grid} grid cells), each "
                          f"from 1 to {4 * n_grid}, got {text!r}")
+    if "grid" in priors and max(counts) > n_grid:
+        raise ValueError(f"{flag} up to {max(counts)} but prior 'grid' has only {n_grid} cells")
     return sorted(set(counts))
 
 
 def add_alias(parser, dest, *old, **kwargs):
-    """Old spellings of a flag keep working but stay out of --help: a hidden flag writing to the
-    same dest (argparse's own aliases would be listed). kwargs: the new flag's type, action."""
+    """Other spellings of a flag (aliases that commands in RESULTS.md and the research folder
+    use) that stay out of --help: a hidden flag writing to the same dest (argparse's own aliases
+    would be listed). kwargs: the flag's type, action."""
     for flag in old:
         parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                             **kwargs)
@@ -121,18 +140,30 @@ def add_alias(parser, dest, *old, **kwargs):
 
 def option(default, help, **argparse_kwargs):
     """A dataclass field that is also a command-line flag (add_fields: search_steps ->
-    --search-steps); old="--oracle-steps": an old spelling that keeps working, hidden from --help."""
+    --search-steps); old="--oracle-steps": a second spelling, hidden from --help (add_alias)."""
     return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 def add_fields(parser, config_class):
-    """A flag for every field of config_class made by option(); a tuple default is shown as 'a,b'."""
+    """A flag for every field of config_class made by option(); a tuple default shows as 'a,b'."""
     for f in (f for f in dataclasses.fields(config_class) if f.metadata):
         kwargs = {key: value for key, value in f.metadata.items() if key != "old"}
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
         if "old" in f.metadata:
-            add_alias(parser, f.name, f.metadata["old"], **{k: v for k, v in kwargs.items() if k != "help"})
+            kwargs.pop("help")
+            add_alias(parser, f.name, f.metadata["old"], **kwargs)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help in two columns (help text from column 26), the description and epilog as written,
+    and N for the value of a flag that names no other (--epochs N)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=26)
+
+    def _get_default_metavar_for_optional(self, action):
+        return "N"
 
 
 def check_out_dir(out, flag):
@@ -174,49 +205,15 @@ def autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def choose_precision(precision, device, time_step, log=print):
-    """--precision -> bf16 (True) or fp32 (False). 'auto' on CUDA: bf16 where supported. 'auto'
-    on the CPU is decided by measuring, because CPU flags do not say which is faster for this
-    model: the same training step ran bf16 2.6x faster than fp32 on one 2-core CPU and 1.5x
-    slower on another, both listing avx512_bf16 (and CPUs without native bf16 emulate it, many
-    times slower). time_step(bf16, batch_fraction) -> seconds per training step of the actual
-    model on that fraction of the batch. bf16 is first tried on 1/8 of the batch: if that alone
-    is slower than a whole fp32 step, bf16 cannot win and the full bf16 probe is skipped."""
+def choose_precision(precision, device):
+    """--precision -> "bf16" or "fp32". auto: bf16 on a CUDA GPU that supports it, else fp32. On
+    the CPU bf16 is taken only when asked: CPU flags do not say whether it is faster (the same
+    training step ran bf16 2.6x faster than fp32 on one 2-core CPU and 1.5x slower on another,
+    both listing avx512_bf16), and a timed race would make one command give different results
+    from one run to the next. `python -m experiments.bench` measures both on your CPU."""
     if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    fp32, eighth = time_step(False, 1.0), time_step(True, 1 / 8)
-    bf16 = time_step(True, 1.0) if eighth <= fp32 else math.inf
-    probe = (f"{1e3 * bf16:.0f} ms/step" if bf16 < math.inf   # else not run: cannot win
-             else f"{1e3 * eighth:.0f} ms for 1/8 of the batch")
-    log(f"precision: {'bf16' if bf16 < fp32 else 'fp32'} (probe: fp32 {1e3 * fp32:.0f} ms/step, "
-        f"bf16 {probe})")
-    return bf16 < fp32
-
-
-def precision_for(model, precision, batch_size, n_tokens, device, log=print):
-    """choose_precision, probing `model` at this batch size and token count (train.py, bench.py)."""
-    return choose_precision(precision, device, lambda bf16, fraction: probe_step_seconds(
-        model, max(1, round(fraction * batch_size)), n_tokens, device, bf16), log)
-
-
-def probe_step_seconds(model, batch_size, n_tokens, device, bf16, steps=3):
-    """Median seconds of a forward + backward of `model` on a random batch, after a warm-up.
-    Leaves no trace: its own generator, gradients to a list (never .grad), no optimizer step."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.rand(batch_size, model.config.in_chans, *model.config.image_size,
-                        generator=generator, device=device)
-    positions = torch.rand(batch_size, n_tokens, 2, generator=generator, device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        with autocast(device, bf16):
-            loss = model(images, positions).float().logsumexp(-1).mean()
-        torch.autograd.grad(loss, params)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 # -----------------------------------------------------------------------------
@@ -262,15 +259,304 @@ def save_per_image(path, per_image):
 def load_per_image(path):
     """save_per_image's file -> {key tuple (its numbers as int): numpy array}."""
     with np.load(path, allow_pickle=False) as saved:
-        return {tuple(int(part) if part.isdigit() else part for part in name.split("/")): saved[name]
+        keys = {name: tuple(int(p) if p.isdigit() else p for p in name.split("/"))
                 for name in saved.files}
+        return {key: saved[name] for name, key in keys.items()}
 
 
 # -----------------------------------------------------------------------------
-# Ctrl-C during a long run
+# train.py's command line: its flags, and the rules of presets and --resume
 
-def install_ctrl_c(log):
-    """Ctrl-C: finish the current step, save, exit (130). A second Ctrl-C stops at once."""
+PRESET_HELP = """presets (the (p) flags' defaults; --preset, else the dataset's name):
+  shapes             the default run: built-in data, a few minutes on a CPU
+  cifar10-cpu        the CIFAR-10 recipe of RESULTS.md (CPU)
+  imagenette-cpu     the Imagenette recipe of RESULTS.md (CPU, --dataset folder)
+  cifar10            not yet run: a larger single-GPU recipe
+  folder             not yet run: ImageNet-style folders at 128 px
+  imagenet-retrofit  not run here: a pretrained ViT-B/16 (--init-from timm:NAME,
+                     --device cuda) on an ImageNet subset at 224 px"""
+TRAIN_DESCRIPTION = """Train a SPoT ViT (arXiv 2507.01654): each batch draws a budget from --tokens
+and positions from one of --train-priors, so one model reads an image through
+any sparse set of subpixel tokens (retrofitting)."""
+# Model flags: (flag, type, help); every one defaults to the preset's value.
+MODEL_FLAG_HELP = (("--image-size", int, "image side, pixels"),
+                   ("--window", int, "each token reads an N x N window"),
+                   ("--dim", int, "token width"), ("--depth", int, "blocks"),
+                   ("--heads", int, "attention heads"), ("--mlp-ratio", float, "MLP width / dim"))
+# Flags that may differ when a run is resumed: they change how it runs, not what it computes.
+RESUME_MAY_CHANGE = {"resume", "out", "threads", "device", "progress", "max_steps", "cache_dir"}
+
+
+def train_parser(presets, datasets, priors):
+    """train.py's flags. Those marked (p) default to the preset's value (see parse_run)."""
+    parser = argparse.ArgumentParser(usage="train.py [-h] [options]",
+                                     description=TRAIN_DESCRIPTION, epilog=PRESET_HELP,
+                                     formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="shapes", choices=datasets, metavar="NAME",
+        help="shapes (built in, default), cifar10 or folder")
+    add("--preset", choices=tuple(presets), metavar="NAME", help="one of the presets below")
+    add("--data-dir", type=lambda path: str(Path(path).expanduser().resolve()), metavar="DIR",
+        help="dataset folder; folder: DIR/{train,val}/<class>/*")
+    add("--cache-dir", metavar="DIR", help="decoded images (default: $SPOT_CACHE, ~/.cache/spot)")
+    for flag, kind, what in MODEL_FLAG_HELP:
+        add(flag, type=kind, help=f"(p) {what}")
+    add("--val-size", type=count_or_fraction,
+        help="(p) validation images: a count or a fraction")
+    add("--train-limit", type=int_at_least(1),
+        help="train on N images (a fixed random subset)")
+    add("--test-limit", type=int_at_least(1),
+        help="evaluate on the first N val/test images")
+    add("--tokens", metavar="T", help="(p) budgets drawn per batch: N, A-B, A,B,C or all")
+    add("--train-priors", type=name_list(priors), metavar="P,Q",
+        help="(p) priors drawn per batch, of " + ",".join(priors))
+    add("--eval-tokens", default="16", metavar="T", help="budgets evaluated each epoch (16)")
+    add("--eval-prior", default="isotropic", choices=priors, metavar="P",
+        help="their prior (isotropic)")
+    add("--final-test", action=argparse.BooleanOptionalAction, default=True,
+        help="read test once, at the end (on)")
+    add("--init-from", metavar="SRC", help="a checkpoint of train.py, or a pretrained ViT (.pth, "
+        ".pt, .bin, .safetensors or timm:NAME) whose shape decides the model")
+    add("--epochs", type=int_at_least(1), help="(p)")
+    add("--batch-size", type=int_at_least(1),
+        help="(p) global, split over processes")
+    add("--lr", type=float_in(0, low_open=True), help="(p) peak AdamW lr")
+    add("--warmup-epochs", type=float_in(0), help="(p) linear warm-up")
+    add("--label-smoothing", type=float_in(0, 1, high_open=True), default=0.1,
+        help="(0.1)")
+    add("--augment-padding", type=int_at_least(0),
+        help="(p) random-crop padding, pixels")
+    add("--max-steps", type=int_at_least(1),
+        help="stop after N steps in all (--resume goes on)")
+    add("--device", default="auto", choices=("auto", "cuda", "cpu"),
+        help="auto: CUDA if available")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        help="auto: bf16 if measured faster")
+    add("--threads", type=int_at_least(1), help="CPU threads (all cores)")
+    add("--seed", type=int, default=0, help="order, crops, positions, init (0)")
+    add("--out", metavar="DIR", help="run folder (runs/<dataset>)")
+    add("--resume", action="store_true", help="continue the run in --out, with its own flags")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars (on)")
+    return parser
+
+
+def parse_run(parser, argv, new_defaults, check):
+    """train.py's command line -> args. The flags are parsed onto defaults (argparse sets no
+    default over a value): a new run's are new_defaults(the flags as given); a resumed run's
+    are the ones it was started with, so a flag given again with another value is refused (it
+    would change what the run computes). check(args) raises ValueError for values that cannot
+    work; every ValueError is a usage error, before any data is loaded."""
+    first = parser.parse_args(argv)
+    out = first.out or os.path.join("runs", first.dataset)
+    try:
+        check_out_dir(out, "--out")
+        resolve_device(first.device)
+        if first.resume:
+            base = _resumed_flags(out)
+        elif any((Path(out) / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
+            raise ValueError(f"--out {out} already holds a run; pass --resume to continue it, "
+                             f"or choose another --out")
+        else:
+            base = new_defaults(first)
+        args = parser.parse_args(argv, argparse.Namespace(**base, out=out))
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run has {v!r})"
+                   for k, v in base.items() if first.resume and getattr(args, k) != v]
+        if changed:
+            raise ValueError(f"--resume: {out} was trained with other flags; these differ: "
+                             f"{'; '.join(changed)}. Resume without them, or start a new run "
+                             f"in another --out")
+        check(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def source_decides(given, config, flags):
+    """The model flags a pretrained --init-from decides -> {flag: the source's value}; a flag
+    given (not None) that contradicts it is a ValueError saying what to do."""
+    decided = {}
+    for flag in flags:
+        ours, theirs = getattr(given, flag), getattr(config, flag)
+        if ours is not None and ours != theirs:
+            option = "--" + flag.replace("_", "-")
+            raise ValueError(f"{option} {ours} contradicts --init-from {given.init_from}, whose "
+                             f"{flag} is {theirs}: leave {option} out (the source decides it) "
+                             f"or use another source")
+        decided[flag] = theirs
+    return decided
+
+
+def _resumed_flags(out):
+    """The flags the run in `out` was started with, but those that may change."""
+    try:
+        saved = read_checkpoint(Path(out) / "checkpoint.pt")["args"]
+    except ValueError as error:
+        raise ValueError(f"--resume: {error}") from None
+    return {k: v for k, v in saved.items() if k not in RESUME_MAY_CHANGE}
+
+
+# -----------------------------------------------------------------------------
+# Reporting an evaluation: intervals, rows, oracle.py's command line
+
+def bootstrap_interval(correct, resamples=1000, seed=0, level=0.95):
+    """(draws, n) or (n,) 0/1 correctness -> (accuracy %, low %, high %).
+
+    The accuracy is the mean over images of each image's accuracy averaged over the position
+    draws. The interval is the percentile bootstrap over images: resample the n images with
+    replacement `resamples` times and take the central `level` of the resampled accuracies. It
+    answers "how much would this number move on another test set of the same size?", so two
+    rows whose intervals overlap are a tie. (For n = 10,000 at 50 % it is about +-1 point.)
+    """
+    per_image = correct.float().reshape(-1, correct.shape[-1]).mean(0)        # (n,)
+    n = len(per_image)
+    picks = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    means = per_image[picks].mean(1)                                          # (resamples,)
+    tail = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(means.double(), tail)
+    return 100 * per_image.mean().item(), 100 * low.item(), 100 * high.item()
+
+
+def table_row(method, prior, tokens, correct=None, knn_correct=None, seed=0, **extra):
+    """One row of a results table (oracle.py's, experiments/label_free.py's): the accuracies of
+    `method` at `prior` and `tokens`, with their 95 % intervals (None = not applicable).
+    correct / knn_correct: (draws, n) or (n,) 0/1 per image."""
+    row = {"method": method, "prior": prior, "tokens": tokens, **extra}
+    for name, values in ("top1", correct), ("knn", knn_correct):
+        interval = (None,) * 3 if values is None else bootstrap_interval(values, seed=seed)
+        row.update(zip((name, f"{name}_low", f"{name}_high"), interval))
+    # "draws": 1 for an (n,) correctness; both None for a row that does not apply
+    draws, n = (None, None) if correct is None else correct.reshape(-1, correct.shape[-1]).shape
+    return {**row, "n_images": n, "draws": draws}
+
+
+def summary(results):
+    """A plain-text view of results["rows"] for the terminal: top-1 % per (method, prior), then
+    per budget. (experiments/tables.py renders results.json as the markdown tables of
+    RESULTS.md.)"""
+    table = {"top-1 % at": [f"{b} T" for b in results["settings"]["tokens"]]}
+    for r in results["rows"]:
+        cell = "n/a" if r["top1"] is None else f"{r['top1']:.1f}"
+        table.setdefault(f"{r['method']}: {r['prior']}", []).append(cell)
+    return "\n".join(f"{name:<28}" + " ".join(f"{c:>7}" for c in cells)
+                     for name, cells in table.items())
+
+
+def run_name(checkpoint):
+    """runs/cifar10-spot/checkpoint.pt -> 'cifar10-spot'; any other file -> its stem."""
+    path = Path(checkpoint).resolve()
+    return path.parent.name if path.name == "checkpoint.pt" else path.stem
+
+
+@contextmanager
+def usage_errors(parser):
+    """Inside it, a bad file or flag is a message, never a traceback: a ValueError is a usage
+    error (argparse's, exit 2), a DataError a paragraph for the user (exit 2, no usage text)."""
+    try:
+        yield
+    except ValueError as error:
+        parser.error(str(error))
+    except DataError as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+def parse_eval_args(config_class, argv):
+    """oracle.py's command line: a flag for every field of config_class (its EvalConfig), and
+    --name, --data-dir, --device, --threads, --out -> (parser, args), with --device resolved,
+    --out proven writable and torch's CPU threads set, before any model or image is loaded."""
+    parser = argparse.ArgumentParser(
+        description="SPoT-ON (the oracle search) and the paper's results table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_fields(parser, config_class)
+    add = parser.add_argument
+    add("--name", help="a run name for the table, e.g. cifar10-spot (None: the checkpoint's "
+        "folder)")
+    add("--data-dir", help="dataset folder (None: the one the checkpoint was trained on)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add("--threads", type=int_at_least(1), help="CPU threads for torch (None: all cores)")
+    add("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        args.device = resolve_device(args.device)
+        check_out_dir(args.out, "--out")
+    torch.set_num_threads(args.threads or torch.get_num_threads())   # else all cores
+    return parser, args
+
+
+def config_from(config_class, args):
+    """The config_class (a dataclass) holding the values args (parsed flags) gives its fields."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+# -----------------------------------------------------------------------------
+# Training runs: processes (torchrun), Ctrl-C, checkpoints that resume exactly, metrics
+
+class Processes:
+    """The processes of a run: one (`python train.py`) or several under torchrun, which sets
+    RANK, WORLD_SIZE and LOCAL_RANK (DistributedDataParallel; NCCL on CUDA, gloo on the CPU).
+    Every collective below is a no-op for one process, so train.py never asks how many there are.
+    """
+
+    def __init__(self, device, threads=None):
+        torch.set_num_threads(threads or torch.get_num_threads())      # default: all cores
+        # Adam's second-moment estimates of tiny gradients underflow into denormal floats, which
+        # x86 CPUs process many times slower; flushing them to zero changes nothing measurable.
+        torch.set_flush_denormal(True)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = device
+        if self.world > 1:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def log(self, text):
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            print(text)
+
+    def log_metrics(self, out, metrics):
+        """log_metrics by rank 0 only."""
+        if self.rank == 0:
+            log_metrics(out, metrics)
+
+    def sum(self, tensor):
+        """The element-wise sum over processes, in place."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag):
+        """True on every process when `flag` is true on any (so that all stop at one step)."""
+        return bool(self.sum(torch.tensor(float(flag), device=self.device)))
+
+    def gather(self, value):
+        """[each process's value], on every process."""
+        values = [value] * self.world
+        if self.world > 1:
+            dist.all_gather_object(values, value)
+        return values
+
+    def wrap(self, model):
+        """The model as the training step calls it: DDP averages the gradients over processes."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def close(self, run):
+        """All processes leave together, after DDP's reducer (which holds gloo work) is gone."""
+        run.train_model = None
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+@contextmanager
+def ctrl_c(log):
+    """Ctrl-C finishes the current step, saves and exits (130); a second Ctrl-C stops at once.
+    -> {"requested": bool}, read by the training loop. The caller's handler is back afterwards
+    (tests and notebooks call train.main()); signals are handled on the main thread only."""
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -278,9 +564,124 @@ def install_ctrl_c(log):
             raise KeyboardInterrupt
         stop["requested"] = True
         log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
+    if main_thread:
         signal.signal(signal.SIGINT, on_sigint)
-    return stop
+    try:
+        yield stop
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run changes as it goes (train.py's args stay as parsed). save_checkpoint
+    and restore write and read all of it, so --resume continues exactly."""
+    args: argparse.Namespace
+    procs: Processes              # rank, world (torchrun), device, log
+    model: torch.nn.Module        # the SPoTViT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tokens: list                  # the budgets training draws from (--tokens)
+    budgets: list                 # the budgets evaluated each epoch (--eval-tokens)
+    generators: dict = None       # the random streams: random_streams
+    train_model: torch.nn.Module = None   # the model, wrapped by DDP under torchrun
+    precision: str = "fp32"       # or "bf16": decided once per run
+    epoch: int = 0
+    step: int = 0
+    running: torch.Tensor = None  # this epoch's sums: loss, correct, images
+
+
+def random_streams(seed, procs):
+    """Training's three random streams, each its own generator so that a checkpoint captures
+    them exactly (evaluation draws from fresh seeded ones; nothing draws from torch's global
+    one): "augment" (crops, flips), "positions" (the priors' draws), "choice" (prior, budget)."""
+    names = ("augment", "positions", "choice")
+    return {name: torch.Generator(procs.device).manual_seed(seed + 1000 * procs.rank + i)
+            for i, name in enumerate(names, 1)}
+
+
+RESUMED_PARTS = ("model", "optimizer", "scheduler")
+
+
+def save_checkpoint(path, run, classes):
+    """Everything --resume needs, in one file written atomically by rank 0: the model (config and
+    weights), optimizer, schedule, position in training, precision, flags, and every process's
+    random streams (so a resumed DDP run is exact too). Collective: every process calls it."""
+    streams = {name: generator.get_state() for name, generator in run.generators.items()}
+    rng = run.procs.gather(streams)
+    if run.procs.rank == 0:
+        parts = {part: getattr(run, part).state_dict() for part in RESUMED_PARTS}
+        write_atomic(path, {"model_config": dataclasses.asdict(run.model.config), **parts,
+                            "epoch": run.epoch, "step": run.step, "running": run.running,
+                            "rng": rng, "classes": classes, "precision": run.precision,
+                            "args": vars(run.args)})
+
+
+def restore(run, checkpoint):
+    """Put a run back where save_checkpoint left it: weights, optimizer, schedule, position in
+    the epoch, precision and random streams (more processes than saved reuse the last streams)."""
+    for part in RESUMED_PARTS:
+        getattr(run, part).load_state_dict(checkpoint[part])
+    streams = checkpoint["rng"][min(run.procs.rank, len(checkpoint["rng"]) - 1)]
+    for name, generator in run.generators.items():
+        generator.set_state(streams[name])
+    run.epoch, run.step = checkpoint["epoch"], checkpoint["step"]
+    run.running, run.precision = checkpoint["running"], checkpoint["precision"]
+
+
+def limit_splits(dataset, args):
+    """--train-limit: a random but fixed subset of train (it keeps every class represented);
+    --test-limit: the first N validation and test images (the loaders mix the classes)."""
+    def subset(split, keep):      # no split stays no split
+        return split and type(split)(split.images[keep], split.labels[keep])
+    if args.train_limit is not None:
+        generator = torch.Generator().manual_seed(args.seed)
+        keep = torch.randperm(len(dataset.train), generator=generator)
+        dataset.train = subset(dataset.train, keep[:args.train_limit].sort().values)
+    if args.test_limit is not None:
+        dataset.val = subset(dataset.val, slice(args.test_limit))
+        dataset.test = subset(dataset.test, slice(args.test_limit))
+
+
+def write_run_info(run):
+    """run.json beside the metrics: the command, the machine and the flags (small enough to
+    commit with the results)."""
+    if run.procs.rank == 0:
+        info = dict(command=" ".join(sys.argv), cpu=cpu_name(), torch=torch.__version__,
+                    precision=run.precision, args=vars(run.args))
+        write_atomic(Path(run.args.out) / "run.json", json.dumps(info, indent=1, default=str))
+
+
+def log_metrics(out, metrics, log=print):
+    """One line of out/metrics.jsonl and one printed line: its losses and accuracies."""
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    words = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+    log(" ".join(words))
+
+
+def read_init_from(source):
+    """train.py's --init-from -> (an SPoT checkpoint's dict, or None for a pretrained ViT; the
+    source, for spot.load_pretrained; {"mean", "std"} when a file stores them beside its
+    weights). A file is read here to tell the two apart; load_pretrained reads a pretrained one
+    again, so that its errors name the file. timm:NAME and .safetensors are pretrained ViTs."""
+    if source.startswith("timm:") or source.endswith(".safetensors"):
+        return None, source, {}
+    if not Path(source).is_file():
+        raise ValueError(f"--init-from {source} does not exist; pass a checkpoint of train.py, "
+                         f"a ViT state dict (.pth, .pt, .bin, .safetensors) or timm:NAME")
+    try:
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:   # random bytes, truncated, or holding code (refused)
+        raise ValueError(f"--init-from {source} could not be read ({type(error).__name__}): "
+                         f"not a checkpoint or a state dict of tensors") from None
+    if isinstance(loaded, dict) and {"model_config", "model"} <= loaded.keys():
+        return loaded, None, {}
+    stats = {k: loaded[k] for k in ("mean", "std") if isinstance(loaded, dict) and k in loaded}
+    return None, source, stats
 
 
 # -----------------------------------------------------------------------------
@@ -300,25 +701,24 @@ def channel_stats(images):
     Computed from a 256-bin histogram per channel (torch.bincount on the uint8 values): exact,
     and it never makes a float copy of the images (which would be 4x their size in memory).
     """
-    values = torch.arange(256, dtype=torch.float64) / 255                 # (256,)
-    hist = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
-                        for c in range(images.shape[1])]).to(torch.float64)  # (C, 256)
+    values = torch.arange(256).double() / 255                             # (256,)
+    hist = torch.stack([torch.bincount(channel.flatten(), minlength=256)
+                        for channel in images.unbind(1)]).double()         # (C, 256)
     p = hist / hist.sum(1, keepdim=True)                                   # (C, 256) frequencies
     mean = (p * values).sum(1)                                             # (C,)
     std = (p * (values - mean[:, None]) ** 2).sum(1).sqrt()                # (C,)
     return tuple(tuple(round(v, 4) for v in s.tolist()) for s in (mean, std))
 
 
-def resize_uint8(images, size, chunk=2048):
+def resize_uint8(images, size):
     """Resize uint8 images (N, C, h, w) -> (N, C, H, W) uint8, bilinear with antialiasing.
-    Works in chunks so the float copy stays small."""
-    if tuple(images.shape[-2:]) == tuple(size):
+    Works in chunks of 2048 images so the float copy stays small."""
+    if images.shape[-2:] == size:
         return images
-    out = torch.empty(images.shape[0], images.shape[1], *size, dtype=torch.uint8)
-    for start in range(0, images.shape[0], chunk):
-        x = images[start:start + chunk].float()
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    out = images.new_empty(*images.shape[:2], *size)                    # (N, C, H, W) uint8
+    for chunk, resized in zip(images.split(2048), out.split(2048)):
+        x = F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True)
+        resized.copy_(x.round().clamp(0, 255))          # whole numbers in 0..255: exact in uint8
     return out
 
 
@@ -329,15 +729,14 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR10_CLASSES = 10
-CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+CIFAR10_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                   "test_batch"]
 
 # A socket timeout only bounds each read, so a server that trickles one byte every few seconds
 # would keep a download alive forever. The whole download therefore also has a deadline: far
 # longer than a healthy download of the 170 MB archive needs, short enough that a stalled one
 # ends with an error instead of a silent hang. (Tests lower it.)
 DOWNLOAD_DEADLINE_S = 30 * 60
-READ_TIMEOUT_S = 30
 
 
 def load_cifar10(root, size, download, cache_dir, progress):
@@ -356,7 +755,7 @@ def load_cifar10(root, size, download, cache_dir, progress):
     train, test, classes = (_load_cifar_pickles(pickles) if has_pickles or not has_folders else
                             _load_class_folders(root / "train", root / "test", (32, 32),
                                                 cache_dir, progress))
-    return (resize_uint8(train[0], size), train[1]), (resize_uint8(test[0], size), test[1]), classes
+    return *[(resize_uint8(x, size), y) for x, y in (train, test)], classes
 
 
 def _cifar_help(root, problem):
@@ -380,9 +779,10 @@ def _cifar_damaged(path, problem):
 def _get_cifar10_archive(root, download, progress):
     """Make root/cifar-10-batches-py/ exist: check and extract a local archive, or download one.
 
-    Nothing unverified is ever extracted: the MD5 is checked first. A download goes to a `.part`
-    file that is verified before it gets the archive's name, and is deleted on any failure
-    (network error, deadline, wrong MD5, Ctrl-C), so a failed attempt leaves nothing behind.
+    Nothing unverified is ever extracted: the MD5 is checked first (so the archive is the
+    official one, which holds cifar-10-batches-py/). A download goes to a `.part` file that is
+    verified before it gets the archive's name, and is deleted on any failure (network error,
+    deadline, wrong MD5, Ctrl-C), so a failed attempt leaves nothing behind.
     """
     archive, absent = root / CIFAR10_ARCHIVE, f"CIFAR-10 was not found in {root} and"
     if archive.is_file():
@@ -390,7 +790,7 @@ def _get_cifar10_archive(root, download, progress):
     elif not download:
         raise _cifar_help(root, f"{absent} downloading is switched off.")
     else:
-        part = archive.with_name(archive.name + ".part")
+        part = Path(f"{archive}.part")
         try:
             try:
                 root.mkdir(parents=True, exist_ok=True)
@@ -401,24 +801,25 @@ def _get_cifar10_archive(root, download, progress):
                 raise _cifar_help(root, f"{absent} downloading {CIFAR10_URL} failed "
                                         f"({type(e).__name__}: {e}).") from None
             _verify_md5(part, CIFAR10_MD5, root, downloaded=True)
-            os.replace(part, archive)    # only a complete, verified download gets the real name
+            part.replace(archive)    # only a complete, verified download gets the real name
         finally:
             part.unlink(missing_ok=True)
-    try:   # Python >= 3.11.4/3.12: filter refuses absolute paths, links out of root, devices...
+    try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            # Python >= 3.11.4/3.12: the "data" filter refuses absolute paths, links out of
+            # root, devices... (older versions have no filters and ignore this attribute)
+            tar.extraction_filter = getattr(tarfile, "data_filter", None)
+            tar.extractall(root)
     except (tarfile.TarError, OSError) as e:
         raise _cifar_help(root, f"Extracting {archive} failed ({e}).")
-    if not (root / CIFAR10_FOLDER).is_dir():
-        raise _cifar_help(root, f"{archive} did not contain {CIFAR10_FOLDER}/.")
 
 
 def _urlretrieve(url, dest):
     """Download url -> dest within DOWNLOAD_DEADLINE_S (a separate function so tests can replace
-    the network). read1 returns whatever has arrived, so the deadline is checked even while a
-    server sends only a byte at a time."""
+    the network), each read waiting at most 30 s. read1 returns whatever has arrived, so the
+    deadline is checked even while a server sends only a byte at a time."""
     deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
-    with urllib.request.urlopen(url, timeout=min(READ_TIMEOUT_S, DOWNLOAD_DEADLINE_S)) as r, \
+    with urllib.request.urlopen(url, timeout=min(30, DOWNLOAD_DEADLINE_S)) as r, \
             open(dest, "wb") as f:
         while block := r.read1(1 << 20):
             f.write(block)
@@ -429,14 +830,11 @@ def _urlretrieve(url, dest):
 
 
 def _verify_md5(path, expected, root, downloaded=False):
-    """Raise DataError unless the file's MD5 is `expected`."""
-    md5 = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            md5.update(block)
-    if md5.hexdigest() != expected:
+    """Raise DataError unless the file's MD5 is `expected` (the file, 170 MB, is read at once)."""
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    if md5 != expected:
         what = f"The download of {CIFAR10_URL}" if downloaded else f"The archive {path}"
-        raise _cifar_help(root, f"{what} has MD5 {md5.hexdigest()}, expected {expected}: it is "
+        raise _cifar_help(root, f"{what} has MD5 {md5}, expected {expected}: it is "
                                 f"incomplete or not the official file. "
                                 + ("It was deleted." if downloaded else "Delete it and try again."))
 
@@ -445,10 +843,7 @@ def _verify_md5(path, expected, root, downloaded=False):
 # rebuilding an array needs exactly these three callables (numpy >= 2 names its core `_core`,
 # files re-pickled by it say so). Loading any other global -- os.system, builtins.open, ... --
 # is how a pickle runs code, so the unpickler refuses everything else.
-try:
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct
-except ImportError:   # numpy < 1.26 has no numpy._core
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+_np_reconstruct = np.ndarray(0).__reduce__()[0]    # the function numpy's own pickles call
 
 _PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
                    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
@@ -466,7 +861,7 @@ class _CifarUnpickler(pickle.Unpickler):
             raise _ForbiddenGlobal(f"was not loaded: it refers to {module}.{name}, which the "
                                    f"official files never contain, and unpickling it could run "
                                    f"code. It is damaged or was tampered with")
-        return _PICKLE_GLOBALS[(module, name)]
+        return _PICKLE_GLOBALS[module, name]
 
 
 def _read_pickle(path):
@@ -487,37 +882,37 @@ def _read_cifar_batch(path):
     then 1024 green, then 1024 blue -- so a plain reshape to (n, 3, 32, 32) is exact.
     """
     batch = _read_pickle(path)
-    x, y = (batch.get(b"data"), batch.get(b"labels")) if isinstance(batch, dict) else (None, None)
+    x, y = map(batch.get, (b"data", b"labels")) if isinstance(batch, dict) else (None, None)
     if x is None or y is None:    # official: a numpy array, a list of ints
         problem = "it is not a dict holding b'data' and b'labels'"
-    elif (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2
-            or x.shape[0] < 1 or x.shape[1] != 3 * 32 * 32):
+    elif (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.shape[1:] != (3072,)
+            or not len(x)):                                  # (n, 3 * 32 * 32), n >= 1
         got = (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
                else type(x).__name__)
         problem = f"its data is a {got}, not a uint8 array of shape (n, 3072)"
     elif not isinstance(y, list) or len(y) != len(x) or not all(type(v) is int for v in y):
         problem = f"it has {len(x)} images but its labels are not a list of {len(x)} ints"
-    elif not all(0 <= v < CIFAR10_CLASSES for v in y):
-        problem = f"it has labels out of range (CIFAR-10 labels are 0..{CIFAR10_CLASSES - 1})"
+    elif not all(0 <= v < 10 for v in y):
+        problem = "it has labels out of range (CIFAR-10 labels are 0..9)"
     else:
-        return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.tensor(y, dtype=torch.int64)
+        return torch.tensor(x.reshape(-1, 3, 32, 32)), torch.tensor(y)   # copies; y: int64
     raise _cifar_damaged(path, f"is not in the official format: {problem}")
 
 
 def _load_cifar_pickles(folder):
-    parts = [_read_cifar_batch(folder / name) for name in CIFAR10_BATCHES]
-    train = (torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]]))
-    classes = [f"class_{i}" for i in range(CIFAR10_CLASSES)]
+    *batches, test = [_read_cifar_batch(folder / name) for name in CIFAR10_BATCHES]
+    train = tuple(map(torch.cat, zip(*batches)))      # 5 x (images, labels) -> (images, labels)
+    classes = [f"class_{i}" for i in range(10)]
     meta = folder / "batches.meta"
     if meta.is_file():   # only the class names; without it the labels are still right
         names = _read_pickle(meta)
         names = names.get(b"label_names") if isinstance(names, dict) else None
-        if (not isinstance(names, list) or len(names) != CIFAR10_CLASSES
+        if (not isinstance(names, list) or len(names) != 10
                 or not all(isinstance(n, (bytes, str)) for n in names)):
-            raise _cifar_damaged(meta, f"is not in the official format: it should hold "
-                                       f"b'label_names', a list of {CIFAR10_CLASSES} class names")
+            raise _cifar_damaged(meta, "is not in the official format: it should hold "
+                                       "b'label_names', a list of 10 class names")
         classes = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
-    return train, parts[5], classes
+    return train, test, classes
 
 
 # -----------------------------------------------------------------------------
@@ -528,7 +923,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def load_folder(root, size, cache_dir, progress):
     """An ImageNet-style dataset root/train/<class>/* + root/val/<class>/* (or test/)
-    -> ((train_images, train_labels), (test_images, test_labels), classes)."""
+    -> ([train_images, train_labels], [test_images, test_labels], classes)."""
     root = Path(root).expanduser()
     test_name = next((s for s in ("val", "test") if (root / s).is_dir()), "val")
     missing = " and ".join(str(root / s) for s in ("train", test_name) if not (root / s).is_dir())
@@ -549,26 +944,30 @@ def _load_class_folders(train_dir, test_dir, size, cache_dir, progress):
                         f"not match between the splits. Only in {train_dir.name}: "
                         f"{sorted(set(classes) - set(test_classes)) or 'none'}; only in "
                         f"{test_dir.name}: {sorted(set(test_classes) - set(classes)) or 'none'}.")
-    return tuple(train), tuple(test), classes
+    return train, test, classes              # [images, labels] twice, and the class names
 
 
 def load_split_folder(split_dir, size, cache_dir, progress):
     """One split of class folders -> (images (N, 3, H, W) uint8, labels (N,) int64, classes).
 
-    Decoded once and cached (see _cache_file). Class folders list their images class by class;
-    the result is put in one fixed random order (seed 0) so that "the first N images"
-    (--test-limit, oracle.py --limit, kNN banks) is a fair sample of every class, as it is for
-    the official, pre-shuffled CIFAR-10 pickles.
+    split_dir is a Path. Decoded once and cached (see _cache_file). Class folders list their
+    images class by class; the result is put in one fixed random order (seed 0) so that "the
+    first N images" (--test-limit, oracle.py --limit, kNN banks) is a fair sample of every
+    class, as it is for the official, pre-shuffled CIFAR-10 pickles.
     """
-    split_dir = Path(split_dir)
     classes, files = _list_split(split_dir)
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    labels = torch.tensor([label for _, label in files])                 # (N,) int64
     cache = _cache_file(cache_dir, split_dir, size, files)
-    images = _cache_load(cache, classes, labels, size)
+    images = _cache_load(cache, classes, labels, size) if cache.is_file() else None
     if images is None:
-        images = _decode_many([str(split_dir / rel) for rel, _ in files], size, progress,
-                              desc=f"decoding {split_dir} (once; cached)")
-        _cache_save(cache, {"images": images, "labels": labels, "classes": classes})
+        images = _decode_many([split_dir / rel for rel, _ in files], size, progress,
+                              f"decoding {split_dir} (once; cached)")
+        try:     # a cache we cannot write (read-only home, full disk) costs only a decode later
+            write_atomic(cache, {"images": images, "labels": labels, "classes": classes})
+        except OSError as e:
+            warnings.warn(
+                f"could not write the decode cache {cache} ({e}); the next load will decode the "
+                f"images again. Set SPOT_CACHE or cache_dir to a writable folder.")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     return images[order], labels[order], classes
 
@@ -620,11 +1019,9 @@ def _decode_image(path, size):
             w, h = im.size
             scale = max(H / h, W / w)
             nw, nh = max(W, round(w * scale)), max(H, round(h * scale))   # (w, h) when exact
-            if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - W) // 2, (nh - H) // 2
-            im = im.crop((left, top, left + W, top + H))
-            return np.asarray(im, dtype=np.uint8)                      # (H, W, 3)
+            im = im.resize((nw, nh), Image.BICUBIC)                    # a plain copy if (w, h)
+            top, left = (nh - H) // 2, (nw - W) // 2
+            return np.asarray(im)[top:top + H, left:left + W]          # (H, W, 3) uint8
     except Exception as e:
         raise DataError(f"Could not read the image file {path} ({type(e).__name__}: {e}). "
                         f"It is probably corrupt or not an image; delete or replace it and "
@@ -642,47 +1039,45 @@ def _to_rgb(im):
     """
     from PIL import Image
 
-    if im.mode.startswith("I") or im.mode == "F":
+    if im.mode[0] in "IF":          # I, I;16, I;16B, ... (integers) or F (floats)
         a = np.asarray(im)
-        a = (np.clip(np.rint(a), 0, 255) if im.mode == "F"
-             else (np.clip(a.astype(np.int64), 0, 65535) * 255 + 32767) // 65535)
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        a = (np.rint(a).clip(0, 255) if im.mode == "F"
+             else (a.astype(np.int64).clip(0, 65535) * 255 + 32767) // 65535)
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")     # (h, w) uint8: mode L
+    if im.mode[-1] in "Aa" or "transparency" in im.info:   # RGBA, LA, PA, RGBa, La: alpha
         im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")    # L, 1, P, CMYK, YCbCr, ...
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")    # RGB (a copy), L, 1, P, CMYK, YCbCr, ...
 
 
 def _decode_chunk(job):
     """Worker function (module level so multiprocessing can pickle it): decode a list of files."""
     paths, size = job
-    return np.stack([_decode_image(p, size) for p in paths])           # (n, H, W, 3)
+    return np.stack([_decode_image(p, size) for p in paths]).transpose(0, 3, 1, 2)  # (n, 3, H, W)
 
 
-def _decode_many(paths, size, progress, desc, workers=2, chunk=500):
+def _decode_many(paths, size, progress, desc):
     """Decode many files -> (N, 3, H, W) uint8 tensor, in a process pool when it pays off.
 
-    Decoding is pure CPU work in PIL, one file at a time, so `workers` processes divide the time
-    by about `workers`. Each worker returns a whole chunk as one array, which keeps the
-    inter-process traffic to a few large messages. Small folders are decoded in-process:
-    starting processes would cost more than it saves.
+    Decoding is pure CPU work in PIL, one file at a time, so two processes halve the time. Each
+    worker returns a whole chunk of 500 files as one array, which keeps the inter-process
+    traffic to a few large messages. Folders under 2000 files are decoded in-process: starting
+    processes would cost more than it saves.
     """
     import multiprocessing as mp
     from tqdm import tqdm
 
-    out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)  # (N, H, W, 3)
-    jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
-    pooled = workers > 1 and len(paths) >= 4 * chunk and (os.cpu_count() or 1) > 1
+    jobs = [(paths[i:i + 500], size) for i in range(0, len(paths), 500)]
+    pooled = len(paths) >= 2000 and (os.cpu_count() or 1) > 1
     # fork (Linux) starts instantly and needs no re-import of torch; elsewhere the default.
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    chunks = []
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
-            (context.Pool(workers) if pooled else nullcontext()) as pool:
-        chunks = pool.imap(_decode_chunk, jobs) if pooled else map(_decode_chunk, jobs)  # in order
-        for i, arr in enumerate(chunks):
-            out[i * chunk: i * chunk + len(arr)] = arr
-            bar.update(len(arr))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()    # (N, 3, H, W) uint8
+            (context.Pool(2) if pooled else nullcontext()) as pool:
+        for chunk in (pool.imap if pooled else map)(_decode_chunk, jobs):    # in order
+            chunks.append(chunk)
+            bar.update(len(chunk))
+    return torch.from_numpy(np.concatenate(chunks))                   # (N, 3, H, W) uint8
 
 
 # The decode cache: one torch file per (folder, split, image size, file list), under
@@ -708,37 +1103,336 @@ def _cache_file(cache_dir, split_dir, size, files):
 
 
 def _cache_load(path, classes, labels, size):
-    """The cached images (N, 3, H, W) uint8, or None when missing or not exactly what
-    _cache_save wrote for this listing (then the caller decodes again and rewrites the file)."""
-    if not path.is_file():
-        return None
-    try:
+    """The cached images (N, 3, H, W) uint8 of an existing cache file, or None when it is not
+    exactly what load_split_folder wrote for this listing (then it decodes again and rewrites
+    the file)."""
+    try:   # fails if truncated, foreign, holding more than tensors, or not such a dict
         hit = torch.load(path, weights_only=True)
-    except Exception as e:  # truncated, foreign, or holding more than tensors
-        problem = f"it is unreadable ({type(e).__name__}: {e})"
+        images, cached_labels, cached_classes = hit["images"], hit["labels"], hit["classes"]
+    except Exception as e:
+        problem = (f"it is unreadable or not a dict holding images, labels and classes "
+                   f"({type(e).__name__}: {e})")
     else:
-        if not isinstance(hit, dict) or not {"images", "labels", "classes"} <= hit.keys():
-            problem = "it is not a dict holding images, labels and classes"
-        elif (not torch.is_tensor(hit["images"]) or hit["images"].dtype != torch.uint8
-              or tuple(hit["images"].shape) != (len(labels), 3, *size)):
+        if (not torch.is_tensor(images) or images.dtype != torch.uint8
+                or images.shape != (len(labels), 3, *size)):
             problem = f"its images are not a uint8 tensor of shape {(len(labels), 3, *size)}"
-        elif not (torch.is_tensor(hit["labels"]) and hit["labels"].dtype == torch.int64
-                  and torch.equal(hit["labels"], labels)):
+        elif not (torch.is_tensor(cached_labels) and cached_labels.dtype == torch.int64
+                  and torch.equal(cached_labels, labels)):     # torch.equal ignores the dtype
             problem = "its labels do not match the class folders"
-        elif not isinstance(hit["classes"], list) or hit["classes"] != classes:
+        elif cached_classes != classes:                        # a list, as _list_split's
             problem = "its class names do not match the class folders"
         else:
-            return hit["images"]
+            return images
     warnings.warn(f"ignoring the decode cache file {path}: {problem}. Decoding the images again "
                   f"and rewriting it.")
-    return None
 
 
-def _cache_save(path, obj):
-    """Write the cache atomically (write_atomic); a cache we cannot write (read-only home, full
-    disk) is only a warning: the data is already in memory."""
+# -----------------------------------------------------------------------------
+# Pretrained ViTs (timm / DeiT / MAE) and checkpoint files
+#
+# spot.load_checkpoint and spot.load_pretrained build the model; these functions read the files
+# and return plain data. A timm VisionTransformer's state dict uses SPoTViT's names for blocks.*,
+# norm.*, fc_norm.* and head.*, and differs in two (D = width, C = channels, k = patch side,
+# G = gh * gw grid cells):
+#   patch_embed.proj.weight (D, C, k, k), a stride-k conv  <->  patch_embed.weight (D, C*k*k):
+#       the same numbers flattened. spot.extract_patches' windows are (C, k, k) and flatten in
+#       that order, so the linear map of a grid window is the conv on its patch.
+#   pos_embed (1, 1 + G, D): slot 0 for the class token, then the grid row-major. timm adds it
+#       after prepending the class token, so cls_token + pos_embed[:, 0] is what the class token
+#       carries: it is folded into cls_token, and pos_embed[:, 1:] becomes pos_table, read by
+#       spot.learned_pos_embed in cell-centre coordinates (cell (i, j) at p = (i, j): its row).
+# timm's LayerNorms use eps 1e-6 (norm_eps), its GELU is exact (as spot.py's); MAE's fine-tuning
+# head has no norm.* but fc_norm.* (pool="avg"). Weights with no place in SPoTViT are refused
+# by name.
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}   # ViT-Ti, S, B, L, H
+UNSUPPORTED = {   # key pattern -> what those weights are
+    r"^dist_token$|^head_dist\.": "a distilled DeiT's distillation token and head",
+    r"^reg_token$": "register tokens",
+    r"\.ls[12]\.gamma$|\.gamma_[12]$": "layer scale",
+    r"^norm_pre\.": "a norm before the blocks (norm_pre)",
+    r"\.q_bias$|\.v_bias$": "separate q/v biases",
+    r"^decoder|^mask_token$": "an MAE pre-training checkpoint's decoder (use a fine-tuned one)",
+}
+
+
+def read_checkpoint(path):
+    """A checkpoint written by train.py -> its dict: "model_config" (the SPoTConfig as a dict),
+    "model" (the state dict) and what train.py adds (args, classes, optimizer and random states).
+
+    Read with weights_only=True: a checkpoint is a file people download and share, and a full
+    pickle could run any code. Raises ValueError naming the file when it is missing, unreadable
+    or not an SPoT checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} {'is a directory' if path.is_dir() else 'does not exist'}; pass "
+                         f"a checkpoint file (train.py writes <out>/checkpoint.pt)")
     try:
-        write_atomic(path, obj)
-    except OSError as e:
-        warnings.warn(f"could not write the decode cache {path} ({e}); the next load will "
-                      f"decode the images again. Set SPOT_CACHE or cache_dir to a writable folder.")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:   # truncated, empty, random bytes, or holding code (refused)
+        reason = str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
+        raise ValueError(f"{path} could not be read as a checkpoint ({reason}): it is truncated, "
+                         f"not a checkpoint, or holds objects other than tensors and plain data, "
+                         f"which could run code") from None
+    if not isinstance(checkpoint, dict) or not {"model_config", "model"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not an SPoT checkpoint (a dict with 'model_config' and "
+                         f"'model', as train.py writes)")
+    return checkpoint
+
+
+def read_pretrained(source, image_size=None, num_classes=None, heads=None, mean=None, std=None):
+    """What spot.load_pretrained reads: a pretrained ViT -> (its name for errors, SPoTConfig's
+    keyword arguments, its state dict in SPoTViT's keys). The state dict keeps the source's
+    precision, at least float32 (float64 weights fold the class slot exactly); its pos_table is
+    still the source's grid (resample_table resizes it) and it has no head.* when the model
+    needs a fresh head (num_classes other than the head's).
+
+    source: a timm-style state dict; a .pth/.pt/.bin file (read with weights_only=True; a
+    {"model": ...} or {"state_dict": ...} wrapper and DDP's "module." prefixes are removed); a
+    .safetensors file (needs the safetensors package); or "timm:NAME" (needs timm; downloads
+    NAME's pretrained weights). The shape comes from the weights: dim, in_chans and window from
+    patch_embed.proj.weight, depth from the blocks, mlp_ratio from mlp.fc1, pool="avg" when
+    there is an fc_norm, the native grid from pos_embed (square, after one class slot or none).
+    heads is needed unless dim is a standard width (192, 384, 768, 1024, 1280: ViT-Ti to H)
+    or a multiple of 64 (timm's ViTs use 64-wide heads).
+    image_size: default the native one. mean/std: these arguments, else timm's pretrained
+    config for timm:NAME, else ImageNet's, (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225).
+    Anything it cannot read or represent raises a ValueError naming it (and the keys, e.g.
+    dist_token of a distilled DeiT).
+    """
+    name = repr(str(source)) if isinstance(source, (str, Path)) else "the state dict"
+    state, stats = _read_state_dict(source, name)
+    config, slots = _pretrained_config(state, name, image_size, num_classes, heads)
+    stats = stats or IMAGENET_STATS
+    config["image_mean"] = stats[0] if mean is None else mean
+    config["image_std"] = stats[1] if std is None else std
+    table = state.pop("pos_embed")
+    table = table.to(torch.promote_types(table.dtype, torch.float32))     # (1, slots + G, D)
+    state["cls_token"] = state["cls_token"] + table[:, :slots].sum(1, keepdim=True)  # (or + 0)
+    state["pos_table"] = table[:, slots:]                                  # (1, G, D)
+    state["patch_embed.weight"] = state.pop("patch_embed.proj.weight").flatten(1)   # (D, C*k*k)
+    state["patch_embed.bias"] = state.pop("patch_embed.proj.bias")
+    head = state.get("head.weight")
+    if head is None or head.shape[0] != config["num_classes"]:      # new classes: a fresh head
+        state.pop("head.weight", None)
+        state.pop("head.bias", None)
+    return name, config, state
+
+
+def _read_state_dict(source, name):
+    """read_pretrained's source -> (a flat state dict, timm's (mean, std) or None)."""
+    stats = None
+    if isinstance(source, str) and source.startswith("timm:"):
+        model = _optional("timm", name).create_model(source[len("timm:"):], pretrained=True)
+        stats = (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+        source = model.state_dict()
+        if getattr(model, "global_pool", "token") == "avg" and "fc_norm.weight" not in source:
+            raise ValueError(f"{name} averages its tokens without an fc_norm: not supported")
+    elif isinstance(source, (str, Path)):
+        read = lambda path: torch.load(path, map_location="cpu", weights_only=True)
+        if str(source).endswith(".safetensors"):
+            read = _optional("safetensors.torch", "reading .safetensors").load_file
+        try:
+            source = read(source)
+        except Exception as error:   # missing, truncated, random bytes, or holding code (refused)
+            raise ValueError(f"{name} could not be read as a state dict "
+                             f"({type(error).__name__})") from None
+    for key in ("model", "state_dict"):       # training scripts' wrappers: {"model": state dict}
+        if isinstance(source, dict) and isinstance(source.get(key), dict):
+            source = source[key]
+    if not isinstance(source, dict) or not all(torch.is_tensor(v) for v in source.values()):
+        raise ValueError(f"{name} is not a state dict (a dict of tensors)")
+    return {key.removeprefix("module."): value for key, value in source.items()}, stats
+
+
+def _optional(module, purpose):
+    """Import timm or safetensors only on the path that reads their format."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ValueError(f"{purpose} needs the {package} package: pip install {package}") from None
+
+
+def _pretrained_config(state, name, image_size, num_classes, heads):
+    """Refuse what SPoTViT cannot represent; read the shape -> (SPoTConfig's keyword arguments,
+    the number of class slots in pos_embed)."""
+    weight = state.get("patch_embed.proj.weight")
+    if weight is None or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"{name} is not a ViT state dict: it has no (D, C, k, k) "
+                         f"patch_embed.proj.weight (its keys begin {list(state)[:4]})")
+    for pattern, what in UNSUPPORTED.items():
+        if keys := [key for key in state if re.search(pattern, key)]:
+            raise ValueError(f"{name} holds {what}: {', '.join(keys[:4])}; SPoTViT has no place "
+                             f"for them")
+    if "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError(f"{name} has no {'pos_embed' if 'cls_token' in state else 'cls_token'}: "
+                         f"models without a class token or a learned pos_embed are not supported")
+    (dim, in_chans, k, _), cells = weight.shape, state["pos_embed"].shape[1]
+    slots = next((n for n in (1, 0) if math.isqrt(cells - n) ** 2 == cells - n), None)
+    if slots is None:
+        raise ValueError(f"{name}: pos_embed {tuple(state['pos_embed'].shape)} is not a square "
+                         f"grid")
+    # heads= if given, else a standard width's, else timm's 64-wide heads.
+    heads = heads or STANDARD_HEADS.get(dim) or (dim // 64 if dim % 64 == 0 else None)
+    if heads is None:
+        raise ValueError(f"{name}: a ViT of width {dim} has no standard number of heads; "
+                         f"pass heads= (train.py: --heads N)")
+    head = state.get("head.weight")
+    if num_classes is None and head is None:
+        raise ValueError(f"{name} has no head.weight: pass num_classes= for a fresh head")
+    # spot.Block builds int(dim * mlp_ratio) hidden units: the ratio that gives fc1's back
+    # exactly. (No blocks: depth 0, which SPoTConfig refuses.)
+    hidden = state.get("blocks.0.mlp.fc1.weight", weight).shape[0]
+    ratios = (hidden / dim, math.nextafter(hidden / dim, math.inf))
+    ratio = next(r for r in ratios if int(dim * r) == hidden)
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    pool = "avg" if "fc_norm.weight" in state else "token"
+    return dict(image_size=image_size or math.isqrt(cells - slots) * k, window=k,
+                in_chans=in_chans, dim=dim, depth=depth, heads=heads, mlp_ratio=ratio,
+                num_classes=num_classes or head.shape[0], norm_eps=1e-6,
+                position_embedding="learned", pool=pool), slots
+
+
+def resample_table(table, config):
+    """timm's resample_abs_pos_embed: a (1, side*side, D) position table as a D-channel
+    side x side image, resized bicubically (antialiased, align_corners=False) to the grid of
+    config (an SPoTConfig: image_size // window) -> (1, gh*gw, D). At the same size every
+    output pixel sits on its input pixel: the table comes back unchanged."""
+    side = math.isqrt(table.shape[1])
+    size = tuple(s // config.window for s in config.image_size)
+    image = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)              # (1, D, side, side)
+    image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return image.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1)
+
+
+def to_timm(state, table, config):
+    """What spot.export writes: an SPoTViT's state dict, the (1, G, D) embedding it adds at the
+    grid positions, and its SPoTConfig -> a timm VisionTransformer state dict (a plain dict of
+    detached copies, the keys above).
+
+    timm's VisionTransformer(img_size=image_size, patch_size=window, embed_dim=dim, depth=depth,
+    num_heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes, global_pool=pool, fc_norm=
+    pool == "avg") loads it with strict=True. pos_embed's class slot is zeros (cls_token carries
+    it) and a sin-cos model exports its embedding of the grid as the table. A state dict holds no
+    LayerNorm eps: timm's ViTs, and spot.load_pretrained, use 1e-6, so a model trained with the
+    default norm_eps=1e-5 computes slightly differently after the trip (set the eps back, e.g.
+    timm's norm_layer=partial(nn.LayerNorm, eps=1e-5)). With norm_eps=1e-6 (every model that
+    load_pretrained made), spot.load_pretrained(spot.export(model)) gives back the same logits.
+    """
+    state = {key: value.detach().clone() for key, value in state.items()}
+    weight, k = state.pop("patch_embed.weight"), config.window
+    state.pop("pos_table", None)
+    return {"cls_token": state.pop("cls_token"),
+            "pos_embed": torch.cat([torch.zeros_like(table[:, :1]), table], dim=1),   # (1, 1+G, D)
+            "patch_embed.proj.weight": weight.view(config.dim, config.in_chans, k, k),
+            "patch_embed.proj.bias": state.pop("patch_embed.bias"), **state}
+
+
+# -----------------------------------------------------------------------------
+# Argument checks (spot.py's inputs)
+#
+# spot.py's public functions and SPoTConfig check what they are given here, so that the method
+# reads without them: every error names the argument, and the code after a check trusts it.
+
+def positive_int(value, name):
+    """value, refused unless an int >= 1 (bool is an int in Python, but not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def to_hw(size, name="image_size"):
+    """An int or (H, W) pair -> (H, W) of positive ints."""
+    pair = (size, size) if isinstance(size, int) else size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size!r}")
+    return tuple(positive_int(side, name) for side in pair)
+
+
+def check_window(window, image_hw, name="window"):
+    """Refuse a window that is not a positive int or is larger than the (H, W) image."""
+    if positive_int(window, name) > min(image_hw):
+        raise ValueError(f"{name}={window} is larger than the image {image_hw[0]}x{image_hw[1]}; "
+                         f"use a {name} <= {min(image_hw)}")
+
+
+def check_images(images, shape=None):
+    """Refuse anything but a floating-point (B, C, H, W) tensor (uint8 pixels would read 0..255),
+    and, given shape = (C, H, W) (a model's), images of another shape."""
+    if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point (B, C, H, W) tensor (e.g. uint8 / 255), "
+                         f"got {getattr(images, 'shape', type(images).__name__)} "
+                         f"{getattr(images, 'dtype', '')}")
+    if shape is not None and images.shape[1:] != shape:
+        raise ValueError(f"images must be {('B', *shape)} for this model, "
+                         f"got {tuple(images.shape)}")
+
+
+def check_sampler_inputs(images, positions, window):
+    """Check spot.extract_patches' three inputs -> positions in at least float32 (in bf16 a
+    coordinate near 1 is off by up to 2^-9 of the image, i.e. 0.4 px at 224 px)."""
+    check_images(images)
+    check_window(window, images.shape[-2:])
+    if not torch.is_tensor(positions) or positions.dim() != 3 or positions.shape[-1] != 2:
+        raise ValueError(f"positions must be a (B, N, 2) tensor of (y, x) in [0, 1], got "
+                         f"{getattr(positions, 'shape', type(positions).__name__)}")
+    if positions.shape[0] != images.shape[0] or positions.shape[1] < 1:
+        raise ValueError(f"positions {tuple(positions.shape)} must hold N >= 1 positions for each "
+                         f"of the {images.shape[0]} images (the batch size)")
+    # Reading values of a GPU tensor makes the CPU wait for the GPU on every forward pass, so
+    # NaN/inf is caught for CPU tensors only (on CUDA it shows up as NaN logits instead).
+    if positions.device.type == "cpu" and not torch.isfinite(positions).all():
+        raise ValueError("positions contain NaN or inf; positions are (y, x) in [0, 1]")
+    return positions.to(torch.promote_types(positions.dtype, torch.float32))
+
+
+def check_prior_inputs(prior, priors, batch_size, n_tokens, image_size, window, images):
+    """Check spot.sample_positions' inputs (priors: spot.PRIORS) -> (B, N, (H, W)). The "grid"
+    prior has at most (H // k) * (W // k) cells to give; "salient" needs images or a map."""
+    if prior not in priors:
+        raise ValueError(f"prior must be one of {priors}, got {prior!r}")
+    B = positive_int(batch_size, "batch_size")
+    N = positive_int(n_tokens, "n_tokens")
+    height, width = to_hw(image_size)
+    check_window(window, (height, width))
+    rows, cols = height // window, width // window
+    if prior == "grid" and N > rows * cols:
+        raise ValueError(f"n_tokens={N} exceeds the {rows * cols} cells of the "
+                         f"{rows}x{cols} patch grid (prior 'grid')")
+    if prior == "salient" and not _is_saliency_input(images, (B, height, width)):
+        raise ValueError(f"prior 'salient' needs images=({B}, C, {height}, {width}) to compute "
+                         f"saliency from, or a ({B}, {height}, {width}) map, got "
+                         f"{getattr(images, 'shape', images)}")
+    return B, N, (height, width)
+
+
+def _is_saliency_input(images, shape):
+    """Whether images are (B, C, H, W) images or a (B, H, W) map for shape = (B, H, W)."""
+    return torch.is_tensor(images) and (images.shape[0], *images.shape[-2:]) == shape
+
+
+def check_config(config):
+    """SPoTConfig.__post_init__: image_size becomes an (H, W) pair, image_mean and image_std
+    tuples; a config no model can be built from is refused (every error names the field)."""
+    config.image_size = to_hw(config.image_size)
+    choices = {"position_embedding": ("sincos", "learned"), "pool": ("token", "avg")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    if not (isinstance(config.norm_eps, float) and 0 < config.norm_eps < 1):
+        raise ValueError(f"norm_eps must be a float in (0, 1), got {config.norm_eps!r}")
+    check_window(config.window, config.image_size)
+    for name in ("num_classes", "dim", "depth", "heads", "in_chans"):
+        positive_int(getattr(config, name), name)
+    if config.dim % 4 or config.dim % config.heads:
+        raise ValueError(f"dim must be divisible by 4 and by heads={config.heads}, "
+                         f"got dim={config.dim}")
+    if not config.mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {config.mlp_ratio!r}")
+    config.image_mean = tuple(config.image_mean)
+    config.image_std = tuple(config.image_std)
+    if len(config.image_mean) != config.in_chans or len(config.image_std) != config.in_chans:
+        raise ValueError(f"image_mean and image_std need in_chans={config.in_chans} values each")

@@ -1,5 +1,4 @@
-"""
-visualize.py -- pictures of where SPoT's tokens go, and what it buys (arXiv 2507.01654).
+"""visualize.py -- pictures of where SPoT's tokens go (arXiv 2507.01654).
 
 Each function draws one kind of figure and returns the matplotlib Figure (pass path= to also
 save it: a PNG when the path has no extension). The idea each one shows:
@@ -11,27 +10,21 @@ save it: a PNG when the path has no extension). The idea each one shows:
     plot_trajectories       SPoT-ON (the oracle search): paths from the prior's start to the
                             oracle's placement, per token
     save_trajectory_gif     the same search, animated, for one image
-    plot_training_curves    retrofitting: validation accuracy vs training time of a grid ViT, its
-                            retrofit (whose clock starts where the grid ViT's ended) and SPoT
-                            trained from scratch
-    plot_budget_curves      the paper's results table as curves: accuracy vs token budget, one
-                            line per (method, prior). Findings 1 and 2 (off-grid beats the grid at
-                            sparse budgets; centre-biased priors win at few tokens, even coverage
-                            as the budget grows)
     plot_saliency_vs_oracle finding 3: saliency map vs oracle placements (oracle tokens lean
                             only slightly toward salient pixels)
+
+The figures of committed results (accuracy vs token budget, training curves) are drawn by
+experiments/figures.py, from the same results/ that experiments/tables.py writes RESULTS.md from.
 
 Run it (every command writes files; none opens a window; `--help` lists a command's flags):
 
     python visualize.py priors --image-size 32 --window 4 --tokens 16 --out priors.png
     python visualize.py priors --dataset shapes --tokens 16 --out priors.png   # on a test image
-    python visualize.py placements --checkpoint runs/shapes/checkpoint.pt --search-from isotropic \\
-                                   --tokens 16 --index 0 --search-steps 5 --out placements.png
+    python visualize.py placements --checkpoint runs/shapes/checkpoint.pt \\
+        --search-from isotropic --tokens 16 --index 0 --search-steps 5 --out placements.png
     python visualize.py trajectories --checkpoint runs/shapes/checkpoint.pt --tokens 16 \\
-                                     --n-images 4 --out traj.png --gif traj.gif
+        --n-images 4 --out traj.png --gif traj.gif
     python visualize.py saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 --out sal.png
-    python visualize.py budget --results runs/oracle/results.json --out budget.png --metric top1
-    python visualize.py training --runs runs/grid-vit runs/retrofit runs/spot --keys val_acc,val_acc@4
 
 Drawing convention (the same as spot.py's coordinates)
 ------------------------------------------------------
@@ -42,9 +35,7 @@ centre P = (i + 0.5) k draws a square exactly covering grid cell i, [i k, (i + 1
 """
 
 import argparse
-import json
 import math
-import os
 from pathlib import Path
 
 # Without a display (a server, CI, a test run) pyplot picks the file-only Agg backend itself.
@@ -59,8 +50,6 @@ import spot
 import train
 import utils
 
-DPI = 150                                   # saved PNGs: sharp, yet a few hundred kB at most
-METRICS = {"top1": "top-1 accuracy (%)", "knn": "kNN accuracy (%)"}
 WINDOW_COLOR = "#ffd400"                    # token windows: yellow reads on dark and light images
 START_COLOR = "#00e5ff"                     # prior / start positions (cyan)
 END_COLOR = "#ff2d55"                       # oracle / end positions (red)
@@ -73,29 +62,35 @@ def _as_numpy(value):
     return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
 
-def _image_hwc(image, name="image"):
-    """(C, H, W) with C in {1, 3}, float in [0, 1] or uint8 -> numpy (H, W, 3) float in [0, 1].
+def _count(value, name):
+    """An int >= 1 (numpy ints too) -> int."""
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
 
-    A 2-D (H, W) array is taken as a grey image. Floats are clipped to [0, 1] (bilinear
-    resizing can overshoot slightly), uint8 is divided by 255.
+
+def _image_hwc(image, window=None):
+    """(C, H, W) with C in {1, 3} (grey or RGB), float in [0, 1] or uint8 -> numpy (H, W, 3)
+    float in [0, 1]. Floats are clipped to [0, 1] (bilinear resizing can overshoot slightly),
+    uint8 is divided by 255. A window k, if given, must fit in the image.
     """
     array = _as_numpy(image)
-    array = array[None] if array.ndim == 2 else array
-    floats = np.issubdtype(array.dtype, np.floating)
-    if (array.ndim != 3 or array.shape[0] not in (1, 3) or min(array.shape[1:]) < 1
-            or not (floats or array.dtype == np.uint8) or (floats and not np.isfinite(array).all())):
-        raise ValueError(f"{name} must be (C, H, W) with C = 1 or 3 (or a grey (H, W)), finite "
-                         f"floats in [0, 1] or uint8, got {array.dtype} of shape {array.shape}")
-    array = np.clip(array.astype(np.float32), 0, 1) if floats else array.astype(np.float32) / 255
-    return np.repeat(array, 3 // array.shape[0], axis=0).transpose(1, 2, 0)
+    floats = array.dtype.kind == "f"
+    if (array.ndim != 3 or len(array) not in (1, 3)
+            or not (floats or array.dtype == np.uint8) or not np.isfinite(array).all()):
+        raise ValueError(f"image must be (C, H, W) with C = 1 or 3, finite floats in "
+                         f"[0, 1] or uint8, got {array.dtype} of shape {array.shape}")
+    if window is not None:
+        utils.check_window(window, array.shape[1:])
+    array = array.astype(np.float32)
+    array = np.clip(array, 0, 1) if floats else array / 255
+    return np.repeat(array, 3 // len(array), axis=0).transpose(1, 2, 0)
 
 
-def _positions_array(positions, name="positions", ndim=2):
-    """Positions -> numpy float array whose last axis is (y, x); ndim=2 means (N, 2)."""
+def _positions_array(positions, name="positions", shape="(N, 2)"):
+    """Positions -> numpy float64 array of `shape`, whose last axis is (y, x)."""
     array = _as_numpy(positions)
-    shape = {2: "(N, 2)", 3: "(steps + 1, N, 2)", 4: "(steps + 1, B, N, 2)"}[ndim]
-    if (array.ndim != ndim or array.shape[-1] != 2 or array.shape[-2] < 1
-            or not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all()):
+    if array.ndim != shape.count(",") + 1 or array.shape[-1] != 2 or not np.isfinite(array).all():
         raise ValueError(f"{name} must have shape {shape} holding finite floats (y, x) in [0, 1], "
                          f"got {array.dtype} of shape {array.shape}")
     return array.astype(np.float64)
@@ -105,22 +100,25 @@ def _with_default_suffix(path, suffix=".png"):
     """A path without an extension gets `suffix`. matplotlib would add ".png" silently, so the
     file written would not be the one the caller named; appending it here keeps them the same."""
     path = Path(path)
-    return path if path.suffix else path.with_name(path.name + suffix)
+    return path.with_suffix(path.suffix or suffix)
 
 
 def _finish(fig, path):
     """Save the figure if path is given (".png" when it has no extension) and return it. The
     temporary file of utils.write_atomic keeps the extension: savefig picks the format from it."""
-    if path is not None:
-        utils.write_atomic(_with_default_suffix(path), lambda tmp: fig.savefig(tmp, dpi=DPI, bbox_inches="tight"))
+    if path is not None:         # 150 dpi: sharp, yet a few hundred kB at most
+        utils.write_atomic(_with_default_suffix(path),
+                           lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight"))
     return fig
 
 
 def _panels(n, side, height, width, extra):
-    """A figure of n square-ish panels, at most 4 a row (the unused ones blank) -> (fig, axes)."""
-    cols, rows = min(4, n), math.ceil(n / min(4, n))
-    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows * height / width + extra),
-                             squeeze=False, layout="constrained")
+    """A figure of n panels of an H x W image, at most 4 a row (the unused ones blank), each
+    `side` inches wide, plus `extra` inches for the titles -> (fig, the n axes)."""
+    cols = min(4, n)
+    rows = math.ceil(n / 4)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(side * cols, side * rows * height / width + extra))
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes.flat[:n]
@@ -129,61 +127,47 @@ def _panels(n, side, height, width, extra):
 # -----------------------------------------------------------------------------
 # Drawing primitives, all in pixel units (see "Drawing convention" above)
 
-def _show_image(ax, image, window=None, grid=False, title=None, title_size=9, **imshow):
-    """imshow with pixel i spanning [i, i+1): extent = (left, right, bottom, top).
+def _show_image(ax, image, title, window=None, grid=False, title_size=9, **imshow):
+    """imshow with pixel i spanning [i, i+1): extent = (left, right, bottom, top); y grows
+    downward, like image rows.
 
     With a window k the view widens by k/2 beyond the image, so windows that hang over the edge
     (they read zeros there) stay visible, the outside in a neutral grey; grid=True draws the
-    patch grid of k x k cells over the image; title, if given, titles the panel. y grows downward,
-    like image rows."""
+    patch grid of k x k cells over the image, as faint lines (white under black dashes: visible
+    on any image). When k does not divide the image, the grid covers only the top-left
+    (H//k)k x (W//k)k pixels (like spot.grid_positions)."""
     height, width = image.shape[:2]
     margin = (window or 0) / 2
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest", **imshow)
     ax.set(xlim=(-margin, width + margin), ylim=(height + margin, -margin), facecolor="#d9d9d9",
            xticks=[], yticks=[])
+    ax.set_title(title, fontsize=title_size)
     if grid:
-        _draw_grid(ax, height, width, window)
-    if title is not None:
-        ax.set_title(title, fontsize=title_size)
-
-
-def _draw_grid(ax, height, width, window):
-    """The patch grid as faint lines (white under black dashes: visible on any image). When k
-    does not divide the image, the grid covers only the top-left (H//k)k x (W//k)k pixels (like
-    spot.grid_positions)."""
-    rows, cols = height // window, width // window
-    lines = [([0, cols * window], [i * window] * 2) for i in range(rows + 1)] \
-        + [([j * window] * 2, [0, rows * window]) for j in range(cols + 1)]
-    for xs, ys in lines:
-        ax.plot(xs, ys, color="white", lw=0.6, alpha=0.45, zorder=2)
-        ax.plot(xs, ys, color="black", lw=0.6, alpha=0.25, ls=(0, (2, 2)), zorder=2)
+        bottom, right = height // window * window, width // window * window
+        lines = [([0, right], [y, y]) for y in range(0, bottom + 1, window)] \
+            + [([x, x], [0, bottom]) for x in range(0, right + 1, window)]
+        for xs, ys in lines:
+            ax.plot(xs, ys, color="white", lw=0.6, alpha=0.45, zorder=2)
+            ax.plot(xs, ys, color="black", lw=0.6, alpha=0.25, ls=(0, (2, 2)), zorder=2)
 
 
 def _to_pixels(positions, height, width):
     """(..., 2) normalized (y, x) -> (..., 2) pixel-unit (row, col) centres: P = (y H, x W)."""
-    return positions * np.array([height, width], dtype=np.float64)
+    return positions * np.array([height, width])
 
 
-def _draw_windows(ax, centres_px, window, color=WINDOW_COLOR, alpha=1.0, lw=1.3, zorder=3):
+def _draw_windows(ax, centres_px, window, color, **style):
     """One square [P - k/2, P + k/2]^2 per token. Rectangle wants its (x, y) corner first."""
     for row, col in centres_px:
         ax.add_patch(Rectangle((col - window / 2, row - window / 2), window, window, fill=False,
-                               edgecolor=color, lw=lw, alpha=alpha, zorder=zorder))
+                               edgecolor=color, zorder=3, **style))
 
 
 def _dots(ax, centres_px, color, size, hollow=False, **style):
     """Token centres as markers: hollow rings (start positions), or dots with a black rim."""
-    style = {**(dict(facecolors="none", edgecolors=color, linewidths=1.2, zorder=5) if hollow
-                else dict(c=color, edgecolors="black", linewidths=0.5, zorder=6)), **style}
-    ax.scatter(centres_px[..., 1], centres_px[..., 0], s=size, **style)
-
-
-def _on_grid(centres_px, window, height, width, tol=1e-3):
-    """How many centres sit exactly on a grid-cell centre (i + 0.5) k, inside the grid."""
-    cell = centres_px / window - 0.5                       # grid index; integer iff on the grid
-    index = np.round(cell)
-    inside = (index >= 0).all(-1) & (index[:, 0] < height // window) & (index[:, 1] < width // window)
-    return int((np.all(np.abs(cell - index) < tol, axis=-1) & inside).sum())
+    rim = (dict(facecolors="none", edgecolors=color, linewidths=1.2, zorder=5) if hollow
+           else dict(c=color, edgecolors="black", linewidths=0.5, zorder=6))
+    ax.scatter(centres_px[..., 1], centres_px[..., 0], s=size, **{**rim, **style})
 
 
 # -----------------------------------------------------------------------------
@@ -200,15 +184,19 @@ def plot_placements(image, positions, window, grid=True, ax=None, title=None, pa
     title:     default "N tokens, k = ..., M on the grid"
     Returns the Figure.
     """
-    img = _image_hwc(image)
+    img = _image_hwc(image, window)
     height, width = img.shape[:2]
-    spot.check_window(window, (height, width))
     centres = _to_pixels(_positions_array(positions), height, width)      # (N, 2) pixel units
     if ax is None:
         ax = plt.subplots(figsize=(4.2, 4.2 * height / width + 0.4))[1]
-    _show_image(ax, img, window, grid, title if title is not None else
-                f"{len(centres)} tokens, k = {window}, {_on_grid(centres, window, height, width)} on the grid")
-    _draw_windows(ax, centres, window)
+    if title is None:        # count the tokens exactly on a grid-cell centre (i + 0.5) k
+        cell = centres / window - 0.5                   # grid index; an integer iff on the grid
+        index = np.round(cell)
+        on_grid = (abs(cell - index) < 1e-3) & (index >= 0) \
+            & (index < [height // window, width // window])                     # (N, 2)
+        title = f"{len(centres)} tokens, k = {window}, {on_grid.all(-1).sum()} on the grid"
+    _show_image(ax, img, title, window, grid)
+    _draw_windows(ax, centres, window, WINDOW_COLOR, lw=1.3)
     _dots(ax, centres, WINDOW_COLOR, 14, linewidths=0.6, zorder=4)
     return _finish(ax.figure, path)
 
@@ -226,36 +214,34 @@ def plot_priors(image_size, window, n_tokens, priors=spot.PRIORS, image=None, se
     seed:       seeds the random priors (same seed -> same picture)
     Returns the Figure.
     """
-    height, width = spot.to_hw(image_size)
-    spot.check_window(window, (height, width))
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
-    priors = [priors] if isinstance(priors, str) else list(priors)
-    if not priors or not set(priors) <= set(spot.PRIORS):
-        raise ValueError(f"priors must be a non-empty list of names from {spot.PRIORS}, got {priors!r}")
-    if image is None and set(priors) == {"salient"}:
-        raise ValueError("priors=['salient'] needs image=(C, H, W): the salient prior samples "
-                         "positions from the image's saliency map")
-    canvas = np.full((height, width, 3), 0.93, np.float32) if image is None else _image_hwc(image)
+    height, width = utils.to_hw(image_size)
+    n_tokens = _count(n_tokens, "n_tokens")
+    if not set(priors) <= set(spot.PRIORS):
+        raise ValueError(f"priors must be names from {spot.PRIORS}, got {priors!r}")
+    if image is None:                       # a blank canvas, with nothing salient
+        image = np.full((3, height, width), 0.93, np.float32)
+        priors = [p for p in priors if p != "salient"]
+    canvas = _image_hwc(image, window)                                   # (H, W, 3)
+    if not priors:
+        raise ValueError("priors must name at least one prior (without image=(C, H, W), "
+                         "'salient' is skipped: it samples positions from the image's saliency "
+                         "map)")
     if canvas.shape[:2] != (height, width):
         raise ValueError(f"image is {canvas.shape[0]}x{canvas.shape[1]} but image_size is "
                          f"{height}x{width}; they must match")
-    images = None if image is None else torch.from_numpy(canvas.transpose(2, 0, 1).copy())[None]
-    priors = [p for p in priors if image is not None or p != "salient"]   # blank: nothing salient
+    images = torch.from_numpy(canvas.transpose(2, 0, 1).copy())[None]   # (1, 3, H, W)
 
     fig, axes = _panels(len(priors), 3.0, height, width, 0.5)
     for ax, prior in zip(axes, priors):
-        # A fresh generator per prior: each panel is reproducible on its own.
-        generator = torch.Generator().manual_seed(seed)
-        try:
-            positions = spot.sample_positions(prior, 1, int(n_tokens), (height, width), window,
-                                              generator=generator, images=images)[0]
+        try:        # a fresh generator per prior: each panel is reproducible on its own
+            positions = spot.sample_positions(prior, 1, n_tokens, image_size, window,
+                                              torch.Generator().manual_seed(seed), images)[0]
         except ValueError as error:          # e.g. "grid" with more tokens than grid cells
-            _show_image(ax, canvas, title=prior, title_size=10)
+            _show_image(ax, canvas, prior, title_size=10)
             ax.text(width / 2, height / 2, str(error).split(";")[0][:60], ha="center",
                     va="center", fontsize=6, wrap=True)
             continue
-        plot_placements(canvas.transpose(2, 0, 1), positions, window, ax=ax, title=prior)
+        plot_placements(image, positions, window, ax=ax, title=prior)
     fig.suptitle(f"Spatial priors: {n_tokens} tokens, {window}x{window} windows, "
                  f"{height}x{width} image", fontsize=11)
     return _finish(fig, path)
@@ -264,23 +250,23 @@ def plot_priors(image_size, window, n_tokens, priors=spot.PRIORS, image=None, se
 # -----------------------------------------------------------------------------
 # SPoT-ON (the oracle search): trajectories
 
-def _token_colors(n):
-    """n distinct-ish colours: a cyclic colormap, so neighbouring tokens differ."""
-    return plt.get_cmap("hsv")(np.linspace(0, 1, n, endpoint=False))
-
-
-def _draw_trajectory(ax, track_px, window, colors):
-    """track_px (steps + 1, N, 2) in pixel units: paths, hollow starts, filled ends, end windows."""
-    for n in range(track_px.shape[1]):
-        ax.plot(track_px[:, n, 1], track_px[:, n, 0], color=colors[n], lw=1.2, alpha=0.9, zorder=4)
-        _draw_windows(ax, track_px[-1, n:n + 1], window, color=colors[n], alpha=0.55, lw=0.9)
+def _draw_search(ax, image, track_px, window, title, title_size=9):
+    """The image with its patch grid, and track_px (steps + 1, N, 2) in pixel units over it:
+    per token a path, a hollow start, a filled end and its end window. The colours come from a
+    cyclic colormap, so neighbouring tokens differ."""
+    _show_image(ax, image, title, window, True, title_size)
+    colors = plt.get_cmap("hsv")(np.linspace(0, 1, track_px.shape[1], endpoint=False))
+    for path, color in zip(track_px.transpose(1, 0, 2), colors):       # (steps + 1, 2) each
+        ax.plot(path[:, 1], path[:, 0], color=color, lw=1.2, alpha=0.9, zorder=4)
+        _draw_windows(ax, path[-1:], window, color, alpha=0.55, lw=0.9)
     _dots(ax, track_px[0], colors, 22, hollow=True)
     _dots(ax, track_px[-1], colors, 16)
 
 
 def _legend_below(fig, handles):
     """The figure's legend in one row under its panels (the figure has a constrained layout)."""
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
 
 
 def _marker(label, face, edge="black"):
@@ -298,32 +284,31 @@ def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=
     titles:     optional list of at least n_images panel titles (e.g. "label: pred")
     Returns the Figure.
     """
-    array = _as_numpy(images)
-    track = _positions_array(trajectory, "trajectory", ndim=4)            # (S+1, B, N, 2)
-    if array.ndim != 4 or track.shape[1] != array.shape[0]:
-        raise ValueError(f"images must be (B, C, H, W) and trajectory (steps + 1, B, N, 2) with the "
-                         f"same B, got images {array.shape} and trajectory {track.shape}")
-    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
-        raise ValueError(f"n_images must be an int >= 1, got {n_images!r}")
-    n_images = min(int(n_images), len(array))
-    if titles is not None and (isinstance(titles, str) or len(titles) < n_images):
-        raise ValueError(f"titles must be a list of at least n_images={n_images} strings, got {titles!r}")
-    height, width = array.shape[-2:]
-    spot.check_window(window, (height, width))
+    track = _positions_array(trajectory, "trajectory", "(steps + 1, B, N, 2)")
+    if images.ndim != 4 or track.shape[1] != len(images):
+        raise ValueError(f"images must be (B, C, H, W) and trajectory (steps + 1, B, N, 2) with "
+                         f"the same B, got images {tuple(images.shape)} and trajectory "
+                         f"{track.shape}")
+    n_images = min(_count(n_images, "n_images"), len(images))
+    if titles is None:
+        titles = [f"image {b}" for b in range(n_images)]
+    if len(titles) < n_images:
+        raise ValueError(f"titles must be a list of at least n_images={n_images} strings, got "
+                         f"{titles!r}")
+    height, width = images.shape[-2:]
+    utils.check_window(window, (height, width))
 
     fig, axes = _panels(n_images, 3.2, height, width, 0.8)
-    colors = _token_colors(track.shape[2])
     for b, ax in enumerate(axes):
-        track_px = _to_pixels(track[:, b], height, width)                 # (S+1, N, 2)
+        track_px = _to_pixels(track[:, b], height, width)                 # (steps + 1, N, 2)
         moved = np.linalg.norm(track_px[-1] - track_px[0], axis=-1).mean()
-        title = titles[b] if titles is not None else f"image {b}"
-        _show_image(ax, _image_hwc(array[b], f"images[{b}]"), window, grid=True,
-                    title=f"{title}\nmean move {moved:.2f} px in {len(track) - 1} steps")
-        _draw_trajectory(ax, track_px, window, colors)
+        _draw_search(ax, _image_hwc(images[b]), track_px, window,
+                     f"{titles[b]}\nmean move {moved:.2f} px in {len(track) - 1} steps")
     fig.suptitle("SPoT-ON oracle search: from prior to oracle placement", fontsize=11)
     _legend_below(fig, [_marker("start (prior)", "none"), _marker("end (oracle)", "grey"),
                         Line2D([], [], color="grey", lw=1.2, label="path (one colour per token)"),
-                        Rectangle((0, 0), 1, 1, fill=False, edgecolor="grey", label="final k x k window")])
+                        Rectangle((0, 0), 1, 1, fill=False, edgecolor="grey",
+                                  label="final k x k window")])
     return _finish(fig, path)
 
 
@@ -338,182 +323,32 @@ def save_trajectory_gif(image, trajectory, window, path, fps=4):
     """
     from matplotlib.animation import PillowWriter
 
-    img = _image_hwc(image)
+    img = _image_hwc(image, window)
     height, width = img.shape[:2]
-    track_px = _to_pixels(_positions_array(trajectory, "trajectory", ndim=3), height, width)
-    spot.check_window(window, (height, width))
-    if path is None or Path(path).suffix.lower() != ".gif":
+    track_px = _to_pixels(_positions_array(trajectory, "trajectory", "(steps + 1, N, 2)"),
+                          height, width)
+    if not str(path).lower().endswith(".gif"):
         raise ValueError(f"path must be a file name ending in .gif, got {path!r}")
-    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 0 < fps < math.inf:
+    if not 0 < fps < math.inf:
         raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-    colors = _token_colors(track_px.shape[1])
     fig, ax = plt.subplots(figsize=(4.0, 4.0 * height / width + 0.4))
 
     def write(tmp):
         # PillowWriter keeps the frames in memory and writes the file when `saving` closes, even
         # when a frame failed: hence the temporary file of utils.write_atomic.
         writer = PillowWriter(fps=fps)
-        with writer.saving(fig, str(tmp), dpi=100):
+        with writer.saving(fig, tmp, dpi=100):
             for step in range(len(track_px)):
                 # Redraw from scratch each frame: simplest, and cheap at these sizes.
                 ax.clear()
-                _show_image(ax, img, window, True, f"SPoT-ON step {step} / {len(track_px) - 1}", title_size=10)
-                _draw_trajectory(ax, track_px[: step + 1], window, colors)
+                _draw_search(ax, img, track_px[: step + 1], window,
+                             f"SPoT-ON step {step} / {len(track_px) - 1}", 10)
                 writer.grab_frame()
-            for _ in range(int(math.ceil(fps))):          # hold the result for about a second
+            for _ in range(math.ceil(fps)):               # hold the result for about a second
                 writer.grab_frame()
 
     utils.write_atomic(path, write)
     return fig
-
-
-# -----------------------------------------------------------------------------
-# The paper's results table as curves: accuracy vs token budget
-
-# Method -> (line style, marker, legend name). Every oracle variant is dashed in some way.
-METHOD_STYLES = {"prior": ("-", "o", "prior"), "spot-on": ("--", "s", "SPoT-ON (label oracle)"),
-                 "spot-on-entropy": ((0, (1, 1.5)), "^", "SPoT-ON (entropy, label-free)"),
-                 "best-of-k": ((0, (2, 1)), "*", "best of K by confidence"),
-                 "spot-on-snapped": ((0, (5, 2, 1, 2)), "v", "SPoT-ON snapped to grid"),
-                 "spot-on-transfer": ((0, (6, 3)), "D", "SPoT-ON transferred"),
-                 "spot-learned": ((0, (3, 1, 1, 1)), "P", "SPoT-learned (glance + place)")}
-PRIOR_COLORS = {"uniform": "#1f77b4", "gaussian": "#ff7f0e", "sobol": "#2ca02c", "isotropic": "#d62728",
-                "center": "#9467bd", "salient": "#8c564b", "salient-model": "#e377c2", "grid": "black"}
-
-
-def _load_results(results):
-    """A results dict, or a path to results.json (or to the folder holding it) -> dict."""
-    if isinstance(results, (str, os.PathLike)):
-        file = Path(results) / "results.json" if Path(results).is_dir() else Path(results)
-        if not file.is_file():
-            raise ValueError(f"results must be a dict or the path of an existing results.json "
-                             f"(as oracle.py writes), but {file} does not exist")
-        try:
-            results = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"results file {file} is not valid JSON: {error}") from None
-    rows = results.get("rows") if isinstance(results, dict) else None
-    if not isinstance(rows, list) or not rows or not all(
-            isinstance(row, dict) and {"method", "prior", "tokens"} <= set(row) for row in rows):
-        raise ValueError("results must hold a non-empty 'rows' list of dicts with at least 'method', "
-                         "'prior' and 'tokens' (the schema of oracle.py's results.json)")
-    return results
-
-
-def _budget_lines(rows, metric):
-    """rows -> {(method, prior): {tokens: value}} and {(method, prior): {tokens: (low, high)}}
-    (the rows' 95 % intervals, where results.json has them), in drawing order."""
-    lines, bands = {}, {}
-    for row in rows:
-        if row.get(metric) is None:
-            continue
-        key, tokens = (row["method"], row["prior"]), int(row["tokens"])
-        lines.setdefault(key, {})[tokens] = float(row[metric])
-        if row.get(f"{metric}_low") is not None:
-            bands.setdefault(key, {})[tokens] = (row[f"{metric}_low"], row[f"{metric}_high"])
-    if not lines:
-        raise ValueError(f"results has no non-null {metric!r} values to plot; "
-                         f"try metric={'knn' if metric == 'top1' else 'top1'!r}")
-
-    rank = {name: i for i, name in enumerate([*METHOD_STYLES, *spot.PRIORS])}  # unknown names last
-    order = sorted(lines, key=lambda key: (rank.get(key[0], 99), rank.get(key[1], 99), key[1]))
-    return {key: lines[key] for key in order}, bands
-
-
-def plot_budget_curves(results, path=None, metric="top1", ax=None):
-    """Accuracy vs number of tokens (log2 axis), one line per (method, prior).
-
-    results: dict {"settings": {...}, "rows": [{"method", "prior", "tokens", "top1", "knn"}]}
-             or a path to results.json (or its folder), as written by oracle.py
-    metric:  "top1" or "knn"; rows whose value is null are left out of the line
-    Solid lines are priors without search, dashed ones oracle (SPoT-ON) variants, the colour is
-    the prior; the patch-grid baseline (prior "grid", no search) is a thick black line; shaded
-    bands are the rows' 95 % intervals where results.json has them (oracle.py writes them).
-    Returns the Figure.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
-    results = _load_results(results)
-    lines, bands = _budget_lines(results["rows"], metric)
-    own_figure = ax is None
-    if own_figure:
-        ax = plt.subplots(figsize=(7.5, 4.8))[1]
-    extra_colors = iter(plt.get_cmap("tab10").colors[::-1])
-    for (method, prior), points in lines.items():
-        tokens, values = zip(*sorted(points.items()))
-        style, marker, name = METHOD_STYLES.get(method, ((0, (3, 1)), "x", method))
-        color = PRIOR_COLORS.get(prior) or next(extra_colors, "grey")
-        baseline = method == "prior" and prior == "grid"
-        ax.plot(tokens, values, ls=style, marker=marker, color=color, ms=5,
-                lw=2.6 if baseline else 1.5, zorder=5 if baseline else 3,
-                label="patch grid (ViT baseline)" if baseline else f"{name}: {prior}")
-        band = bands.get((method, prior), {})
-        if len(band) == len(tokens):                          # shade the 95 % intervals
-            ax.fill_between(tokens, *zip(*(band[t] for t in tokens)), color=color, alpha=0.12, lw=0)
-
-    all_tokens = sorted({t for line in lines.values() for t in line})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(all_tokens, [str(t) for t in all_tokens])
-    ax.minorticks_off()
-    ax.set(xlabel="tokens per image (log2 scale)", ylabel=METRICS[metric])
-    ax.grid(True, alpha=0.3)
-    settings = results.get("settings") or {}
-    where = ", ".join(f"{k}={settings[k]}" for k in ("run", "dataset", "split") if k in settings) \
-        or settings.get("checkpoint", "")
-    ax.set_title(f"{METRICS[metric].split(' (')[0]} vs token budget" + (f"\n{where}" if where else ""),
-                 fontsize=10)
-    if own_figure:                      # never re-layout a figure the caller owns
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-        ax.figure.tight_layout()
-    else:                               # a panel of a bigger figure: the legend goes below it
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
-    return _finish(ax.figure, path)
-
-
-# -----------------------------------------------------------------------------
-# Retrofitting: training curves (the grid ViT, its retrofit, SPoT from scratch)
-
-def _load_run(run):
-    """A run folder (metrics.jsonl, run.json as train.py writes them) -> (name, epochs, args)."""
-    folder = Path(run).parent if Path(run).is_file() else Path(run)
-    metrics = folder / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ValueError(f"{folder} holds no metrics.jsonl (pass run folders written by train.py)")
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    epochs = [m for m in lines if not m.get("final") and not m.get("partial")]
-    info = folder / "run.json"
-    args = json.loads(info.read_text()).get("args", {}) if info.is_file() else {}
-    return folder.name, epochs, args
-
-
-def plot_training_curves(runs, keys=("val_acc", "val_acc@16"), path=None):
-    """Validation accuracy vs training time, one line per run, one panel per metric.
-
-    runs: run folders. A run started with --init-from another run in the list (retrofitting)
-    starts its clock where that run's ended, so the x axis is the total CPU time behind a model.
-    keys: metrics.jsonl fields, e.g. "val_acc" (full grid) and "val_acc@16" (16 isotropic tokens).
-    """
-    loaded = {name: (epochs, args) for name, epochs, args in map(_load_run, runs)}
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, (epochs, args) in loaded.items():
-            source = Path(args.get("init_from") or "").parent.name
-            parent = loaded.get(source, ([], {}))[0]
-            start = parent[-1]["elapsed_s"] if parent else 0.0
-            points = [(start + m["elapsed_s"], m[key]) for m in epochs if key in m]
-            handover = [m[key] for m in parent if key in m]
-            if points and handover:          # a retrofit starts from its source's last value
-                points.insert(0, (start, handover[-1]))
-            if points:                       # x: minutes
-                ax.plot(*zip(*((t / 60, v) for t, v in points)), marker="o", ms=3,
-                        label=name + (f" (from {source})" if parent else ""))
-        ax.set(xlabel="training time (minutes on the CPU of the runs)", ylabel=f"{key} (%)")
-        ax.set_title("validation, full grid" if key == "val_acc" else
-                     f"validation, {key.split('@')[-1]} isotropic tokens", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _finish(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -531,39 +366,39 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
     no preference for salient pixels, 2.0x twice as salient as a random spot (finding 3).
     Returns the Figure.
     """
-    img = _image_hwc(image)
+    img = _image_hwc(image, window)
     height, width = img.shape[:2]
     end = _positions_array(positions)
-    start = None if start_positions is None else _positions_array(start_positions, "start_positions")
-    if window is not None:
-        spot.check_window(window, (height, width))
+    start = (None if start_positions is None
+             else _positions_array(start_positions, "start_positions"))
 
     import oracle  # lazily: only this figure needs oracle.saliency_read
 
     saliency = spot.saliency_map(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])[0]  # (H, W)
     # Saliency read / image mean (no window: the map's value at each centre, a 1 x 1 window).
-    ratio = lambda pos: oracle.saliency_read(saliency[None], torch.as_tensor(pos).float()[None], window or 1).item()
-    report = ", ".join(f"{name} {ratio(pos):.2f}x" for name, pos in (("oracle", end), ("start", start))
-                       if pos is not None)
+    ratio = lambda pos: oracle.saliency_read(saliency[None], torch.as_tensor(pos).float()[None],
+                                             window or 1).item()
+    report = ", ".join(f"{name} {ratio(pos):.2f}x"
+                       for name, pos in (("oracle", end), ("start", start)) if pos is not None)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.2 * height / width + 0.9), layout="constrained")
-    _show_image(axes[0], img, window, title="image")
+    fig, axes = _panels(2, 4.2, height, width, 0.9)
+    _show_image(axes[0], img, "image", window)
     # The map is drawn in units of its own mean, so the colour bar reads like the title's ratios.
-    _show_image(axes[1], saliency.numpy() / saliency.mean().item(), window, title="spectral-residual saliency "
-                "(x image mean)", cmap="magma")
+    _show_image(axes[1], saliency.numpy() / saliency.mean().item(),
+                "spectral-residual saliency (x image mean)", window, cmap="magma")
     end_px = _to_pixels(end, height, width)
     for ax in axes:
         if window is not None:
-            _draw_windows(ax, end_px, window, color=END_COLOR, alpha=0.7, lw=0.9)
-        if start is not None:                 # hollow starts, and a thin line start -> end per token
+            _draw_windows(ax, end_px, window, END_COLOR, alpha=0.7, lw=0.9)
+        if start is not None:          # hollow starts, and a thin line start -> end per token
             track_px = _to_pixels(np.stack([start, end]), height, width)            # (2, N, 2)
             _dots(ax, track_px[0], START_COLOR, 24, hollow=True)
             ax.plot(track_px[..., 1], track_px[..., 0], color="white", lw=0.6, alpha=0.7, zorder=4)
         _dots(ax, end_px, END_COLOR, 18)
-    handles = [_marker("start (prior)", "none", START_COLOR)] * (start is not None) \
-        + [_marker("oracle position", END_COLOR)]
-    _legend_below(fig, handles)
-    fig.suptitle(f"Saliency vs oracle placement (finding 3)\nsaliency read / image mean: {report}", fontsize=10)
+    _legend_below(fig, [_marker("start (prior)", "none", START_COLOR)] * (start is not None)
+                  + [_marker("oracle position", END_COLOR)])
+    fig.suptitle(f"Saliency vs oracle placement (finding 3)\nsaliency read / image mean: {report}",
+                 fontsize=10)
     # One colour bar for both panels (constrained layout keeps the panels the same size).
     fig.colorbar(axes[1].images[0], ax=list(axes), fraction=0.025, pad=0.02)
     return _finish(fig, path)
@@ -577,9 +412,10 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 IMAGE_FORMATS = ("png", *sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"png"}))
 
 # ImageNet class folders are WordNet ids; figures title them by name (Imagenette's ten classes).
-WORDNET_NAMES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
-                 "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042":
-                 "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute"}
+WORDNET_NAMES = {"n01440764": "tench", "n02102040": "English springer",
+                 "n02979186": "cassette player", "n03000684": "chain saw", "n03028079": "church",
+                 "n03394916": "French horn", "n03417042": "garbage truck",
+                 "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute"}
 
 
 def _file_type(formats):
@@ -587,7 +423,7 @@ def _file_type(formats):
     formats[0]; its folder is created and proven writable now (utils.check_out_dir), so a bad
     name fails before any work, with the flag named by argparse."""
     def parse(text):
-        path = _with_default_suffix(text, "." + formats[0])
+        path = _with_default_suffix(text, f".{formats[0]}")
         if Path(text).is_dir() or path.suffix.lower()[1:] not in formats:
             raise argparse.ArgumentTypeError(f"{text} must name a file (not a folder) ending in "
                                              f".{', .'.join(formats)}")
@@ -621,36 +457,36 @@ def _pick(split, first, count=1):
     if first + count > len(split.labels):
         raise ValueError(f"--index {first}" + (f" with --n-images {count}" if count > 1 else "")
                          + f" reaches past the {len(split.labels)} images of this test split")
-    return split.images[first:first + count], split.labels[first:first + count]
+    rows = slice(first, first + count)
+    return split.images[rows], split.labels[rows]
 
 
 def _load(args, count=1):
     """The model of --checkpoint, and `count` test images from --index searched by SPoT-ON ->
-    (model, class names, uint8 images, labels, start positions (count, N, 2), OracleResult).
+    (window k, class names, uint8 images, labels, the search's trajectory (steps + 1, count, N, 2)
+    and the classes predicted at its start and at its end: two (count,) tensors).
 
+    The search starts from --tokens drawn from --search-from (seeded by --seed, as
+    train.draw_positions draws them), its trajectory[0]; --search-steps 0 leaves them there.
     The dataset is the one named by the train args inside the checkpoint; data.load_model_and_data
-    reads the file once, with weights_only=True, and words every failure as a message naming it.
-    The tokens start from --search-from (seeded by --seed); --search-steps 0 leaves them there."""
+    reads the file once, with weights_only=True, and words every failure as a message naming it."""
     import data
     import oracle
 
     model, dataset, _ = data.load_model_and_data(args.checkpoint)
     uint8, labels = _pick(dataset.test, args.index, count)
-    images, size, window = uint8.float() / 255, model.config.image_size, model.config.window
-    start = spot.sample_positions(args.search_from, count, _budget(args.tokens, size, window), size,
-                                  window, generator=torch.Generator().manual_seed(args.seed), images=images)
+    window = model.config.window
+    n_tokens = _budget(args.tokens, model.config.image_size, window)
+    start = train.draw_positions(args.search_from, uint8, n_tokens, window, args.seed)
     steps = oracle.DEFAULT_STEPS if args.search_steps is None else args.search_steps
-    found = oracle.oracle_search(model, images, labels, start, steps=steps,
-                                 lr=args.search_lr or oracle.DEFAULT_LR, objective=args.objective)
+    lr = args.search_lr or oracle.DEFAULT_LR
+    track = oracle.oracle_search(model, uint8.float() / 255, labels, start, steps, lr,
+                                 args.objective).trajectory
+    # Read through train.predict, the one evaluation loop: logits (count, classes) -> classes.
+    predicted = [train.predict(model, uint8, track[step], "cpu", count)[0].argmax(-1)
+                 for step in (0, -1)]
     classes = [WORDNET_NAMES.get(name, name) for name in dataset.classes]
-    return model, classes, uint8, labels, start, found
-
-
-def _predict(model, uint8, positions):
-    """Predicted classes (B,) through train.predict, the one evaluation loop."""
-    import oracle
-
-    return train.predict(model, uint8, positions, "cpu", len(uint8))[0].argmax(-1)
+    return window, classes, uint8, labels, track, predicted
 
 
 def _cmd_priors(args):
@@ -658,54 +494,42 @@ def _cmd_priors(args):
     if args.dataset is not None:
         import data
 
-        dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size, progress=False)
+        dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
+                                    progress=False)
         image = _pick(dataset.test, args.index)[0][0]
-        size = tuple(image.shape[-2:])
-    return plot_priors(size, args.window, _budget(args.tokens, size, args.window), priors=args.priors,
-                       image=image, seed=args.seed, path=args.out)
+        size = image.shape[-2:]
+    return plot_priors(size, args.window, _budget(args.tokens, size, args.window),
+                       priors=args.priors, image=image, seed=args.seed, path=args.out)
 
 
 def _cmd_placements(args):
-    model, classes, uint8, labels, start, found = _load(args)
-    panels = [(f"prior '{args.search_from}'", start)] \
-        + [(f"SPoT-ON, {args.search_steps} steps", found.positions)] * (args.search_steps > 0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.8), squeeze=False,
-                             layout="constrained")
-    for ax, (name, positions) in zip(axes[0], panels):
-        plot_placements(uint8[0], positions[0], model.config.window, ax=ax,
-                        title=f"{name}\npredicted '{classes[_predict(model, uint8, positions)[0]]}'")
-    fig.suptitle(f"test image {args.index}, label '{classes[labels[0]]}', {start.shape[1]} tokens", fontsize=10)
+    window, classes, uint8, labels, track, predicted = _load(args)
+    panels = zip([f"prior '{args.search_from}'", f"SPoT-ON, {args.search_steps} steps"],
+                 track[[0, -1]], predicted)
+    # With --search-steps 0 the prior's panel alone.
+    fig, axes = _panels(1 + (args.search_steps > 0), 4.2, *uint8.shape[-2:], 0.6)
+    for ax, (name, positions, guess) in zip(axes, panels):
+        plot_placements(uint8[0], positions[0], window, ax=ax,
+                        title=f"{name}\npredicted '{classes[guess[0]]}'")
+    fig.suptitle(f"test image {args.index}, label '{classes[labels[0]]}', "
+                 f"{track.shape[2]} tokens", fontsize=10)
     return _finish(fig, args.out)
 
 
 def _cmd_trajectories(args):
-    model, classes, uint8, labels, _, found = _load(args, args.n_images)
-    before, after = (_predict(model, uint8, found.trajectory[step]) for step in (0, -1))
+    window, classes, uint8, labels, track, predicted = _load(args, args.n_images)
     titles = [f"#{args.index + i} '{classes[y]}'\npredicted {classes[p]} -> {classes[q]}"
-              for i, (y, p, q) in enumerate(zip(labels.tolist(), before.tolist(), after.tolist()))]
-    fig = plot_trajectories(uint8, found.trajectory, model.config.window, n_images=args.n_images,
+              for i, (y, p, q) in enumerate(zip(labels, *predicted))]
+    fig = plot_trajectories(uint8, track, window, n_images=args.n_images,
                             titles=titles, path=args.out)
     if args.gif:
-        plt.close(save_trajectory_gif(uint8[0], found.trajectory[:, 0], model.config.window,
-                                      args.gif, fps=args.fps))
+        plt.close(save_trajectory_gif(uint8[0], track[:, 0], window, args.gif, args.fps))
     return fig
 
 
 def _cmd_saliency(args):
-    model, _, uint8, _, start, found = _load(args)
-    return plot_saliency_vs_oracle(uint8[0], found.positions[0], start[0],
-                                   window=model.config.window, path=args.out)
-
-
-def _cmd_budget(args):
-    if len(args.results) == 1:
-        return plot_budget_curves(args.results[0], path=args.out, metric=args.metric)
-    # Several models (e.g. grid ViT, retrofit, SPoT from scratch): one panel each, shared y axis.
-    fig, axes = plt.subplots(1, len(args.results), figsize=(5.5 * len(args.results), 6.5), sharey=True)
-    for ax, results in zip(axes, args.results):
-        plot_budget_curves(results, metric=args.metric, ax=ax)
-    fig.tight_layout()
-    return _finish(fig, args.out)
+    window, _, uint8, _, track, _ = _load(args)
+    return plot_saliency_vs_oracle(uint8[0], track[-1, 0], track[0, 0], window, args.out)
 
 
 def _image_flags(sub, index_help):
@@ -718,7 +542,8 @@ def _image_flags(sub, index_help):
 
 def _model_flags(sub, steps=None, steps_help="SPoT-ON steps (default: oracle.py's)"):
     """The flags of a command that reads test images through a trained model, and searches
-    them with SPoT-ON, spelled as in every command of the project (old spellings hidden)."""
+    them with SPoT-ON, spelled as in every command of the project (--prior, --oracle-steps and
+    --steps: hidden aliases)."""
     sub.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     _image_flags(sub, "(first) test image index")
     sub.add_argument("--search-from", choices=spot.PRIORS, default="isotropic",
@@ -726,16 +551,18 @@ def _model_flags(sub, steps=None, steps_help="SPoT-ON steps (default: oracle.py'
     sub.add_argument("--search-steps", type=utils.int_at_least(0), default=steps, help=steps_help)
     sub.add_argument("--search-lr", type=utils.float_in(0, low_open=True),
                      help="SPoT-ON step size in [0, 1] position units (default: oracle.py's)")
-    sub.add_argument("--objective", choices=("label", "entropy"), default="label", help="what the "
-                     "search minimizes: the label's loss (the oracle), or label-free entropy")
+    sub.add_argument("--objective", choices=("label", "entropy"), default="label",
+                     help="what the search minimizes: the label's loss (the oracle), or the "
+                     "label-free entropy of the model's prediction")
     utils.add_alias(sub, "search_from", "--prior", choices=spot.PRIORS)
     utils.add_alias(sub, "search_steps", "--oracle-steps", "--steps", type=utils.int_at_least(0))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="visualize.py", description=__doc__.split("\n\n")[0].strip(),
-                                     epilog="Every command writes a figure (--out; no extension: .png) and "
-                                     "never opens a window. 'COMMAND --help' lists a command's flags.")
+    parser = argparse.ArgumentParser(
+        prog="visualize.py", description=__doc__.split("\n\n")[0],
+        epilog="Every command writes a figure (--out; no extension: .png) and never opens a "
+        "window. 'COMMAND --help' lists a command's flags.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     count = utils.int_at_least(1)
 
@@ -748,34 +575,31 @@ def build_parser():
         return sub
 
     p = add("priors", _cmd_priors, "gallery of the spatial priors (the paper's Figure 2)")
-    p.add_argument("--image-size", type=count, help="canvas size in pixels (default 32, or the dataset's)")
+    p.add_argument("--image-size", type=count,
+                   help="canvas size in pixels (default 32, or the dataset's)")
     p.add_argument("--window", type=count, default=4, help="token window k in pixels")
-    p.add_argument("--priors", type=utils.name_list(spot.PRIORS), default=list(spot.PRIORS),
+    p.add_argument("--priors", type=utils.name_list(spot.PRIORS), default=spot.PRIORS,
                    help="comma-separated prior names")
     p.add_argument("--dataset", help="draw on a test image of this dataset (enables 'salient')")
     p.add_argument("--data-dir", help="dataset folder (cifar10, folder)")
     _image_flags(p, "test image index (with --dataset)")
 
-    p = add("placements", _cmd_placements, "token windows on a test image, before and after SPoT-ON")
-    _model_flags(p, 0, "also run SPoT-ON for this many steps and show the result beside (0: no search)")
+    p = add("placements", _cmd_placements,
+            "token windows on a test image, before and after SPoT-ON")
+    _model_flags(p, 0, "also run SPoT-ON for this many steps and show the result beside (0: no "
+                 "search)")
 
     p = add("trajectories", _cmd_trajectories, "SPoT-ON search paths on test images")
     _model_flags(p)
     p.add_argument("--n-images", type=count, default=4, help="how many test images")
-    p.add_argument("--gif", type=_file_type(("gif",)), help="also animate the first image into this .gif")
-    p.add_argument("--fps", type=utils.float_in(0, low_open=True), default=4, help="GIF frames per second")
+    p.add_argument("--gif", type=_file_type(("gif",)),
+                   help="also animate the first image into this .gif")
+    p.add_argument("--fps", type=utils.float_in(0, low_open=True), default=4,
+                   help="GIF frames per second")
 
     p = add("saliency", _cmd_saliency, "saliency map vs SPoT-ON placement (finding 3)")
     _model_flags(p)
 
-    p = add("budget", _cmd_budget, "accuracy vs token budget from oracle.py's results.json")
-    p.add_argument("--results", required=True, nargs="+", help="results.json (or folders): a panel each")
-    p.add_argument("--metric", choices=tuple(METRICS), default="top1", help="which accuracy")
-
-    p = add("training", lambda args: plot_training_curves(args.runs, args.keys.split(","), args.out),
-            "validation accuracy vs training time of train.py runs (retrofitting)")
-    p.add_argument("--runs", required=True, nargs="+", help="run folders (metrics.jsonl, run.json)")
-    p.add_argument("--keys", default="val_acc,val_acc@16", help="metrics.jsonl fields, a panel each")
     return parser
 
 
@@ -788,7 +612,8 @@ def main(argv=None):
         plt.close(args.func(args))
     except (ValueError, utils.DataError) as error:     # a message for the user, not a bug
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
-    print("wrote " + " and ".join(str(path) for path in (args.out, getattr(args, "gif", None)) if path))
+    print("wrote " + " and ".join(
+        str(path) for path in (args.out, getattr(args, "gif", None)) if path))
     return 0
 
 

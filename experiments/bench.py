@@ -51,9 +51,11 @@ How the numbers are made (read this before trusting one):
     memory allocation, kernel selection and AdamW's state).
   * On CUDA the kernels run asynchronously: we torch.cuda.synchronize() before reading a timer,
     otherwise we would time the kernel *launches*, not the work.
-  * --precision auto decides bf16 autocast vs fp32 exactly as train.py does
-    (utils.precision_for): on the CPU it times a training step of the --model preset in both
-    and keeps the faster, because a CPU's feature flags do not say which one is faster.
+  * --precision auto decides bf16 autocast vs fp32 by measuring (precision_for): on the CPU it
+    times a training step of the --model preset in both and keeps the faster, because a CPU's
+    feature flags do not say which one is faster. (train.py's auto takes fp32 on the CPU, so
+    that a command gives one result; pass train.py --precision bf16 where this measures it
+    faster.)
   * torch.set_flush_denormal(True), as in train.py: Adam's tiny second moments become denormal
     floats, which x86 CPUs process in slow microcode.
   * Images are random: bilinear sampling and matrix products cost the same whatever the pixels.
@@ -67,11 +69,13 @@ How the numbers are made (read this before trusting one):
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,7 +95,8 @@ EMBED_DIM = 192                 # the tokenizer's linear embedding: C*k*k -> 192
 SUBPIXEL_SHIFT = 0.3            # pixels added to every grid centre in the tokenizer benchmark
 TOKEN_COUNTS = (16, 64)         # default --tokens
 # the tokenizers timed against patchify; SPoTViT uses the first
-SAMPLERS = {"extract_patches": spot.extract_patches, "extract_patches_reference": spot.extract_patches_reference}
+SAMPLERS = {"extract_patches": spot.extract_patches,
+            "extract_patches_reference": spot.extract_patches_reference}
 GOALS = {"tokenizer": 1.25, "tokenizer_pos_grad": 2.0, "train": 1.1, "oracle": 1.2}
 SWEEP_STEPS = (5, 10, 20, 40)
 SWEEP_LRS = (3e-3, 1e-2, 3e-2)
@@ -100,56 +105,135 @@ SWEEP_LRS = (3e-3, 1e-2, 3e-2)
 def parse_args(argv=None):
     """Command line -> checked args: a bad flag stops the run before a model is built or a
     checkpoint read, not after minutes of timing."""
-    parser = argparse.ArgumentParser("python -m experiments.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser("python -m experiments.bench",
+                                     description=__doc__.split("\n\n")[0])
     add, count = parser.add_argument, utils.int_at_least
     add("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="(default: cpu)")
     add("--threads", type=count(1), help="CPU threads for torch (default: all cores)")
     add("--repeats", type=count(1), help="timed rounds per comparison (default 15, quick 3)")
     add("--warmup", type=count(0), help="untimed rounds first (default 3, quick 1)")
-    add("--model", default="cifar10", choices=tuple(train.PRESETS), help="train.py preset (default: cifar10)")
+    add("--model", default="cifar10", choices=tuple(train.PRESETS),
+        help="train.py preset (default: cifar10)")
     add("--batch-size", type=count(1), help="images per batch (default: the preset's, quick 8)")
-    add("--tokens", default="16,64", help="N of sections 2-4, the budgets of oracle-sweep/-time (default: 16,64)")
-    add("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto = what train.py would pick")
-    add("--only", type=utils.name_list(SECTIONS), default=",".join(list(SECTIONS)[:5]), help="comma-separated sections")
+    add("--tokens", default="16,64",
+        help="N of sections 2-4, the budgets of oracle-sweep/-time (default: 16,64)")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        help="auto = what train.py would pick")
+    add("--only", type=utils.name_list(SECTIONS), default=",".join(list(SECTIONS)[:5]),
+        help="comma-separated sections")
     add("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
     add("--json", help="write every number, settings and machine info here")
     add("--checkpoint", help="oracle-sweep: checkpoint.pt written by train.py")
     add("--data-dir", help="its dataset folder (default: the one it stores)")
     add("--out", help="folder for sweep.json and sweep.md")
-    add("--limit", type=count(1), default=500, help="oracle-sweep: the first N validation (else train) images (500)")
-    add("--search-from", default="isotropic", choices=spot.PRIORS, help="prior the searches start from (isotropic)")
+    add("--limit", type=count(1), default=500,
+        help="oracle-sweep: the first N validation (else train) images (500)")
+    add("--search-from", default="isotropic", choices=spot.PRIORS,
+        help="prior the searches start from (isotropic)")
     utils.add_alias(parser, "search_from", "--oracle-from", choices=spot.PRIORS)
     args = parser.parse_args(argv)
     preset = train.PRESETS[args.model]
-    for name, quick, full in (("repeats", 3, 15), ("warmup", 1, 3), ("batch_size", 8, preset["batch_size"])):
-        setattr(args, name, (quick if args.quick else full) if getattr(args, name) is None else getattr(args, name))
-    args.n_grid = n_grid = len(spot.grid_positions(preset["model"].image_size, preset["model"].window))
-    on_checkpoint = set(args.only) & {"oracle-sweep"}
+    defaults = (("repeats", 3, 15), ("warmup", 1, 3), ("batch_size", 8, preset["batch_size"]))
+    for name, quick, full in defaults:             # unset flags: the --quick or the full default
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    config = preset_config(args.model)
+    args.n_grid = n_grid = len(spot.grid_positions(config.image_size, config.window))
     try:
-        args.tokens = utils.parse_tokens(args.tokens, n_grid)
-        if {"train", "memory"} & set(args.only) and max(args.tokens) > n_grid:
-            raise ValueError(f"--tokens: the grid ViT of '{args.model}' has {n_grid} patches, got {max(args.tokens)}")
-        if bool(on_checkpoint) != (args.checkpoint is not None) or (on_checkpoint and args.out is None):
-            raise ValueError("--checkpoint and --out go with --only oracle-sweep, and only there")
-        if args.json is not None and Path(args.json).is_dir():
-            raise ValueError(f"--json {args.json} is a folder; name a file inside it")
-        args.device = utils.resolve_device(args.device)
-        for flag, folder in (("--out", on_checkpoint and args.out), ("--json", args.json and Path(args.json).parent)):
-            if folder:
-                utils.check_out_dir(folder, flag)
+        check_args(args, n_grid)
     except ValueError as error:
         parser.error(str(error))
     return args
 
 
+def check_args(args, n_grid):
+    """The flags that depend on each other; sets args.tokens (a list) and args.device. Raises
+    ValueError naming the flag."""
+    on_checkpoint = set(args.only) & {"oracle-sweep"}
+    args.tokens = utils.parse_tokens(args.tokens, n_grid)
+    if {"train", "memory"} & set(args.only) and max(args.tokens) > n_grid:
+        raise ValueError(f"--tokens: the grid ViT of '{args.model}' has {n_grid} patches, "
+                         f"got {max(args.tokens)}")
+    if bool(on_checkpoint) != (args.checkpoint is not None) or (on_checkpoint and args.out is None):
+        raise ValueError("--checkpoint and --out go with --only oracle-sweep, and only there")
+    if args.json is not None and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; name a file inside it")
+    args.device = utils.resolve_device(args.device)
+    folders = (("--out", on_checkpoint and args.out),
+               ("--json", args.json and Path(args.json).parent))
+    for flag, folder in folders:
+        if folder:
+            utils.check_out_dir(folder, flag)
+
+
+def preset_config(name):
+    """The spot.SPoTConfig of train.py's preset `name` (its model flags; the rest default)."""
+    preset = train.PRESETS[name]
+    return spot.SPoTConfig(**{flag: preset[flag] for flag in train.MODEL_FLAGS})
+
+
 def choose_bf16(args):
-    """--precision -> (bf16?, a line saying how it was decided), by utils.precision_for, the
-    rule train.py follows: on the CPU, 'auto' times a forward + backward of the --model preset
-    at this batch size and the middle token count in both precisions."""
-    model, said = spot.SPoTViT(train.PRESETS[args.model]["model"]).to(args.device), []
-    bf16 = utils.precision_for(model, args.precision, args.batch_size, args.tokens[len(args.tokens) // 2],
-                               args.device, said.append)
-    return bf16, said[0] if said else f"precision: {'bf16' if bf16 else 'fp32'} (--precision {args.precision})"
+    """--precision -> (bf16?, a line saying how it was decided), by precision_for: on the CPU,
+    'auto' times a forward + backward of the --model preset at this batch size and the middle
+    token count in both precisions."""
+    model, said = spot.SPoTViT(preset_config(args.model)).to(args.device), []
+    middle = args.tokens[len(args.tokens) // 2]
+    bf16 = precision_for(model, args.precision, args.batch_size, middle, args.device,
+                         said.append)
+    if said:
+        return bf16, said[0]
+    return bf16, f"precision: {'bf16' if bf16 else 'fp32'} (--precision {args.precision})"
+
+
+# -----------------------------------------------------------------------------
+# bf16 or fp32 on this machine, measured
+
+def measured_precision(precision, device, time_step, log=print):
+    """The benchmark's --precision -> bf16 (True) or fp32 (False). 'auto' on CUDA: bf16 where
+    supported. 'auto' on the CPU is decided by measuring, because CPU flags do not say which is
+    faster for this model (train.py's auto takes fp32 on the CPU, for one result per command):
+    the same training step ran bf16 2.6x faster than fp32 on one 2-core CPU and 1.5x
+    slower on another, both listing avx512_bf16 (and CPUs without native bf16 emulate it, many
+    times slower). time_step(bf16, batch_fraction) -> seconds per training step of the actual
+    model on that fraction of the batch. bf16 is first tried on 1/8 of the batch: if that alone
+    is slower than a whole fp32 step, bf16 cannot win and the full bf16 probe is skipped."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    fp32, eighth = time_step(False, 1.0), time_step(True, 1 / 8)
+    bf16 = time_step(True, 1.0) if eighth <= fp32 else math.inf
+    probe = (f"{1e3 * bf16:.0f} ms/step" if bf16 < math.inf   # else not run: cannot win
+             else f"{1e3 * eighth:.0f} ms for 1/8 of the batch")
+    log(f"precision: {'bf16' if bf16 < fp32 else 'fp32'} (probe: fp32 {1e3 * fp32:.0f} ms/step, "
+        f"bf16 {probe})")
+    return bf16 < fp32
+
+
+def precision_for(model, precision, batch_size, n_tokens, device, log=print):
+    """measured_precision, probing `model` at this batch size and token count."""
+    def time_step(bf16, fraction):
+        batch = max(1, round(fraction * batch_size))
+        return probe_step_seconds(model, batch, n_tokens, device, bf16)
+    return measured_precision(precision, device, time_step, log)
+
+
+def probe_step_seconds(model, batch_size, n_tokens, device, bf16, steps=3):
+    """Median seconds of a forward + backward of `model` on a random batch, after a warm-up.
+    Leaves no trace: its own generator, gradients to a list (never .grad), no optimizer step."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(batch_size, model.config.in_chans, *model.config.image_size,
+                        generator=generator, device=device)
+    positions = torch.rand(batch_size, n_tokens, 2, generator=generator, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with utils.autocast(device, bf16):
+            loss = model(images, positions).float().logsumexp(-1).mean()
+        torch.autograd.grad(loss, params)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 # -----------------------------------------------------------------------------
@@ -178,10 +262,13 @@ def timed_row(args, fns, vs=None, goal=None, derived=None, **fields):
     times = measure(fns, args.repeats, args.warmup, args.sync)
     if derived:
         times[derived[0]] = [a - b for a, b in zip(times[derived[1]], times[derived[2]])]
-    row = {**fields, "times_s": times, "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()}}
-    print(f"  {fields}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in row["ms"].items()), file=sys.stderr)
+    medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    row = {**fields, "times_s": times, "ms": medians}
+    told = ", ".join(f"{n} {v:.2f} ms" for n, v in medians.items())
+    print(f"  {fields}: {told}", file=sys.stderr)
     if vs:
-        row["ratio"] = {n: statistics.median(a / b for a, b in zip(t, times[vs])) for n, t in times.items() if n != vs}
+        row["ratio"] = {n: statistics.median(a / b for a, b in zip(t, times[vs]))
+                        for n, t in times.items() if n != vs}
     if goal:
         row["goal"] = f"{'met' if row['ratio'][goal[0]] <= goal[1] else 'MISSED'} (<= {goal[1]}x)"
     return row
@@ -217,13 +304,15 @@ class GridViT(spot.SPoTViT):
         self.register_buffer("pos_table", self.pos_embed(centres[None])[0], persistent=False)
 
     def forward(self, images, cells=None):
-        patches = patchify((images - self.image_mean) / self.image_std, self.config.window)  # (B, G, C*k*k)
+        normalized = (images - self.image_mean) / self.image_std
+        patches = patchify(normalized, self.config.window)                    # (B, G, C*k*k)
         pos = self.pos_table.expand(len(images), -1, -1)                      # (B, G, dim)
         if cells is not None:      # patch dropout: gather BEFORE embedding (cheaper)
             patches = patches.gather(1, cells[..., None].expand(-1, -1, patches.shape[-1]))
             pos = self.pos_table[cells]                                        # (B, N, dim)
         tokens = self.patch_embed(patches)
-        x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens + pos.to(tokens.dtype)], 1)
+        cls = self.cls_token.expand(len(tokens), -1, -1)
+        x = torch.cat([cls, tokens + pos.to(tokens.dtype)], 1)
         for block in self.blocks:
             x = block(x)
         return self.forward_head(self.norm(x))
@@ -236,7 +325,8 @@ class FusedAttention(spot.Attention):
 
     def forward(self, x):                                                    # (B, T, D)
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                 # (B, h, T, D/h) each
         x = F.scaled_dot_product_attention(q, k, v)                          # (B, h, T, D/h)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -260,25 +350,31 @@ def build_models(config, device, kinds, lr=1e-3):
     for model in models.values():
         model.load_state_dict(weights)                          # strict: the same parameters
         model.to(device)
-    return models, {kind: torch.optim.AdamW(train.param_groups(model, 0.05), lr=lr,
-                                            fused=device.type == "cuda" or None) for kind, model in models.items()}
+    fused = device.type == "cuda" or None
+    optimizers = {kind: torch.optim.AdamW(train.param_groups(model, 0.05), lr=lr, fused=fused)
+                  for kind, model in models.items()}
+    return models, optimizers
 
 
 def step_jobs(args, kinds, n_tokens, bf16):
     """The --model preset built as each of `kinds`, and a random batch: images and labels, N uniform
     subpixel positions (SPoT) and N random grid cells per image (GridViT, like the "grid" prior),
     drawn outside the timed region -> {kind: one training step}, {"search": steps -> one search}."""
-    config, g, B = train.PRESETS[args.model]["model"], torch.Generator().manual_seed(0), args.batch_size
+    config, g, B = preset_config(args.model), torch.Generator().manual_seed(0), args.batch_size
     models, optimizers = build_models(config, args.device, kinds, train.PRESETS[args.model]["lr"])
     images = torch.rand(B, config.in_chans, *config.image_size, generator=g).to(args.device)
     labels = torch.randint(0, config.num_classes, (B,), generator=g).to(args.device)
-    positions = spot.sample_positions("uniform", B, n_tokens, config.image_size, config.window, g).to(args.device)
-    cells = torch.rand(B, args.n_grid, generator=g).argsort(1)[:, :n_tokens].to(args.device)     # N cells per image
-    where = {"grid": None if n_tokens == args.n_grid else cells, "spot": positions, "fused": positions}
+    positions = spot.sample_positions("uniform", B, n_tokens, config.image_size, config.window, g)
+    positions = positions.to(args.device)
+    cells = torch.rand(B, args.n_grid, generator=g).argsort(1)[:, :n_tokens]   # N cells per image
+    cells = cells.to(args.device)
+    where = {"grid": None if n_tokens == args.n_grid else cells,
+             "spot": positions, "fused": positions}
 
     def step(kind):                  # one optimizer step as train.py takes it (no scheduler)
         with utils.autocast(args.device, bf16):
-            loss = F.cross_entropy(models[kind](images, where[kind]).float(), labels, label_smoothing=0.1)
+            logits = models[kind](images, where[kind]).float()
+            loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
         optimizers[kind].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models[kind].parameters(), 1.0)
@@ -309,25 +405,33 @@ def bench_tokenizer(args):
         embed = torch.nn.Linear(3 * window * window, EMBED_DIM).to(device)
         centres = spot.grid_positions(size, window).to(device)                   # (G, 2)
         for pos_grad, goal in ((False, GOALS["tokenizer"]), (True, GOALS["tokenizer_pos_grad"])):
-            positions = (centres + SUBPIXEL_SHIFT / size).expand(batch, -1, -1).clone().requires_grad_(pos_grad)
-            reads = {"patchify": lambda: patchify(images, window),
-                     **{n: (lambda s=s, p=positions: s(images, p, window).flatten(2)) for n, s in SAMPLERS.items()}}
+            shifted = (centres + SUBPIXEL_SHIFT / size).expand(batch, -1, -1)     # (B, G, 2)
+            positions = shifted.clone().requires_grad_(pos_grad)
+            reads = {"patchify": lambda: patchify(images, window)}    # each -> (B, G, C*k*k)
+            for name, sample in SAMPLERS.items():
+                reads[name] = lambda s=sample, p=positions: s(images, p, window).flatten(2)
 
             def run(name, pos_grad=pos_grad, positions=positions):
                 with utils.autocast(device, args.bf16):
                     tokens = embed(reads[name]())                                      # (B, G, 192)
                 wrt = list(embed.parameters()) + [positions] * (pos_grad and name != "patchify")
-                torch.autograd.grad(tokens.sum(), wrt)      # upstream gradient: all ones, for everyone
-            rows.append(timed_row(args, {n: (lambda n=n: run(n)) for n in reads}, "patchify", ("extract_patches", goal),
-                                  image_size=size, window=window, batch=batch, tokens=len(centres), pos_grad=pos_grad))
+                torch.autograd.grad(tokens.sum(), wrt)   # upstream gradient: all ones, for everyone
+            fns = {n: (lambda n=n: run(n)) for n in reads}
+            rows.append(timed_row(args, fns, "patchify", ("extract_patches", goal),
+                                  image_size=size, window=window, batch=batch,
+                                  tokens=len(centres), pos_grad=pos_grad))
     return rows
 
 
 def bench_train(args):
     """2. Training step (forward, backward, clip, AdamW): SPoTViT at N subpixel tokens vs GridViT
     at N grid patches; (x) = time / GridViT's time."""
-    return [timed_row(args, step_jobs(args, ("grid", "spot"), n, args.bf16)[0], "grid", ("spot", GOALS["train"]),
-                      tokens=n, batch=args.batch_size) for n in args.tokens]
+    rows = []
+    for n in args.tokens:
+        steps = step_jobs(args, ("grid", "spot"), n, args.bf16)[0]
+        rows.append(timed_row(args, steps, "grid", ("spot", GOALS["train"]),
+                              tokens=n, batch=args.batch_size))
+    return rows
 
 
 def bench_oracle(args):
@@ -342,7 +446,8 @@ def bench_oracle(args):
         steps, search = step_jobs(args, ("spot",), n, args.bf16)
         fns = {"train": steps["spot"], "search1": lambda: search(1), "search0": lambda: search(0)}
         rows.append(timed_row(args, fns, "train", ("oracle_step", GOALS["oracle"]),
-                              ("oracle_step", "search1", "search0"), tokens=n, batch=args.batch_size))
+                              ("oracle_step", "search1", "search0"),
+                              tokens=n, batch=args.batch_size))
     return rows
 
 
@@ -352,9 +457,12 @@ def bench_attention(args):
 
     The same weights and batch, stepped as SPoTViT and as FusedAttentionViT. Both precisions are
     measured whatever --precision says: the fused kernel's slow CPU backward shows in bf16."""
-    return [timed_row(args, step_jobs(args, ("fused", "spot"), args.n_grid, bf16)[0], "spot",
-                      tokens=args.n_grid, batch=args.batch_size, precision="bf16" if bf16 else "fp32")
-            for bf16 in (False, True)]
+    rows = []
+    for bf16 in (False, True):
+        steps = step_jobs(args, ("fused", "spot"), args.n_grid, bf16)[0]
+        rows.append(timed_row(args, steps, "spot", tokens=args.n_grid, batch=args.batch_size,
+                              precision="bf16" if bf16 else "fp32"))
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -362,8 +470,8 @@ def bench_attention(args):
 
 def rss_kb(field):
     """VmRSS (resident now) or VmHWM (peak resident, 'high water mark') of this process, in kB."""
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(field + ":"))
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def memory_child(kind, n_tokens, settings):
@@ -377,14 +485,21 @@ def memory_child(kind, n_tokens, settings):
     caching allocator counts as kernels are queued: no synchronize needed)."""
     args, cuda, reset = argparse.Namespace(**settings), settings["device"].type == "cuda", True
     torch.set_num_threads(args.threads)
-    steps, search = step_jobs(args, ("spot",) if kind == "oracle" else (kind,), n_tokens, args.bf16)
+    kinds = ("spot",) if kind == "oracle" else (kind,)
+    steps, search = step_jobs(args, kinds, n_tokens, args.bf16)
     try:
-        torch.cuda.reset_peak_memory_stats() if cuda else Path("/proc/self/clear_refs").write_text("5")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         reset = False         # then the peak also covers the set-up (imports, model)
     base = torch.cuda.memory_allocated() if cuda else 1024 * rss_kb("VmRSS")
     for _ in range(2):
-        search(1) if kind == "oracle" else steps[kind]()
+        if kind == "oracle":
+            search(1)
+        else:
+            steps[kind]()
     peak = torch.cuda.max_memory_allocated() if cuda else 1024 * rss_kb("VmHWM")
     return {"kind": kind, "tokens": n_tokens, "base_mb": base / 2**20, "peak_mb": peak / 2**20,
             "delta_mb": (peak - base) / 2**20, "peak_reset": reset}
@@ -402,7 +517,8 @@ def bench_memory(args):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     for kind, n in ((kind, n) for kind in ("grid", "spot", "oracle") for n in args.tokens):
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            rows.append(pool.apply(memory_child, (kind, n, {**settings, "threads": torch.get_num_threads()})))
+            child_settings = {**settings, "threads": torch.get_num_threads()}
+            rows.append(pool.apply(memory_child, (kind, n, child_settings)))
         print(f"  memory {kind} N={n}: peak {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr)
     del os.environ["MALLOC_MMAP_THRESHOLD_"]
     return rows
@@ -411,30 +527,52 @@ def bench_memory(args):
 # -----------------------------------------------------------------------------
 # oracle-sweep: choosing oracle.py's defaults on a trained model
 
-def sweep(model, images_uint8, labels, budgets, prior="isotropic", steps_grid=SWEEP_STEPS,
-          lr_grid=SWEEP_LRS, objectives=oracle.OBJECTIVES, batch_size=128, seed=0, device="cpu",
-          progress=True):
-    """Top-1 accuracy and mean objective for every (objective, budget, lr, steps) -> list of dicts.
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid oracle-sweep searches, and how: start prior, batch, seed, device, a tqdm bar."""
+    steps_grid: tuple = SWEEP_STEPS
+    lr_grid: tuple = SWEEP_LRS
+    objectives: tuple = oracle.OBJECTIVES
+    prior: str = "isotropic"
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def sweep(model, images_uint8, labels, budgets, config=SweepConfig()):
+    """Top-1 accuracy and mean objective for every (objective, budget, lr, steps) of config's
+    grid -> list of dicts.
 
     One search of max(steps_grid) steps per (objective, budget, lr) is enough: the hand-written
     Adam has no schedule, so the first s steps of a long search ARE an s-step search, and
     trajectory[s] gives its positions. steps = 0 (the prior itself) is included as the baseline.
     """
-    config, checkpoints, results = model.config, sorted({0, *steps_grid}), []
-    jobs = [(o, tokens, lr) for o in objectives for tokens in budgets for lr in lr_grid]
-    for objective, tokens, lr in tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True):
-        start = train.draw_positions(prior, images_uint8, tokens, config.window,
-                                      train.seed_for(seed, prior, tokens, "sweep"), device)
-        found = [oracle.oracle_search(model, images_uint8[i:i + batch_size].to(device).float() / 255,
-                                      labels[i:i + batch_size].to(device) if objective == "label" else None,
-                                      start[i:i + batch_size].to(device), steps=max(steps_grid), lr=lr,
-                                      objective=objective) for i in range(0, len(labels), batch_size)]
-        trajectory = torch.cat([f.trajectory[checkpoints].cpu() for f in found], 1)     # (S, n, N, 2)
-        losses = torch.cat([f.losses[checkpoints].cpu() for f in found], 1)             # (S, n)
+    window, results = model.config.window, []
+    checkpoints = sorted({0, *config.steps_grid})
+    jobs = [(o, tokens, lr)
+            for o in config.objectives for tokens in budgets for lr in config.lr_grid]
+    bar = tqdm(jobs, desc="sweep", disable=not config.progress, dynamic_ncols=True)
+    device, batch_size, prior = config.device, config.batch_size, config.prior
+    for objective, tokens, lr in bar:
+        seed = train.seed_for(config.seed, prior, tokens, "sweep")
+        start = train.draw_positions(prior, images_uint8, tokens, window, seed, device)
+        found = []
+        for i in range(0, len(labels), batch_size):
+            batch = slice(i, i + batch_size)
+            images = images_uint8[batch].to(device).float() / 255
+            y = labels[batch].to(device) if objective == "label" else None
+            found.append(oracle.oracle_search(model, images, y, start[batch].to(device),
+                                              steps=max(config.steps_grid), lr=lr,
+                                              objective=objective))
+        trajectory = torch.cat([f.trajectory[checkpoints].cpu() for f in found], 1)  # (S, n, N, 2)
+        losses = torch.cat([f.losses[checkpoints].cpu() for f in found], 1)          # (S, n)
         for i, s in enumerate(checkpoints):
-            hits = train.predict(model, images_uint8, trajectory[i], device, batch_size)[0].argmax(1) == labels
+            logits = train.predict(model, images_uint8, trajectory[i], device, batch_size)[0]
+            hits = logits.argmax(1) == labels
             results.append({"objective": objective, "tokens": tokens, "lr": lr, "steps": s,
-                            "top1": 100.0 * hits.float().mean().item(), "loss": losses[i].mean().item()})
+                            "top1": 100.0 * hits.float().mean().item(),
+                            "loss": losses[i].mean().item()})
     return results
 
 
@@ -442,25 +580,29 @@ def sweep_markdown(results, budgets, settings):
     """-> (markdown tables, {objective: {steps, lr, mean_top1}} of the best searching cell).
     settings: needs checkpoint, n_images, split, dataset, search_from."""
     lines = [f"# SPoT-ON (steps, lr) sweep: {settings['checkpoint']}", "",
-             f"First {settings['n_images']} *{settings['split']}* images of {settings['dataset']} (the test split "
-             f"is never used to choose the defaults); start prior {settings['search_from']}. "
+             f"First {settings['n_images']} *{settings['split']}* images of "
+             f"{settings['dataset']} (the test split is never used to choose the defaults); "
+             f"start prior {settings['search_from']}. "
              "Cell = top-1 % (mean objective). steps = 0 is the prior itself.", ""]
     best, cell = {}, {(r["objective"], r["lr"], r["steps"], r["tokens"]): r for r in results}
-    lrs, steps_grid = sorted({r["lr"] for r in results}), sorted({r["steps"] for r in results} - {0})
+    lrs = sorted({r["lr"] for r in results})
+    steps_grid = sorted({r["steps"] for r in results} - {0})
+    columns = " | ".join(f"{b} T" for b in budgets)
     for objective in dict.fromkeys(r["objective"] for r in results):
-        lines += [f"## objective = {objective}", "", "| lr | steps | " + " | ".join(f"{b} T" for b in budgets)
-                  + " | mean top-1 |", "|---|---|" + "---|" * (len(budgets) + 1)]
+        lines += [f"## objective = {objective}", "",
+                  f"| lr | steps | {columns} | mean top-1 |",
+                  "|---|---|" + "---|" * (len(budgets) + 1)]
         # the prior (steps 0) is the same for every lr: shown once, first
         for lr, steps in [(lrs[0], 0)] + [(lr, steps) for lr in lrs for steps in steps_grid]:
             row = [cell[objective, lr, steps, b] for b in budgets]
             mean = sum(c["top1"] for c in row) / len(row)
             if steps and mean > best.get(objective, {"mean_top1": -1})["mean_top1"]:
                 best[objective] = {"steps": steps, "lr": lr, "mean_top1": mean}
-            lines.append(f"| {lr if steps else '-'} | {steps} | " + " | ".join(
-                f"{c['top1']:.1f} ({c['loss']:.3f})" for c in row) + f" | {mean:.2f} |")
+            cells = " | ".join(f"{c['top1']:.1f} ({c['loss']:.3f})" for c in row)
+            lines.append(f"| {lr if steps else '-'} | {steps} | {cells} | {mean:.2f} |")
         lines.append("")
-    lines += [f"Best for {o}: steps={b['steps']}, lr={b['lr']} (mean top-1 {b['mean_top1']:.2f} %)."
-              for o, b in best.items()]
+    lines += [f"Best for {o}: steps={b['steps']}, lr={b['lr']} "
+              f"(mean top-1 {b['mean_top1']:.2f} %)." for o, b in best.items()]
     return "\n".join(lines) + "\n", best
 
 
@@ -469,10 +611,14 @@ def bench_oracle_sweep(args):
 
     The first --limit validation images, or training images if the run held none out."""
     model, dataset, _ = args.loaded
-    split, images = ("val", dataset.val) if dataset.val is not None else ("train", dataset.train)  # held out if any
+    if dataset.val is not None:                                       # held out if any
+        split, images = "val", dataset.val
+    else:
+        split, images = "train", dataset.train
     settings = {**args.settings, "n_images": min(args.limit, len(images.labels)), "split": split}
+    config = SweepConfig(prior=args.search_from, batch_size=args.batch_size, device=args.device)
     results = sweep(model, images.images[:args.limit], images.labels[:args.limit], args.tokens,
-                    args.search_from, batch_size=args.batch_size, device=args.device)
+                    config)
     text, best = sweep_markdown(results, args.tokens, settings)
     report = {"settings": settings, "results": results, "best": best}
     utils.write_atomic(Path(args.out) / "sweep.json", json.dumps(report, indent=2))
@@ -486,11 +632,16 @@ def bench_oracle_sweep(args):
 def rows_table(rows):
     """Result rows -> markdown lines: a column per plain field, per median ("NAME ms") and per
     ratio ("NAME (x)"); the per-round times stay in the JSON."""
-    flat = [{**{k: v for k, v in r.items() if k not in ("times_s", "ms", "ratio", "goal")},
-             **{f"{k} ms": v for k, v in r.get("ms", {}).items()},
-             **{f"{k} (x)": v for k, v in r.get("ratio", {}).items()}, **({"goal": r["goal"]} if "goal" in r else {})}
-            for r in rows]
-    text = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    flat = []
+    for r in rows:
+        row = {k: v for k, v in r.items() if k not in ("times_s", "ms", "ratio", "goal")}
+        row |= {f"{k} ms": v for k, v in r.get("ms", {}).items()}
+        row |= {f"{k} (x)": v for k, v in r.get("ratio", {}).items()}
+        row |= {"goal": r["goal"]} if "goal" in r else {}
+        flat.append(row)
+
+    def text(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
     return (["| " + " | ".join(flat[0]) + " |", "|" + "---|" * len(flat[0])]
             + ["| " + " | ".join(map(text, row.values())) + " |" for row in flat] + [""])
 
@@ -498,33 +649,45 @@ def rows_table(rows):
 def markdown(results, settings):
     """The report: a header naming the machine, sizes and command, then a table per section,
     titled by the first paragraph of its function's docstring (oracle-sweep: its own tables)."""
-    s, m = settings, ", ".join(f"{k} {v}" for k, v in settings["model"].items() if k not in ("image_mean", "image_std"))
-    lines = [f"# SPoT benchmark: {s['device_name']}, {s['threads']} thread(s), torch {s['torch']}, {s['date']}", "",
-             f"`{s['command']}`: medians of {s['repeats']} interleaved rounds after {s['warmup']} warm-up rounds; "
-             f"ratios are medians of per-round ratios. CPU: {s['cpu']}. Model {m}, batch {s['batch_size']}, precision"
-             f" of sections 1-4: {s['precision']}. 1-minute load average after each section: {s['load_average']}.", ""]
-    for name, result in results.items():     # oracle-sweep: its own markdown, one heading level down
-        lines += (["#" + result["markdown"].replace("\n#", "\n##")] if name == "oracle-sweep" else
-                  ["## " + " ".join(SECTIONS[name].__doc__.split("\n\n")[0].split()), ""] + rows_table(result))
+    s = settings
+    m = ", ".join(f"{k} {v}" for k, v in s["model"].items() if k not in ("image_mean", "image_std"))
+    lines = [f"# SPoT benchmark: {s['device_name']}, {s['threads']} thread(s), "
+             f"torch {s['torch']}, {s['date']}", "",
+             f"`{s['command']}`: medians of {s['repeats']} interleaved rounds after {s['warmup']} "
+             f"warm-up rounds; ratios are medians of per-round ratios. CPU: {s['cpu']}. Model {m}, "
+             f"batch {s['batch_size']}, precision of sections 1-4: {s['precision']}. 1-minute load "
+             f"average after each section: {s['load_average']}.", ""]
+    for name, result in results.items():
+        if name == "oracle-sweep":           # its own markdown, one heading level down
+            lines.append("#" + result["markdown"].replace("\n#", "\n##"))
+        else:
+            title = " ".join(SECTIONS[name].__doc__.split("\n\n")[0].split())
+            lines += ["## " + title, ""] + rows_table(result)
     return "\n".join(lines)
 
 
 def run_settings(args, decided):
     """Everything a reader needs to judge the numbers: machine, versions, sizes, the command."""
-    config, loaded = train.PRESETS[args.model]["model"], args.loaded or (None, None, {})
-    return dict(date=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__, device=args.device.type,
-                device_name=torch.cuda.get_device_name() if args.device.type == "cuda" else utils.cpu_name(),
-                cpu=utils.cpu_name(), threads=torch.get_num_threads(), precision=decided.split()[1],
-                precision_choice=decided, goals=GOALS, load_average={}, model={"preset": args.model, **vars(config)},
-                **{k: getattr(args, k) for k in ("repeats", "warmup", "quick", "batch_size", "tokens", "checkpoint",
-                                                 "limit", "search_from")},
+    config, loaded = preset_config(args.model), args.loaded or (None, None, {})
+    cuda = args.device.type == "cuda"
+    flags = ("repeats", "warmup", "quick", "batch_size", "tokens", "checkpoint", "limit",
+             "search_from")
+    return dict(date=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
+                device=args.device.type,
+                device_name=torch.cuda.get_device_name() if cuda else utils.cpu_name(),
+                cpu=utils.cpu_name(), threads=torch.get_num_threads(),
+                precision=decided.split()[1], precision_choice=decided, goals=GOALS,
+                load_average={}, model={"preset": args.model, **vars(config)},
+                **{k: getattr(args, k) for k in flags},
                 command=" ".join(["python -m experiments.bench", *sys.argv[1:]]),
-                dataset=getattr(loaded[1], "name", None), data_dir=args.data_dir or loaded[2].get("data_dir"))
+                dataset=getattr(loaded[1], "name", None),
+                data_dir=args.data_dir or loaded[2].get("data_dir"))
 
 
 # The sections, in the order they run; the first four run in the --precision chosen.
-SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "oracle": bench_oracle, "memory": bench_memory,
-            "attention": bench_attention, "oracle-sweep": bench_oracle_sweep}
+SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "oracle": bench_oracle,
+            "memory": bench_memory, "attention": bench_attention,
+            "oracle-sweep": bench_oracle_sweep}
 
 
 def main(argv=None):
@@ -534,13 +697,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads or torch.get_num_threads())     # --threads, else all cores
     torch.set_flush_denormal(True)       # as train.py: denormal Adam moments are slow on x86
     args.sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)
-    try:                                 # first: a bad file or missing data stops before any timing
-        args.loaded = args.checkpoint and data.load_model_and_data(args.checkpoint, args.device,
-                                                                   data_dir=args.data_dir, progress=True)
+    try:                         # first: a bad file or missing data stops before any timing
+        args.loaded = args.checkpoint and data.load_model_and_data(
+            args.checkpoint, args.device, data_dir=args.data_dir, progress=True)
     except (ValueError, data.DataError) as error:
         print(f"experiments.bench: error: {error}", file=sys.stderr)
         return 2
-    args.bf16, decided = choose_bf16(args) if set(args.only) & set(list(SECTIONS)[:4]) else (False, "precision: fp32")
+    if set(args.only) & set(list(SECTIONS)[:4]):          # the sections run in --precision
+        args.bf16, decided = choose_bf16(args)
+    else:
+        args.bf16, decided = False, "precision: fp32"
     print(decided, file=sys.stderr)
     settings = args.settings = run_settings(args, decided)
     results = {}
@@ -551,7 +717,8 @@ def main(argv=None):
     text = markdown(results, settings)
     print(text)
     if args.json:
-        utils.write_atomic(args.json, json.dumps(dict(settings=settings, results=results, markdown=text), indent=1))
+        report = dict(settings=settings, results=results, markdown=text)
+        utils.write_atomic(args.json, json.dumps(report, indent=1))
     return 0
 
 

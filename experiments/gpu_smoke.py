@@ -37,35 +37,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def check_train(folder, trained):
     out = Path(folder) / "run"
-    code = train.main(["--dataset", "shapes", "--device", "cuda", "--epochs", "3", "--train-limit", "2048",
-                       "--test-limit", "512", "--no-progress", "--out", str(out)])   # 16 steps of 128 per epoch
-    trained["model"], checkpoint = spot.load_checkpoint(out / "checkpoint.pt", return_checkpoint=True)
+    # 3 epochs of 16 steps (2048 images, batches of 128)
+    code = train.main(["--dataset", "shapes", "--device", "cuda", "--epochs", "3",
+                       "--train-limit", "2048", "--test-limit", "512", "--no-progress",
+                       "--out", str(out)])
+    model, checkpoint = spot.load_checkpoint(out / "checkpoint.pt", return_checkpoint=True)
+    trained["model"] = model
     return code == 0 and checkpoint["step"] == 48, f"exit code {code}, {checkpoint['step']} steps"
 
 
 def check_oracle(model):
     test = data.load_dataset("shapes", progress=False).test
     images, labels = test.images[:16].cuda().float() / 255, test.labels[:16].cuda()
-    start = spot.sample_positions("isotropic", 16, 16, 32, 4).cuda()                # (16 images, 16 tokens, 2)
+    start = spot.sample_positions("isotropic", 16, 16, 32, 4).cuda()   # (16 images, 16 tokens, 2)
     result = oracle.oracle_search(model.cuda(), images, labels, start, steps=20)
     before, after = result.losses[0].mean().item(), result.losses[-1].mean().item()
-    return after <= before and result.positions.isfinite().all().item(), f"loss {before:.3f} -> {after:.3f}"
+    ok = after <= before and result.positions.isfinite().all().item()
+    return ok, f"loss {before:.3f} -> {after:.3f}"
 
 
 def check_attention(dtype, tolerance):
     """Largest |fused - formula| / max |formula| over the values and the gradients of q, k, v."""
     generator = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 65, 64, device="cuda", generator=generator, dtype=dtype).requires_grad_()
-               for _ in range(3))
-    weights = torch.randn(2, 3, 65, 64, device="cuda", generator=generator, dtype=dtype)  # d loss / d output
+
+    def draw():                                   # (B, heads, T, head dim) = (2, 3, 65, 64)
+        return torch.randn(2, 3, 65, 64, device="cuda", generator=generator, dtype=dtype)
+    q, k, v = (draw().requires_grad_() for _ in range(3))
+    weights = draw()                                                       # d loss / d output
     fused = spot.attention(q, k, v)
     fused_grads = torch.autograd.grad((fused * weights).sum(), (q, k, v))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    formula = F.softmax(q64 @ k64.transpose(-2, -1) / 64 ** 0.5, dim=-1) @ v64                # (2, 3, 65, 64)
+    scores = q64 @ k64.transpose(-2, -1) / 64 ** 0.5                       # (2, 3, 65, 65)
+    formula = F.softmax(scores, dim=-1) @ v64                              # (2, 3, 65, 64)
     formula_grads = torch.autograd.grad((formula * weights.double()).sum(), (q64, k64, v64))
     errors = [((a.double() - b).abs().max() / b.abs().max()).item()
               for a, b in zip((fused, *fused_grads), (formula, *formula_grads))]
-    return max(errors) <= tolerance, f"largest relative error {max(errors):.1e} (tolerance {tolerance:.0e})"
+    worst = max(errors)
+    return worst <= tolerance, f"largest relative error {worst:.1e} (tolerance {tolerance:.0e})"
 
 
 def check_fixture():
@@ -82,24 +90,26 @@ def check_fixture():
 def main(argv=None):
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)   # (only --help)
     if not torch.cuda.is_available():
-        print("no CUDA device: this script checks the GPU paths (fused attention, training and the oracle "
-              "search on CUDA, loading a pretrained ViT there); run it on a machine with a GPU. Nothing to do.")
+        print("no CUDA device: this script checks the GPU paths (fused attention, training and "
+              "the oracle search on CUDA, loading a pretrained ViT there); run it on a machine "
+              "with a GPU. Nothing to do.")
         return 0
     start, failed, trained = time.time(), 0, {}
     with tempfile.TemporaryDirectory() as folder:
         checks = [("attention fp32", lambda: check_attention(torch.float32, 1e-4)),
                   ("attention bf16", lambda: check_attention(torch.bfloat16, 2e-2)),
-                  ("fixture", check_fixture), ("train", lambda: check_train(folder, trained)),
-                  ("oracle", lambda: check_oracle(trained["model"]))]     # the model the train check made
+                  ("fixture", check_fixture),
+                  ("train", lambda: check_train(folder, trained)),
+                  ("oracle", lambda: check_oracle(trained["model"]))]   # the train check's model
         for name, check in checks:
             try:
                 ok, numbers = check()
-            except Exception as error:     # a failed check is a line of the report, not the end of it
+            except Exception as error:     # a failed check is a line of the report, not its end
                 ok, numbers = False, f"{type(error).__name__}: {error}"
             print(f"{'ok  ' if ok else 'FAIL'} {name}: {numbers}", flush=True)
             failed += not ok
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.time() - start:.0f} s in all | "
-          f"{failed} of {len(checks)} failed")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | "
+          f"{time.time() - start:.0f} s in all | {failed} of {len(checks)} failed")
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
 """
-experiments/placement.py -- beyond the paper: label-free token placement, learned ("glance, then place").
+experiments/placement.py -- beyond the paper: label-free token placement, learned ("glance,
+then place").
 
 The open problem of arXiv 2507.01654 is closing the gap to the oracle without labels: SPoT-ON
 shows how much a few well-placed tokens can do, but it needs the label. Here a frozen SPoT model
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import oracle
 import spot
 import train
 import utils
@@ -54,12 +54,13 @@ class PlacerConfig:
     width: int = 128               # the head's width (divisible by 4 and by heads)
     heads: int = 4
     glance_fraction: float = 0.25  # G = round(fraction * N), at least 1 and at most N - 1
-    max_shift: float = 0.5         # how far a placed token may move from its base point, image units
+    max_shift: float = 0.5         # largest move of a placed token from its base point, image units
 
     def __post_init__(self):      # (the command line checks the fraction and the shift)
-        self.image_size = spot.to_hw(self.image_size)
+        self.image_size = utils.to_hw(self.image_size)
         if self.width % 4 or self.width % self.heads:
-            raise ValueError(f"width must be divisible by 4 and by heads={self.heads}, got {self.width}")
+            raise ValueError(f"width must be divisible by 4 and by heads={self.heads}, "
+                             f"got {self.width}")
 
 
 def glance_size(n_tokens, fraction):
@@ -137,8 +138,11 @@ def place(model, placer, images, n_tokens):
 def place_split(model, placer, images_uint8, n_tokens, device, batch_size=256):
     """place() over a whole split of uint8 images, in batches -> positions (n, N, 2) on the CPU."""
     placer.eval()
-    return torch.cat([place(model, placer, images_uint8[start:start + batch_size].to(device).float().div_(255),
-                            n_tokens).cpu() for start in range(0, len(images_uint8), batch_size)])
+    positions = []
+    for start in range(0, len(images_uint8), batch_size):
+        images = images_uint8[start:start + batch_size].to(device).float().div_(255)
+        positions.append(place(model, placer, images, n_tokens).cpu())
+    return torch.cat(positions)
 
 
 def load_placer(path, map_location="cpu"):
@@ -149,17 +153,18 @@ def load_placer(path, map_location="cpu"):
         placer = GlancePlacer(PlacerConfig(**saved["placer_config"]))
         placer.load_state_dict(saved["placer"])
     except Exception as error:                # truncated, not a placer, another torch format, ...
-        raise ValueError(f"{path} is not a placer written by experiments.placement ({type(error).__name__}: "
-                         f"{error})") from None
+        raise ValueError(f"{path} is not a placer written by experiments.placement "
+                         f"({type(error).__name__}: {error})") from None
     return placer.to(map_location).eval(), saved
 
 
 def check_fits(placer, model):
     """Raise ValueError unless the placer was made for this model: the same image size, window
     and token width (its queries live in the model's position-embedding space)."""
-    if (placer.config.image_size, placer.config.window, placer.config.dim) != \
-            (model.config.image_size, model.config.window, model.config.dim):
-        raise ValueError("the placer was trained for another model (its image size, window or width differ)")
+    made_for = (placer.config.image_size, placer.config.window, placer.config.dim)
+    if made_for != (model.config.image_size, model.config.window, model.config.dim):
+        raise ValueError("the placer was trained for another model "
+                         "(its image size, window or width differ)")
 
 
 # -----------------------------------------------------------------------------
@@ -171,10 +176,11 @@ def placed_accuracy(model, placer, split, budgets, device, batch_size):
     accuracy = {}
     for n in budgets:
         lattice = spot.isotropic_positions(n).expand(len(split.labels), n, 2)
-        for kind, positions in (("placed", place_split(model, placer, split.images, n, device, batch_size)),
-                                ("isotropic", lattice)):
+        placed = place_split(model, placer, split.images, n, device, batch_size)
+        for kind, positions in (("placed", placed), ("isotropic", lattice)):
             logits = train.predict(model, split.images, positions, device, batch_size)[0]
-            accuracy[f"val_{kind}@{n}"] = 100 * (logits.argmax(1) == split.labels).float().mean().item()
+            hits = logits.argmax(1) == split.labels
+            accuracy[f"val_{kind}@{n}"] = 100 * hits.float().mean().item()
     return accuracy
 
 
@@ -185,15 +191,16 @@ def train_placer(model, placer, dataset, args, out, log=print):
     -> the list of per-epoch metrics."""
     model.requires_grad_(False).eval()
     generator, n_train = torch.Generator().manual_seed(args.seed), len(dataset.train.labels)
-    optimizer, scheduler = train.make_optimizer(placer, argparse.Namespace(**{**vars(args), "warmup_epochs": 0}),
-                                                n_train, args.device)
+    no_warmup = argparse.Namespace(**{**vars(args), "warmup_epochs": 0})
+    optimizer, scheduler = train.make_optimizer(placer, no_warmup, n_train)
     steps, history = n_train // args.batch_size, []
     for epoch in range(1, args.epochs + 1):
         placer.train()
         order, loss_sum = torch.randperm(n_train, generator=generator), 0.0
         for step in tqdm(range(steps), f"epoch {epoch}", disable=not args.progress, leave=False):
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            images = data.augment(dataset.train.images[batch].float().div_(255), generator, padding=0).to(args.device)
+            images = dataset.train.images[batch].float().div_(255)
+            images = data.augment(images, generator, padding=0).to(args.device)
             n_tokens = args.tokens[torch.randint(len(args.tokens), (), generator=generator).item()]
             loss = F.cross_entropy(model(images, place(model, placer, images, n_tokens)),
                                    dataset.train.labels[batch].to(args.device))
@@ -202,9 +209,10 @@ def train_placer(model, placer, dataset, args, out, log=print):
             optimizer.step()
             scheduler.step()
             loss_sum += loss.item()
-        history.append({"epoch": epoch, "train_loss": loss_sum / steps, **placed_accuracy(
-            model, placer, dataset.val, args.tokens, args.device, args.batch_size)})
-        train.log_metrics(history[-1], out, log, 0)
+        accuracy = placed_accuracy(model, placer, dataset.val, args.tokens, args.device,
+                                   args.batch_size)
+        history.append({"epoch": epoch, "train_loss": loss_sum / steps, **accuracy})
+        utils.log_metrics(out, history[-1], log)
         utils.write_atomic(out / "placer.pt", {"placer_config": asdict(placer.config),
                                                 "placer": placer.state_dict(), "epoch": epoch})
     return history
@@ -214,11 +222,13 @@ def train_placer(model, placer, dataset, args, out, log=print):
 # Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.placement", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m experiments.placement",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--checkpoint", required=True, help="the frozen SPoT model (checkpoint.pt from train.py)")
-    add("--tokens", default="8,16", help="token budgets N to train for (utils.parse_tokens; each >= 2)")
+    add("--tokens", default="8,16",
+        help="token budgets N to train for (utils.parse_tokens; each >= 2)")
     utils.add_alias(parser, "tokens", "--budgets")
     add("--glance-fraction", type=utils.float_in(0, 1, low_open=True, high_open=True), default=0.25,
         help="G = round(fraction * N) glance tokens, the rest are placed")
@@ -227,7 +237,8 @@ def main(argv=None):
         help="largest move of a placed token from its base point (image units)")
     add("--epochs", type=utils.int_at_least(1), default=5)
     add("--batch-size", type=utils.int_at_least(1), default=128)
-    add("--lr", type=utils.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr (cosine decay)")
+    add("--lr", type=utils.float_in(0, low_open=True), default=1e-3,
+        help="peak AdamW lr (cosine decay)")
     add("--seed", type=int, default=0)
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add("--threads", type=utils.int_at_least(1), help="CPU threads (none: all cores)")
@@ -240,21 +251,25 @@ def main(argv=None):
         utils.check_out_dir(out, "--out")
         if (out / "placer.pt").exists():
             raise ValueError(f"--out: {out} already holds a placer.pt; choose a new folder")
-        torch.set_num_threads(args.threads or torch.get_num_threads())     # --threads, else all cores
+        torch.set_num_threads(args.threads or torch.get_num_threads())   # else all cores
         model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
         size, window, dim = model.config.image_size, model.config.window, model.config.dim
         args.tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(size, window)))
         if min(args.tokens) < 2:
-            raise ValueError("--tokens: each budget must be >= 2 (a glance and at least one placed token)")
+            raise ValueError("--tokens: each budget must be >= 2 "
+                             "(a glance and at least one placed token)")
         if dataset.val is None:
-            raise ValueError("the checkpoint's run held out no validation images (train.py --val-size): "
-                             "the head's epochs are judged on validation, never on test")
+            raise ValueError("the checkpoint's run held out no validation images "
+                             "(train.py --val-size): the head's epochs are judged on validation, "
+                             "never on test")
         torch.manual_seed(args.seed)                                # the head's initial weights
-        placer = GlancePlacer(PlacerConfig(size, window, dim, args.width, glance_fraction=args.glance_fraction,
-                                           max_shift=args.max_shift)).to(args.device)
+        config = PlacerConfig(size, window, dim, args.width, glance_fraction=args.glance_fraction,
+                              max_shift=args.max_shift)
+        placer = GlancePlacer(config).to(args.device)
     except (ValueError, data.DataError) as error:
         parser.error(str(error))
-    run = {"argv": ["python", "-m", "experiments.placement"] + (sys.argv[1:] if argv is None else list(argv)),
+    flags = sys.argv[1:] if argv is None else list(argv)
+    run = {"argv": ["python", "-m", "experiments.placement"] + flags,
            "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
     utils.write_atomic(out / "run.json", json.dumps(run, indent=2))
     train_placer(model, placer, dataset, args, out)

@@ -48,18 +48,18 @@ def test_quick_bench_writes_every_requested_section(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fp32_ms, bf16_ms, expect", [(40, 60, False), (60, 40, True)])
-def test_precision_auto_is_train_pys_rule(monkeypatch, fp32_ms, bf16_ms, expect):
-    """--precision auto = utils.choose_precision timing the --model preset's step in both
-    precisions (utils.probe_step_seconds, stood in for here); fp32/bf16 force it, unmeasured."""
+def test_precision_auto_is_measured(monkeypatch, fp32_ms, bf16_ms, expect):
+    """--precision auto = bench.measured_precision timing the --model preset's step in both
+    precisions (bench.probe_step_seconds, stood in for here); fp32/bf16 force it, unmeasured."""
     probes = []
 
     def probe(model, batch_size, n_tokens, device, bf16, steps=3):
         probes.append((model.config, batch_size, bf16))
         return (bf16_ms if bf16 else fp32_ms) / 1e3
-    monkeypatch.setattr(utils, "probe_step_seconds", probe)
+    monkeypatch.setattr(bench, "probe_step_seconds", probe)
     bf16, said = bench.choose_bf16(bench.parse_args(["--quick", "--model", "shapes"]))
     assert bf16 is expect and said.startswith(f"precision: {'bf16' if expect else 'fp32'} (probe")
-    shapes = train.PRESETS["shapes"]["model"]
+    shapes = spot.SPoTConfig(**{k: train.PRESETS["shapes"][k] for k in train.MODEL_FLAGS})
     expected = [(shapes, 8, False), (shapes, 1, True)]          # bf16 first on 1/8 of the batch
     if bf16_ms <= fp32_ms:                                       # (this stand-in ignores the batch)
         expected.append((shapes, 8, True))
@@ -107,8 +107,8 @@ def test_sweep():
     model = tiny_model()
     images = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
     labels = torch.randint(0, 3, (6,))
-    results = bench.sweep(model, images, labels, [2, 4], steps_grid=(1, 3), lr_grid=(1e-2,),
-                          batch_size=4, progress=False)
+    config = bench.SweepConfig(steps_grid=(1, 3), lr_grid=(1e-2,), batch_size=4, progress=False)
+    results = bench.sweep(model, images, labels, [2, 4], config)
     # 2 objectives x 2 budgets x 1 lr x {0, 1, 3} steps
     assert len(results) == 12
     assert {r["steps"] for r in results} == {0, 1, 3}
@@ -184,3 +184,26 @@ def test_cli_checks_flags_first(tmp_path, capsys, argv, named):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args([a.format(tmp=tmp_path) for a in argv])
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_measured_precision_probes_bf16_on_an_eighth_of_the_batch_first():
+    """The benchmark's 'auto' on the CPU: time both precisions, keep the faster; a bf16 that is
+    slower on 1/8 of the batch than fp32 on all of it cannot win and is not timed in full."""
+    cpu, said = torch.device("cpu"), []
+    assert bench.measured_precision("bf16", cpu, None)
+    assert not bench.measured_precision("fp32", cpu, None)
+    bf16_faster = lambda bf16, fraction: fraction * (0.041 if bf16 else 0.063)  # noqa: E731
+    fp32_faster = lambda bf16, fraction: fraction * (0.063 if bf16 else 0.041)  # noqa: E731
+    emulated = lambda bf16, fraction: fraction * (2.0 if bf16 else 0.041)   # noqa: E731
+    assert bench.measured_precision("auto", cpu, bf16_faster, said.append)
+    assert not bench.measured_precision("auto", cpu, fp32_faster, said.append)
+    calls = []
+
+    def recorded(*a):
+        calls.append(a)
+        return emulated(*a)
+    assert not bench.measured_precision("auto", cpu, recorded, said.append)
+    assert calls == [(False, 1.0), (True, 1 / 8)]          # no full-batch step of a hopeless bf16
+    assert said == ["precision: bf16 (probe: fp32 63 ms/step, bf16 41 ms/step)",
+                    "precision: fp32 (probe: fp32 41 ms/step, bf16 63 ms/step)",
+                    "precision: fp32 (probe: fp32 41 ms/step, bf16 250 ms for 1/8 of the batch)"]

@@ -43,7 +43,7 @@ def test_the_documents_print_commands_of_every_script():
     scripts = {shlex.split(command)[1 if "-m" not in command.split()[:2] else 2] for _, command in
                printed_commands()}
     assert {"train.py", "oracle.py", "visualize.py", "experiments.bench", "experiments.tables",
-            "experiments.placement", "experiments.label_free"} <= scripts
+            "experiments.placement", "experiments.label_free", "experiments.figures"} <= scripts
 
 
 @pytest.mark.parametrize("source, command", printed_commands())

@@ -53,7 +53,7 @@ def test_combined_table_of_several_models_repeats_each_models_cells(tmp_path, pa
     """The combined table (experiments/tables.py): one results table for a grid baseline (prior
     rows only) and a SPoT model (with SPoT-ON, transfer and finding 3): each model's cells are
     exactly its own results.md's."""
-    import visualize
+    from experiments import figures
 
     grid, spot_ckpt = write_checkpoint(tmp_path / "g.pt", 0), write_checkpoint(tmp_path / "s.pt", 1)
     common = ["--tokens", "2,4", "--priors", "grid,isotropic", "--knn-limit", "8", "--oracle-steps", "1",
@@ -75,8 +75,8 @@ def test_combined_table_of_several_models_repeats_each_models_cells(tmp_path, pa
         assert own and mine == own
     assert "| g | 2 |" in text                                   # the reverse transfer, by run name
     assert "| tiny-spot | spot-on, read on the model map |" in text     # finding 3 with its model column
-    assert visualize.main(["budget", "--results", str(tmp_path / "g"), str(tmp_path / "s"),
-                           "--out", str(tmp_path / "b.png")]) == 0
+    assert figures.main(["budget", "--results", str(tmp_path / "g"), str(tmp_path / "s"),
+                         "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "b.png").stat().st_size > 10_000
 
 

@@ -91,11 +91,13 @@ def _run_cell(code, namespace, outputs, count, filename):
                             "metadata": {}, "data": {"text/plain": _lines(repr(value))}})
 
 
-def run_notebook(path=NOTEBOOK, fast=True, env=None):
+def run_notebook(path=NOTEBOOK, fast=True, env=None, rerun=False):
     """Execute every code cell of the notebook at `path` in order, in one namespace.
 
     fast: set SPOT_TUTORIAL_FAST=1 (tiny sizes) or unset it (the real thing).
     env:  extra environment variables for the run (e.g. SPOT_TUTORIAL_OUT).
+    rerun: then run every code cell once more, in order, in the same namespace, as a reader who
+          re-runs cells after the last one does (their outputs are not kept).
     Returns (notebook dict with fresh outputs and execution counts, seconds per code cell).
     Raises RuntimeError naming the cell if one fails. The caller's working directory, environment,
     sys.path, matplotlib settings, torch thread count and SIGINT handler are restored afterwards.
@@ -118,9 +120,9 @@ def run_notebook(path=NOTEBOOK, fast=True, env=None):
     seconds, count = [], 0
     try:
         with matplotlib.rc_context():
-            for index, cell in enumerate(notebook["cells"]):
-                if cell["cell_type"] != "code":
-                    continue
+            cells = [(i, c) for i, c in enumerate(notebook["cells"]) if c["cell_type"] == "code"]
+            again = [(i, {**c, "outputs": []}) for i, c in cells] if rerun else []
+            for index, cell in cells + again:
                 count += 1
                 outputs = []
                 plt.show = lambda *args, **kwargs: _flush_figures(outputs)
@@ -136,6 +138,8 @@ def run_notebook(path=NOTEBOOK, fast=True, env=None):
                     raise RuntimeError(f"notebook cell {index} (code cell {count}) failed: "
                                        f"{type(error).__name__}: {error}\n--- its source:\n"
                                        f"{_source(cell)}\n--- its output:\n{printed}") from error
+                if count > len(cells):      # the second pass: nothing to record
+                    continue
                 seconds.append(time.perf_counter() - start)
                 for output in outputs:
                     if output["output_type"] == "stream":
@@ -173,12 +177,11 @@ def _code_cells(notebook):
 
 
 def test_notebook_runs_in_fast_mode(tmp_path):
-    """Every code cell runs, in order, in one namespace (SPOT_TUTORIAL_FAST=1)."""
-    start = time.perf_counter()
+    """Every code cell runs, in order, in one namespace (SPOT_TUTORIAL_FAST=1), and every code
+    cell runs again after the last (no cell rebinds a name an earlier cell relies on)."""
     shared = ROOT.parent / "shared" / "data"          # real photos for step 1 when present
     env = {"SPOT_TUTORIAL_OUT": str(tmp_path / "run"), "SPOT_DATA_DIR": str(shared)}
-    notebook, seconds = run_notebook(fast=True, env=env)
-    elapsed = time.perf_counter() - start
+    notebook, seconds = run_notebook(fast=True, env=env, rerun=True)
     cells = _code_cells(notebook)
     assert len(seconds) == len(cells) and all(c["execution_count"] for c in cells)
     # The training cell really trained and wrote its run folder where it was told to.
@@ -187,7 +190,8 @@ def test_notebook_runs_in_fast_mode(tmp_path):
     # Every cell still produces something to look at (text or a figure).
     silent = [i for i, c in enumerate(cells) if not c["outputs"] and not _intentionally_silent(c)]
     assert not silent, f"code cells {silent} printed nothing in FAST mode"
-    assert elapsed < 90, f"FAST mode took {elapsed:.0f} s (cells: {[round(s, 1) for s in seconds]})"
+    first_pass = sum(seconds)
+    assert first_pass < 90, f"FAST mode took {first_pass:.0f} s (cells: {[round(s, 1) for s in seconds]})"
 
 
 def test_sections_1_to_3_without_real_data(tmp_path):

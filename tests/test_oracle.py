@@ -229,14 +229,14 @@ def test_bad_inputs_raise_value_error():
 def test_bootstrap_interval_known_answers():
     # 10,000 images, exactly half right: the 95 % interval is 50 +- 1.96 sqrt(0.25 / n) = +-0.98
     correct = torch.arange(10_000) % 2 == 0
-    mean, low, high = oracle.bootstrap_interval(correct, resamples=1000)
+    mean, low, high = utils.bootstrap_interval(correct, resamples=1000)
     assert mean == 50.0 and abs((high - low) / 2 - 0.98) < 0.1 and low < 50 < high
     # all right: no spread at all; draws are averaged per image before resampling
-    assert oracle.bootstrap_interval(torch.ones(3, 50, dtype=torch.bool)) == (100.0, 100.0, 100.0)
+    assert utils.bootstrap_interval(torch.ones(3, 50, dtype=torch.bool)) == (100.0, 100.0, 100.0)
     two_draws = torch.stack([correct, ~correct])          # every image right in one of two draws
-    assert oracle.bootstrap_interval(two_draws) == (50.0, 50.0, 50.0)
+    assert utils.bootstrap_interval(two_draws) == (50.0, 50.0, 50.0)
     # the same seed, the same interval
-    assert oracle.bootstrap_interval(correct[:300], seed=3) == oracle.bootstrap_interval(correct[:300], seed=3)
+    assert utils.bootstrap_interval(correct[:300], seed=3) == utils.bootstrap_interval(correct[:300], seed=3)
 
 
 # -----------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def patched_data(monkeypatch):
     calls = []
 
     def load(name, data_dir=None, image_size=None, seed=0, **kwargs):
-        calls.append({"name": name, "data_dir": data_dir, "image_size": spot.to_hw(image_size)})
+        calls.append({"name": name, "data_dir": data_dir, "image_size": utils.to_hw(image_size)})
         return fake_dataset()
     monkeypatch.setattr(oracle.data, "load_dataset", load)
     return calls
@@ -304,9 +304,9 @@ def test_cli_writes_table(tmp_path, patched_data):
     for row in (r for r in rows if r["top1"] is not None):
         correct = torch.from_numpy(bits["top1", row["method"], row["prior"], row["tokens"]])
         assert correct.shape[-1] == row["n_images"]
-        assert oracle.bootstrap_interval(correct) == (row["top1"], row["top1_low"], row["top1_high"])
+        assert utils.bootstrap_interval(correct) == (row["top1"], row["top1_low"], row["top1_high"])
         if row["knn"] is not None:
-            knn = oracle.bootstrap_interval(torch.from_numpy(bits["knn", row["method"], row["prior"], row["tokens"]]))
+            knn = utils.bootstrap_interval(torch.from_numpy(bits["knn", row["method"], row["prior"], row["tokens"]]))
             assert knn == (row["knn"], row["knn_low"], row["knn_high"])
     by = {(r["method"], r["prior"], r["tokens"]): r for r in rows}
     assert by[("prior", "grid", 32)]["top1"] is None          # 32 > 16 grid cells: n/a
@@ -457,7 +457,7 @@ def test_cli_bad_transfer_checkpoint_is_a_message(tmp_path, patched_data, capsys
 
 def test_cli_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
     ckpt = write_checkpoint(tmp_path / "a.pt", 0)
-    monkeypatch.setattr(oracle, "evaluate", lambda *a, **k: pytest.fail("computed the table"))
+    monkeypatch.setattr(oracle, "results_table", lambda *a, **k: pytest.fail("computed the table"))
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         oracle.main(["--checkpoint", ckpt, "--out", str(tmp_path / "file"), "--no-progress"])
@@ -508,7 +508,7 @@ def test_markdown_of_every_committed_results_file():
     settings = {"run": "a-run", "dataset": "shapes", "split": "test", "n_test": 8, "n_bank": 0, "knn_k": 20,
                 "knn_temperature": 0.07, "draws": 1, "n_searched": 8, "tokens": [4],
                 "search_steps": 7, "search_lr": 0.5, "search_from": "center"}
-    rows = [oracle.table_row("spot-learned", "isotropic", 4, torch.ones(8, dtype=torch.bool))]
+    rows = [utils.table_row("spot-learned", "isotropic", 4, torch.ones(8, dtype=torch.bool))]
     text = results_markdown({"settings": settings, "rows": rows})
     assert "SPoT-ON (7 Adam steps, lr 0.5, from center) on the first 8 images." in text
     assert "| SPoT-learned (glance + place, label-free) | isotropic | 100.0 ±0.0 / – |" in text
@@ -517,12 +517,12 @@ def test_markdown_of_every_committed_results_file():
         assert results_markdown(results).startswith(f"# SPoT evaluation: {results['settings']['run']}")
 
 
-def test_evaluate_with_an_eval_config_fills_per_image():
+def test_results_table_with_an_eval_config_fills_per_image():
     model, dataset = tiny_model(), fake_dataset()
     config = oracle.EvalConfig(tokens=(2, 32), priors=("grid", "uniform"), search_steps=1, search_limit=5,
                                saliency_limit=3, knn_limit=6, draws=2, progress=False)
     per_image = {}
-    results = oracle.evaluate(model, dataset, config, tiny_model(1), per_image)
+    results = oracle.results_table(model, dataset, config, tiny_model(1), per_image)
     settings = results["settings"]
     assert (settings["n_test"], settings["n_searched"], settings["n_bank"], settings["search_steps"]) == (12, 5, 6, 1)
     assert {(r["method"], r["tokens"]) for r in results["rows"]} == {

@@ -44,7 +44,7 @@ def at_grid(model, images, dtype=torch.float32):
 def test_loaded_model_computes_timms_logits_in_float32(name):
     record = fixture(name)
     model = load(record)
-    assert not model.training and model.config.pos_embed == "learned"
+    assert not model.training and model.config.position_embedding == "learned"
     assert model.config.pool == ("avg" if name == "vit_avg_fcnorm" else "token")
     logits, pooled = at_grid(model, record["images_uint8"].float() / 256)
     # Measured about 1e-7 (logits of size ~0.5): conv vs linear and fused vs written-out
@@ -102,7 +102,7 @@ def test_loading_keeps_the_source_and_maps_each_key():
 @pytest.mark.parametrize("size,window", [(32, 4), ((24, 40), 8), (30, 7), (224, 16), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_learned_table_reads_rows_midpoints_and_borders(size, window, dtype):
-    (H, W), generator = spot.to_hw(size), torch.Generator().manual_seed(0)
+    (H, W), generator = spot.utils.to_hw(size), torch.Generator().manual_seed(0)
     gh, gw = H // window, W // window
     table = torch.randn(1, gh * gw, 8, generator=generator, dtype=dtype)
     read = lambda positions: learned_pos_embed(table, positions[None], size, window)[0]
@@ -132,7 +132,7 @@ def test_learned_table_passes_gradients_to_positions_and_table():
 def test_learned_model_is_order_free_and_reads_any_positions():
     torch.manual_seed(0)
     model = SPoTViT(SPoTConfig(image_size=16, window=4, num_classes=5, dim=32, depth=1, heads=2,
-                               pos_embed="learned", pool="avg")).eval()
+                               position_embedding="learned", pool="avg")).eval()
     assert model.pos_table.shape == (1, 16, 32) and isinstance(model.norm, torch.nn.Identity)
     images, positions = torch.rand(2, 3, 16, 16), torch.rand(2, 9, 2)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_export_round_trip_learned_avg_and_sincos_models():
     grid = grid_positions(16, 4).expand(2, -1, -1)
     small = dict(image_size=16, window=4, num_classes=5, dim=32, depth=2, heads=2,
                  image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))
-    learned = SPoTViT(SPoTConfig(**small, pos_embed="learned", pool="avg", norm_eps=1e-6)).eval()
+    learned = SPoTViT(SPoTConfig(**small, position_embedding="learned", pool="avg", norm_eps=1e-6)).eval()
     sincos = SPoTViT(SPoTConfig(**small, norm_eps=1e-6)).eval()
     default = SPoTViT(SPoTConfig(**small)).eval()                 # norm_eps 1e-5
     for model in (learned, sincos, default):

@@ -51,12 +51,11 @@ def test_readme_verdicts_are_cells_of_the_generated_tables():
 
 def test_committed_intervals_are_recomputed_from_the_per_image_files():
     """Every results/*/per_image.npz gives back its results.json: each row's accuracy and 95 %
-    interval (the bootstrap of oracle.py) from the committed 0/1 correctness, no checkpoint needed."""
+    interval (utils.bootstrap_interval, as oracle.py's) from the committed 0/1 correctness, no checkpoint needed."""
     import json
 
     import torch
 
-    import oracle
     import utils
 
     folders = sorted(path.parent for path in (ROOT / "results").glob("*/per_image.npz"))
@@ -71,7 +70,7 @@ def test_committed_intervals_are_recomputed_from_the_per_image_files():
                     correct = torch.from_numpy(bits[metric, row["method"], row["prior"], row["tokens"]])
                     assert correct.shape[-1] == row["n_images"], (folder.name, row)
                     expected = (row[metric], row[f"{metric}_low"], row[f"{metric}_high"])
-                    assert oracle.bootstrap_interval(correct, seed=0) == expected, (folder.name, row)
+                    assert utils.bootstrap_interval(correct, seed=0) == expected, (folder.name, row)
 
 
 def test_paired_difference_and_its_verdict_known_answers():

@@ -319,11 +319,11 @@ def test_grid_placed_spot_equals_standard_vit_forward():
     assert torch.allclose(model(images, positions), expected, atol=1e-5)
 
 
-def test_configs_without_the_new_keys_build_the_old_model():
-    """Checkpoints written before norm_eps / pos_embed / pool existed load unchanged: the defaults
-    are the old model (LayerNorm eps 1e-5, sin-cos, class-token pooling, the same state dict)."""
+def test_configs_without_the_optional_keys_build_this_projects_vit():
+    """A config that leaves norm_eps / position_embedding / pool out gets this project's own ViT:
+    LayerNorm eps 1e-5, sin-cos positions, class-token pooling, the same state dict."""
     model = tiny_model(image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))
-    old = {k: v for k, v in asdict(model.config).items() if k not in ("norm_eps", "pos_embed", "pool")}
+    old = {k: v for k, v in asdict(model.config).items() if k not in ("norm_eps", "position_embedding", "pool")}
     rebuilt = SPoTViT(SPoTConfig(**old)).eval()
     rebuilt.load_state_dict(model.state_dict())                   # strict: the same keys
     assert sorted(model.state_dict()) == sorted(
@@ -434,7 +434,7 @@ def test_bad_input_errors_name_the_argument():
         (lambda: SPoTConfig(dim=30, heads=4), "dim"),
         (lambda: SPoTConfig(image_size=16, window=20), "window"),
         (lambda: SPoTViT({"dim": 32}), "SPoTConfig"),
-        (lambda: SPoTConfig(pos_embed="rope"), "pos_embed"),
+        (lambda: SPoTConfig(position_embedding="rope"), "position_embedding"),
         (lambda: SPoTConfig(pool="max"), "pool"),
         (lambda: SPoTConfig(norm_eps=0.0), "norm_eps"),
         (lambda: sample_positions("uniform", 2, 0, 16, 4), "n_tokens"),

@@ -49,37 +49,28 @@ def test_lr_schedule_warms_up_then_decays():
     assert values[-1] == pytest.approx(0.01, abs=1e-3)
 
 
-def test_precision_auto_is_decided_by_a_probe_on_the_cpu():
-    cpu, said = torch.device("cpu"), []
-    assert utils.choose_precision("bf16", cpu, None) and not utils.choose_precision("fp32", cpu, None)
-    bf16_faster = lambda bf16, fraction: fraction * (0.041 if bf16 else 0.063)
-    fp32_faster = lambda bf16, fraction: fraction * (0.063 if bf16 else 0.041)
-    emulated = lambda bf16, fraction: fraction * (2.0 if bf16 else 0.041)   # bf16 50x slower
-    assert utils.choose_precision("auto", cpu, bf16_faster, said.append)
-    assert not utils.choose_precision("auto", cpu, fp32_faster, said.append)
-    calls = []
-    assert not utils.choose_precision("auto", cpu, lambda *a: calls.append(a) or emulated(*a), said.append)
-    assert calls == [(False, 1.0), (True, 1 / 8)]          # no full-batch step of a hopeless bf16
-    assert said == ["precision: bf16 (probe: fp32 63 ms/step, bf16 41 ms/step)",
-                    "precision: fp32 (probe: fp32 41 ms/step, bf16 63 ms/step)",
-                    "precision: fp32 (probe: fp32 41 ms/step, bf16 250 ms for 1/8 of the batch)"]
-
-
-def test_precision_probe_runs_once_per_run_not_per_epoch_or_resume(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_probe(model, batch_size, n_tokens, device, bf16, steps=3):
-        calls.append((batch_size, n_tokens, bf16))
-        return 0.01 if bf16 else 0.02          # bf16 "faster"
-    monkeypatch.setattr(utils, "probe_step_seconds", fake_probe)
-    argv = [a for a in TINY if a not in ("--precision", "fp32")] + ["--epochs", "3", "--out", str(tmp_path / "r")]
-    train.main(argv + ["--max-steps", "8"])              # stops in epoch 2 of 3
-    # fp32 on the batch, bf16 on 1/8 of it, then on the batch; at the median budget of 4-16
-    assert calls == [(32, 10, False), (4, 10, True), (32, 10, True)]
-    train.main(argv + ["--resume"])
-    assert len(calls) == 3                                # the resumed run reuses the decision
-    metrics = read_metrics(tmp_path / "r")
-    assert {m.get("precision") for m in metrics if not m.get("final")} == {"bf16"}
+def test_precision_auto_is_one_rule_and_stays_with_the_run(tmp_path, monkeypatch):
+    """auto: fp32 on the CPU, whatever its speed (no timed race: one command, one result), bf16
+    on a CUDA GPU that supports it; a flag forces either. The decision is stored with the run,
+    in run.json and the checkpoint, and a resumed run keeps it."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [utils.choose_precision(p, cpu) for p in ("auto", "fp32", "bf16")] == \
+        ["fp32", "fp32", "bf16"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert utils.choose_precision("auto", cuda) == "bf16"
+    assert utils.choose_precision("fp32", cuda) == "fp32"
+    monkeypatch.undo()
+    for precision in ("auto", "bf16"):
+        out = tmp_path / precision
+        argv = [a for a in TINY if a not in ("--precision", "fp32")] + [
+            "--precision", precision, "--epochs", "3", "--out", str(out)]
+        train.main(argv + ["--max-steps", "8"])              # stops in epoch 2 of 3
+        train.main(["--out", str(out), "--resume"])
+        expected = "fp32" if precision == "auto" else "bf16"
+        metrics = read_metrics(out)
+        assert {m.get("precision") for m in metrics if not m.get("final")} == {expected}
+        assert json.loads((out / "run.json").read_text())["precision"] == expected
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["precision"] == expected
 
 
 def test_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
@@ -316,7 +307,7 @@ def test_init_from_a_pretrained_vit_takes_its_shape_and_statistics(tmp_path):
     model, checkpoint = spot.load_checkpoint(out / "checkpoint.pt", return_checkpoint=True)
     config = model.config
     assert (config.dim, config.depth, config.window, config.heads) == (48, 2, 4, 3)
-    assert (config.pos_embed, config.norm_eps, config.pool) == ("learned", 1e-6, "token")
+    assert (config.position_embedding, config.norm_eps, config.pool) == ("learned", 1e-6, "token")
     assert list(config.image_mean) == fixture["mean"] and list(config.image_std) == fixture["std"]
     assert config.image_mean != tuple(dataset.mean)
     assert checkpoint["step"] == 30 and read_metrics(out)[-1]["final"]
@@ -331,7 +322,7 @@ def test_the_documented_retrofit_command_of_a_fixture(tmp_path):
                        "--train-limit", "640", "--test-limit", "64", "--no-progress", "--threads", "1",
                        "--precision", "fp32", "--out", str(out)]) == 0
     config = spot.load_checkpoint(out / "checkpoint.pt").config
-    assert (config.dim, config.heads, config.depth, config.pos_embed) == (128, 2, 1, "learned")
+    assert (config.dim, config.heads, config.depth, config.position_embedding) == (128, 2, 1, "learned")
 
 
 def test_init_from_an_avg_pooled_vit_with_fc_norm(tmp_path):
@@ -339,7 +330,7 @@ def test_init_from_an_avg_pooled_vit_with_fc_norm(tmp_path):
     assert train.main(RETRO + ["--init-from", str(FIXTURES / "vit_avg_fcnorm.pt"), "--epochs", "1",
                                "--max-steps", "3", "--out", str(out)]) == 0
     config = spot.load_checkpoint(out / "checkpoint.pt").config
-    assert config.pool == "avg" and config.pos_embed == "learned"
+    assert config.pool == "avg" and config.position_embedding == "learned"
 
 
 @pytest.mark.parametrize("source, extra, words", [
