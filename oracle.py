@@ -280,11 +280,11 @@ class EvalConfig:
                             "salient"), "priors to evaluate", type=utils.name_list(spot.PRIORS))
     draws: int = option(1, "position draws per random prior (for the interval)", type=ONE_OR_MORE)
     search_from: str = option("isotropic", "the searches' start", choices=spot.PRIORS,
-                              old="--oracle-from")
+                              alias="--oracle-from")
     search_steps: int = option(DEFAULT_STEPS, "Adam steps of the search", type=COUNT,
-                               old="--oracle-steps")
+                               alias="--oracle-steps")
     search_lr: float = option(DEFAULT_LR, "Adam lr (normalized coordinates)", type=POSITIVE,
-                              old="--oracle-lr")
+                              alias="--oracle-lr")
     split: str = option("test", "test, or val: the images train.py --val-size held out (to "
                         "choose settings)", choices=("test", "val"))
     limit: int = option(None, "the first N images of --split (None: all)", type=ONE_OR_MORE)
@@ -483,8 +483,8 @@ def setup(argv=None):
         other = None
         if args.transfer_checkpoint:
             other = spot.load_checkpoint(args.transfer_checkpoint, args.device)
-            reads = lambda m: (m.config.image_size, m.config.num_classes)  # noqa: E731
-            if reads(other) != reads(model):
+            ours = (model.config.image_size, model.config.num_classes)
+            if (other.config.image_size, other.config.num_classes) != ours:
                 raise ValueError("--transfer-checkpoint: its model must read the same images "
                                  "and classes as ours")
         if args.split == "val" and dataset.val is None:

@@ -269,7 +269,7 @@ def build_model(args, dataset, device, checkpoint=None):
     checkpoint of this same model; either keeps the statistics its weights learned on. A resumed
     run rebuilds its own model from its checkpoint (main then loads the weights)."""
     torch.manual_seed(args.seed)
-    if checkpoint is not None:
+    if checkpoint:
         return spot.SPoTViT(spot.SPoTConfig(**checkpoint["model_config"])).to(device)
     source, weights, stats = utils.read_init_from(args.init_from) if args.init_from else [None] * 3
     if weights is not None:
@@ -317,7 +317,7 @@ def main(argv=None):
     optimizer, scheduler = make_optimizer(model, args, len(dataset.train))
     run = utils.Run(args, procs, model, optimizer, scheduler, *budgets(args))
     run.generators = utils.random_streams(args.seed, procs)
-    if checkpoint is not None:
+    if checkpoint:
         utils.restore(run, checkpoint)
     else:   # a new run's precision is stored with it: a resumed run keeps it
         run.precision = utils.choose_precision(args.precision, procs.device)

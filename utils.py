@@ -129,30 +129,30 @@ def parse_tokens(text, n_grid, flag="--tokens", priors=()):
     return sorted(set(counts))
 
 
-def add_alias(parser, dest, *old, **kwargs):
+def add_alias(parser, dest, *aliases, **kwargs):
     """Other spellings of a flag (aliases that commands in RESULTS.md and the research folder
     use) that stay out of --help: a hidden flag writing to the same dest (argparse's own aliases
     would be listed). kwargs: the flag's type, action."""
-    for flag in old:
+    for flag in aliases:
         parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                             **kwargs)
 
 
 def option(default, help, **argparse_kwargs):
     """A dataclass field that is also a command-line flag (add_fields: search_steps ->
-    --search-steps); old="--oracle-steps": a second spelling, hidden from --help (add_alias)."""
+    --search-steps); alias="--oracle-steps": a second spelling, hidden from --help (add_alias)."""
     return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 def add_fields(parser, config_class):
     """A flag for every field of config_class made by option(); a tuple default shows as 'a,b'."""
     for f in (f for f in dataclasses.fields(config_class) if f.metadata):
-        kwargs = {key: value for key, value in f.metadata.items() if key != "old"}
+        kwargs = {key: value for key, value in f.metadata.items() if key != "alias"}
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
-        if "old" in f.metadata:
+        if "alias" in f.metadata:
             kwargs.pop("help")
-            add_alias(parser, f.name, f.metadata["old"], **kwargs)
+            add_alias(parser, f.name, f.metadata["alias"], **kwargs)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
