@@ -562,37 +562,39 @@ def load_checkpoint(path, map_location="cpu", return_checkpoint=False):
 
 def load_pretrained(source, *, image_size=None, num_classes=None, heads=None,
                     mean=None, std=None):
-    """A pretrained timm / DeiT / MAE ViT (a state dict, a file or "timm:NAME") -> an SPoTViT
-    (eval mode) that, with its tokens at grid_positions, computes the logits the source computes
-    (timm's numbers, up to float round-off). utils.read_pretrained reads the source, refuses what
-    an SPoTViT cannot represent (a ValueError naming it) and says what each argument does. The
-    model keeps the source's precision, at least float32; other classes get a fresh head.
+    """A pretrained timm / DeiT / MAE ViT (a state dict, a file, timm's HF folder or "timm:NAME")
+    -> an SPoTViT (eval mode) that, with its tokens at grid_positions, computes the logits the
+    source computes (timm's numbers, up to float round-off). utils.read_pretrained reads the
+    source, takes what the weights cannot tell from the arguments or the source's config (a
+    warning says what it assumed), checks every tensor and refuses what an SPoTViT cannot
+    represent (a ValueError naming it), all before a model is built. The model keeps the
+    source's precision, at least float32; other classes, or a headless source, get a fresh head.
     """
-    name, kwargs, state = utils.read_pretrained(
+    kwargs, state = utils.read_pretrained(
         source, image_size, num_classes, heads, mean, std)
     config = SPoTConfig(**kwargs)
-    model = SPoTViT(config).to(state["pos_table"].dtype)
+    model = SPoTViT(config)
+    model = model.to(state["pos_table"].dtype)      # the source's precision, at least float32
     state["pos_table"] = utils.resample_table(state["pos_table"], config)   # (1, gh*gw, dim)
     if "head.weight" not in state:                 # new classes: the model's own fresh head
         state["head.weight"] = model.head.weight
         state["head.bias"] = model.head.bias
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:     # keys with no place in SPoTViT, or shapes that differ
-        raise ValueError(f"{name} does not fit an SPoTViT: "
-                         f"{' '.join(str(error).split())}") from None
+    model.load_state_dict(state)
     return model.eval()
 
 
 def export(model):
     """An SPoTViT -> a timm VisionTransformer state dict (utils.to_timm says which keys, and how
     timm loads it). Its position table is the embedding the model adds at grid_positions,
-    computed in the model's precision (float32, or float64 for a float64 model)."""
+    computed in the model's precision (float32, or float64 for a float64 model).
+    utils.save_pretrained(folder, export(model), model.config) writes it as timm's Hugging Face
+    folder, with the config.json that keeps its input statistics, pooling and heads."""
     config = model.config
     weight = model.patch_embed.weight
     dtype = torch.promote_types(weight.dtype, torch.float32)
     grid = grid_positions(config.image_size, config.window, dtype=dtype)        # (G, 2)
-    table = model.pos_embed(grid[None].to(weight.device)).detach().to(weight.dtype)   # (1, G, D)
+    table = model.pos_embed(grid[None].to(weight.device))                       # (1, G, D)
+    table = table.detach().to(weight.dtype)
     return utils.to_timm(model.state_dict(), table, config)
 
 

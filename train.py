@@ -271,11 +271,9 @@ def build_model(args, dataset, device, checkpoint=None):
     torch.manual_seed(args.seed)
     if checkpoint:
         return spot.SPoTViT(spot.SPoTConfig(**checkpoint["model_config"])).to(device)
-    source, weights, stats = utils.read_init_from(args.init_from) if args.init_from else [None] * 3
+    source, weights = utils.read_init_from(args.init_from) if args.init_from else [None] * 2
     if weights is not None:
-        model = spot.load_pretrained(weights, image_size=args.image_size, heads=args.heads,
-                                     num_classes=len(dataset.classes), **stats)
-        return model.to(device)
+        return load_pretrained(weights, args, len(dataset.classes)).to(device)
     kept = dict(image_mean=dataset.mean, image_std=dataset.std)
     if source is not None:        # what no flag sets: its kind of model and input statistics
         keep = ("norm_eps", "position_embedding", "pool", "image_mean", "image_std")
@@ -292,6 +290,14 @@ def build_model(args, dataset, device, checkpoint=None):
             sys.exit(f"error: --init-from {args.init_from} is another model ({', '.join(differ)})")
         model.load_state_dict(source["model"])
     return model.to(device)
+
+
+def load_pretrained(weights, args, num_classes):
+    """spot.load_pretrained with what the flags say of the source first, and a fresh head of
+    num_classes (a headless encoder gets one too)."""
+    return spot.load_pretrained(weights, image_size=args.image_size, heads=args.heads,
+                                mean=args.image_mean, std=args.image_std,
+                                num_classes=num_classes)
 
 
 def make_optimizer(model, args, n_train):
@@ -409,12 +415,11 @@ def new_flags(first):
     """A new run's defaults: the preset's values, and a pretrained --init-from's shape (window,
     dim, depth, heads, mlp_ratio; a model flag given that contradicts it is refused)."""
     base = dict(PRESETS[first.preset or first.dataset])
-    _, weights, stats = utils.read_init_from(first.init_from) if first.init_from else [None] * 3
+    _, weights = utils.read_init_from(first.init_from) if first.init_from else [None] * 2
     if weights is None:
         return base
-    size = first.image_size or base["image_size"]
-    shape = spot.load_pretrained(weights, image_size=size, heads=first.heads, **stats).config
-    return base | utils.source_decides(first, shape, MODEL_FLAGS[1:])
+    shape = load_pretrained(weights, first, 1).config       # its shape (any number of classes)
+    return base | utils.source_decides(first, shape, MODEL_FLAGS)
 
 
 def budgets(args):

@@ -18,8 +18,10 @@ Sections, in order:
     data files   DataError, channel_stats, resize_uint8, load_cifar10 (official pickles through
                  a safe unpickler, or class folders; downloaded with an MD5 check), load_folder
                  and load_split_folder (ImageNet-style class folders, decoded once and cached)
-    pretrained ViTs and checkpoints   read_checkpoint; read_pretrained, resample_table and
-                 to_timm: timm / DeiT / MAE state dicts in and out (spot.load_pretrained, export)
+    pretrained ViTs and checkpoints   load_file (the one torch.load of a file), read_checkpoint;
+                 read_pretrained (files, timm's HF folders, timm:NAME; checked by timm_shapes),
+                 resample_table, to_timm, timm_config and save_pretrained: timm / DeiT / MAE
+                 weights in and out (spot.load_pretrained, export)
     argument checks  to_hw, check_window, check_images, ... : the checks of spot.py's inputs
 
 Everything read from disk is untrusted input: checkpoints and state dicts are read with
@@ -89,6 +91,11 @@ def float_in(low, high=math.inf, low_open=False, high_open=False):
                 and (v < high if high_open else v <= high))
     return _argument_type(float, ok, f"a finite number in {interval}")
 
+
+# An argparse type: finite numbers, comma-separated -> a tuple (input statistics: R,G,B).
+float_list = _argument_type(lambda text: tuple(float(v) for v in text.split(",")),
+                            lambda values: all(map(math.isfinite, values)),
+                            "comma-separated finite numbers, e.g. 0.5,0.5,0.5")
 
 # An argparse type: a count (an int >= 0) or a fraction (a float in (0, 1)).
 count_or_fraction = _argument_type(
@@ -315,8 +322,11 @@ def train_parser(presets, datasets, priors):
         help="their prior (isotropic)")
     add("--final-test", action=argparse.BooleanOptionalAction, default=True,
         help="read test once, at the end (on)")
-    add("--init-from", metavar="SRC", help="a checkpoint of train.py, or a pretrained ViT (.pth, "
-        ".pt, .bin, .safetensors or timm:NAME) whose shape decides the model")
+    add("--init-from", metavar="SRC", help="a checkpoint of train.py, or a pretrained ViT "
+        "(a file, timm's HF folder, timm:NAME): its shape decides")
+    for stat in ("mean", "std"):
+        add(f"--image-{stat}", type=float_list, metavar="R,G,B",
+            help=f"a pretrained source's input {stat} (its config's)")
     add("--epochs", type=int_at_least(1), help="(p)")
     add("--batch-size", type=int_at_least(1),
         help="(p) global, split over processes")
@@ -377,6 +387,8 @@ def source_decides(given, config, flags):
     decided = {}
     for flag in flags:
         ours, theirs = getattr(given, flag), getattr(config, flag)
+        if flag == "image_size":      # (H, W) of a square grid -> H
+            theirs = theirs[0]
         if ours is not None and ours != theirs:
             option = "--" + flag.replace("_", "-")
             raise ValueError(f"{option} {ours} contradicts --init-from {given.init_from}, whose "
@@ -664,24 +676,21 @@ def log_metrics(out, metrics, log=print):
 
 
 def read_init_from(source):
-    """train.py's --init-from -> (an SPoT checkpoint's dict, or None for a pretrained ViT; the
-    source, for spot.load_pretrained; {"mean", "std"} when a file stores them beside its
-    weights). A file is read here to tell the two apart; load_pretrained reads a pretrained one
-    again, so that its errors name the file. timm:NAME and .safetensors are pretrained ViTs."""
-    if source.startswith("timm:") or source.endswith(".safetensors"):
-        return None, source, {}
-    if not Path(source).is_file():
+    """train.py's --init-from -> (an SPoT checkpoint's dict, or None; None, or the pretrained
+    ViT to pass to spot.load_pretrained: source itself). timm:NAME, a folder (timm's HF layout)
+    and .safetensors are pretrained ViTs; another file is read here to tell the two apart, and
+    load_pretrained reads a pretrained one again, so that its errors name the file."""
+    path = Path(source)
+    if source.startswith("timm:") or path.is_dir() or path.suffix == ".safetensors":
+        return None, source
+    if not path.is_file():
         raise ValueError(f"--init-from {source} does not exist; pass a checkpoint of train.py, "
-                         f"a ViT state dict (.pth, .pt, .bin, .safetensors) or timm:NAME")
-    try:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:   # random bytes, truncated, or holding code (refused)
-        raise ValueError(f"--init-from {source} could not be read ({type(error).__name__}): "
-                         f"not a checkpoint or a state dict of tensors") from None
+                         f"a ViT state dict (.pth, .pt, .bin, .safetensors), timm's HF folder "
+                         f"or timm:NAME")
+    loaded = load_file(path, f"--init-from {source}", "a checkpoint or a state dict")
     if isinstance(loaded, dict) and {"model_config", "model"} <= loaded.keys():
-        return loaded, None, {}
-    stats = {k: loaded[k] for k in ("mean", "std") if isinstance(loaded, dict) and k in loaded}
-    return None, source, stats
+        return loaded, None
+    return None, source
 
 
 # -----------------------------------------------------------------------------
@@ -1143,18 +1152,67 @@ def _cache_load(path, classes, labels, size):
 #       spot.learned_pos_embed in cell-centre coordinates (cell (i, j) at p = (i, j): its row).
 # timm's LayerNorms use eps 1e-6 (norm_eps), its GELU is exact (as spot.py's); MAE's fine-tuning
 # head has no norm.* but fc_norm.* (pool="avg"). Weights with no place in SPoTViT are refused
-# by name.
+# by name; an MAE pre-training checkpoint's decoder is dropped (MAE fine-tunes its encoder).
+# What the weights cannot tell (input statistics, pooling, heads) comes from, in order: the
+# arguments, timm's config.json beside HF-style weights (its global_pool, model_args and
+# pretrained_cfg's mean/std; timm writes it with save_config_for_hf), timm:NAME's model, the
+# same names stored beside the weights in a .pt; else a warning says what was assumed. A config
+# that asks for what SPoTViT does not compute is refused by name (TIMM_ARGS). Every tensor is
+# checked before a model is built: shapes against timm_shapes, no more numbers than the file
+# stores (a zero-stride view can claim billions), finite values.
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}   # ViT-Ti, S, B, L, H
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # timm's HF folder, preferred first
 UNSUPPORTED = {   # key pattern -> what those weights are
     r"^dist_token$|^head_dist\.": "a distilled DeiT's distillation token and head",
     r"^reg_token$": "register tokens",
     r"\.ls[12]\.gamma$|\.gamma_[12]$": "layer scale",
     r"^norm_pre\.": "a norm before the blocks (norm_pre)",
     r"\.q_bias$|\.v_bias$": "separate q/v biases",
-    r"^decoder|^mask_token$": "an MAE pre-training checkpoint's decoder (use a fine-tuned one)",
 }
+MAE_DECODER = r"^decoder_|^mask_token$"
+# timm's names (config.json, model_args) -> the values SPoTViT computes as timm does; None: any
+# value (the weights show it, or only training reads it). Other keys and values are refused.
+TIMM_ARGS = {"global_pool": ("token", "avg"), "class_token": (True,), "reg_tokens": (0,),
+             "no_embed_class": (False, True), "init_values": (None,), "qk_norm": (False,),
+             "scale_attn_norm": (False,), "scale_mlp_norm": (False,), "qkv_bias": (True,),
+             "proj_bias": (True,), "pos_embed": ("learn",), "pre_norm": (False,),
+             "final_norm": (True,), "pool_include_prefix": (False,), "norm_layer": (None,),
+             "embed_norm_layer": (None,), "act_layer": (None, "gelu"), "norm_eps": (1e-6,),
+             "dynamic_img_pad": (False,)}
+# ... and the keys whose every value it reads from the weights or honours (None: any value).
+TIMM_ARGS |= dict.fromkeys(("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
+                            "depth", "num_heads", "mlp_ratio", "fc_norm", "dynamic_img_size",
+                            "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+                            "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init",
+                            "mean", "std"))
+# What a warning names when nothing said it: timm's name, SPoTConfig's field, how to say it.
+ASSUMED = (("mean", "image_mean", "pass mean= (train.py --image-mean)"),
+           ("std", "image_std", "pass std= (--image-std)"),
+           ("num_heads", "heads", "pass heads= (--heads)"),
+           ("global_pool", "pool", "keep timm's config.json (global_pool) beside the weights"))
+
+
+def load_file(path, name, what, read=None):
+    """torch.load(path) (or read(path)) -> its contents; a file that cannot be read is a
+    ValueError naming it (`name`) and quoting the reader's own reason. weights_only=True, with
+    argparse.Namespace allowed (DeiT's and MAE's training files store their flags in one): no
+    code from the file runs."""
+    try:
+        if read:
+            return read(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:   # missing, truncated, random bytes, or holding code (refused)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):   # why: before the link
+            lines = [line for line in lines if not line.startswith("Check the doc")][-1:]
+        reason = lines[0] if lines else "empty or cut short" if isinstance(error, EOFError) else \
+            repr(error)
+        raise ValueError(f"{name} could not be read as {what} ({reason.split('. ')[0]}): a file "
+                         f"of tensors and plain data is expected; objects that could run code "
+                         f"are refused") from None
 
 
 def read_checkpoint(path):
@@ -1169,13 +1227,7 @@ def read_checkpoint(path):
     if not path.is_file():
         raise ValueError(f"{path} {'is a directory' if path.is_dir() else 'does not exist'}; pass "
                          f"a checkpoint file (train.py writes <out>/checkpoint.pt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:   # truncated, empty, random bytes, or holding code (refused)
-        reason = str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
-        raise ValueError(f"{path} could not be read as a checkpoint ({reason}): it is truncated, "
-                         f"not a checkpoint, or holds objects other than tensors and plain data, "
-                         f"which could run code") from None
+    checkpoint = load_file(path, path, "a checkpoint")
     if not isinstance(checkpoint, dict) or not {"model_config", "model"} <= checkpoint.keys():
         raise ValueError(f"{path} is not an SPoT checkpoint (a dict with 'model_config' and "
                          f"'model', as train.py writes)")
@@ -1183,31 +1235,41 @@ def read_checkpoint(path):
 
 
 def read_pretrained(source, image_size=None, num_classes=None, heads=None, mean=None, std=None):
-    """What spot.load_pretrained reads: a pretrained ViT -> (its name for errors, SPoTConfig's
-    keyword arguments, its state dict in SPoTViT's keys). The state dict keeps the source's
+    """What spot.load_pretrained reads: a pretrained ViT -> (SPoTConfig's keyword arguments,
+    its state dict in SPoTViT's keys). The state dict keeps the source's
     precision, at least float32 (float64 weights fold the class slot exactly); its pos_table is
     still the source's grid (resample_table resizes it) and it has no head.* when the model
     needs a fresh head (num_classes other than the head's).
 
-    source: a timm-style state dict; a .pth/.pt/.bin file (read with weights_only=True; a
-    {"model": ...} or {"state_dict": ...} wrapper and DDP's "module." prefixes are removed); a
-    .safetensors file (needs the safetensors package); or "timm:NAME" (needs timm; downloads
-    NAME's pretrained weights). The shape comes from the weights: dim, in_chans and window from
-    patch_embed.proj.weight, depth from the blocks, mlp_ratio from mlp.fc1, pool="avg" when
-    there is an fc_norm, the native grid from pos_embed (square, after one class slot or none).
-    heads is needed unless dim is a standard width (192, 384, 768, 1024, 1280: ViT-Ti to H)
-    or a multiple of 64 (timm's ViTs use 64-wide heads).
-    image_size: default the native one. mean/std: these arguments, else timm's pretrained
-    config for timm:NAME, else ImageNet's, (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225).
-    Anything it cannot read or represent raises a ValueError naming it (and the keys, e.g.
-    dist_token of a distilled DeiT).
+    source: a timm-style state dict; a .pth/.pt/.bin file (load_file; a {"model": ...} or
+    {"state_dict": ...} wrapper, as DeiT's and MAE's training files are, and DDP's "module."
+    prefixes are removed); a .safetensors file (needs the safetensors package); timm's HF folder
+    (config.json and model.safetensors or pytorch_model.bin), or such a file with config.json
+    beside it; or "timm:NAME" (needs timm: its cache, else a download). The shape comes from the
+    weights: dim, in_chans and window from patch_embed.proj.weight, depth from the blocks,
+    mlp_ratio from mlp.fc1, the native grid from pos_embed (square, after one class slot or
+    none). The rest, from the arguments, else the source's config (see the section's comment):
+    heads, else a standard width's (192, 384, 768, 1024, 1280: ViT-Ti to H), else 64-wide heads
+    (timm's) for a multiple of 64; pool "avg" with an fc_norm, else "token"; mean/std, else
+    ImageNet's, (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225). What no one said is a warning.
+    image_size: default the native one. Anything it cannot read or represent raises a
+    ValueError naming it (and the keys, e.g. dist_token of a distilled DeiT).
     """
     name = repr(str(source)) if isinstance(source, (str, Path)) else "the state dict"
-    state, stats = _read_state_dict(source, name)
-    config, slots = _pretrained_config(state, name, image_size, num_classes, heads)
-    stats = stats or IMAGENET_STATS
-    config["image_mean"] = stats[0] if mean is None else mean
-    config["image_std"] = stats[1] if std is None else std
+    state, told = _read_source(source, name)
+    for key, value in told.items():
+        if (allowed := TIMM_ARGS.get(key, ())) is not None and value not in allowed:
+            raise ValueError(f"{name}: its config's {key}={value!r} is not supported (the values "
+                             f"SPoTViT computes as timm does: {allowed or 'none known'})")
+    given = dict(mean=mean, std=std, num_heads=heads).items()
+    said = told | {key: value for key, value in given if value is not None}
+    config, slots = _pretrained_config(state, name, image_size, num_classes, said)
+    config["image_mean"] = said.get("mean", IMAGENET_STATS[0])
+    config["image_std"] = said.get("std", IMAGENET_STATS[1])
+    if assumed := [(f"{field} {config[field]}", how) for key, field, how in ASSUMED
+                   if key not in said]:
+        warnings.warn(f"{name}: assumed {', '.join(a for a, _ in assumed)} (the source does not "
+                      f"say); to change: {', '.join(how for _, how in assumed)}")
     table = state.pop("pos_embed")
     table = table.to(torch.promote_types(table.dtype, torch.float32))     # (1, slots + G, D)
     state["cls_token"] = state["cls_token"] + table[:, :slots].sum(1, keepdim=True)  # (or + 0)
@@ -1218,49 +1280,114 @@ def read_pretrained(source, image_size=None, num_classes=None, heads=None, mean=
     if head is None or head.shape[0] != config["num_classes"]:      # new classes: a fresh head
         state.pop("head.weight", None)
         state.pop("head.bias", None)
-    return name, config, state
+    return config, state
 
 
-def _read_state_dict(source, name):
-    """read_pretrained's source -> (a flat state dict, timm's (mean, std) or None)."""
-    stats = None
+def _read_source(source, name):
+    """read_pretrained's source -> (a flat state dict without MAE's decoder, what its config
+    says in timm's names: model_args' keys, global_pool, mean, std)."""
+    told = {}
     if isinstance(source, str) and source.startswith("timm:"):
-        model = _optional("timm", name).create_model(source[len("timm:"):], pretrained=True)
-        stats = (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
-        source = model.state_dict()
-        if getattr(model, "global_pool", "token") == "avg" and "fc_norm.weight" not in source:
-            raise ValueError(f"{name} averages its tokens without an fc_norm: not supported")
+        source, told = _timm_source(source[len("timm:"):], name)
     elif isinstance(source, (str, Path)):
-        read = lambda path: torch.load(path, map_location="cpu", weights_only=True)
-        if str(source).endswith(".safetensors"):
-            read = _optional("safetensors.torch", "reading .safetensors").load_file
-        try:
-            source = read(source)
-        except Exception as error:   # missing, truncated, random bytes, or holding code (refused)
-            raise ValueError(f"{name} could not be read as a state dict "
-                             f"({type(error).__name__})") from None
+        path = Path(source)
+        if path.is_dir():     # timm's HF folder
+            path = next((path / file for file in HF_WEIGHTS if (path / file).is_file()), None)
+            if path is None:
+                raise ValueError(f"{name} is a folder without {' or '.join(HF_WEIGHTS)}: pass "
+                                 f"timm's Hugging Face folder (those and config.json) or a file")
+        config = path.with_name("config.json")
+        told = _told(config, name) if path.name in HF_WEIGHTS and config.is_file() else {}
+        safetensors = path.suffix == ".safetensors"
+        read = _optional("safetensors.torch", "reading .safetensors").load_file if safetensors \
+            else None
+        source = load_file(path, name, "a state dict", read)
     for key in ("model", "state_dict"):       # training scripts' wrappers: {"model": state dict}
         if isinstance(source, dict) and isinstance(source.get(key), dict):
+            told = _told(source, name) | told         # what a .pt stores beside its weights
             source = source[key]
     if not isinstance(source, dict) or not all(torch.is_tensor(v) for v in source.values()):
         raise ValueError(f"{name} is not a state dict (a dict of tensors)")
-    return {key.removeprefix("module."): value for key, value in source.items()}, stats
+    state = {key.removeprefix("module."): value for key, value in source.items()}
+    if dropped := [key for key in state if re.search(MAE_DECODER, key)]:
+        warnings.warn(f"{name}: MAE's pre-training decoder dropped ({len(dropped)} keys: "
+                      f"{', '.join(dropped[:3])}, ...): its encoder loads, to be fine-tuned")
+    return {key: value for key, value in state.items() if key not in dropped}, told
+
+
+def _told(config, name):
+    """timm's config -- config.json (a path), or a .pt's dict beside its weights -> what it says,
+    in timm's names: model_args' keys, global_pool, and pretrained_cfg's (or its own) mean/std."""
+    try:
+        config = json.loads(config.read_text()) if isinstance(config, Path) else config
+        stats = config.get("pretrained_cfg", config)
+        said = dict(global_pool=config.get("global_pool"), mean=stats.get("mean"),
+                    std=stats.get("std"))
+        return config.get("model_args", {}) | {k: v for k, v in said.items() if v is not None}
+    except (ValueError, AttributeError, TypeError) as error:   # not JSON; not timm's layout
+        raise ValueError(f"{name}: its config is not timm's ({error})") from None
+
+
+def _timm_source(model, name):
+    """timm:NAME -> (its state dict, what timm's model says of itself, in config.json's names)."""
+    model = _timm_model(model, name)
+    if type(model).__name__ != "VisionTransformer":
+        raise ValueError(f"{name} is timm's {type(model).__name__}, not a VisionTransformer")
+    block, cfg = model.blocks[0], model.pretrained_cfg
+    act = repr(block.mlp.act)         # torch's exact GELU, or timm's ("gelu")
+    return model.state_dict(), dict(
+        global_pool=model.global_pool, num_heads=block.attn.num_heads, norm_eps=block.norm1.eps,
+        act_layer=None if act in ("GELU(approximate='none')", "GELU()") else act,
+        mean=cfg["mean"], std=cfg["std"],
+        pool_include_prefix=getattr(model, "pool_include_prefix", False))
+
+
+def _timm_model(model, name):
+    """timm's model `model` with its pretrained weights: from timm's local cache when they are
+    there (huggingface_hub offline), else downloaded, after one quick request to the Hub (with
+    no network, the hub's client retries for a minute)."""
+    timm = _optional("timm", name)
+    hub = _optional("huggingface_hub.constants", name)
+    if not timm.is_model(model):
+        raise ValueError(f"timm has no model {model!r} ({name}): timm.list_models('vit_*') "
+                         f"lists its ViTs")
+    offline = hub.HF_HUB_OFFLINE
+    try:
+        hub.HF_HUB_OFFLINE = True
+        return timm.create_model(model, pretrained=True)
+    except (OSError, RuntimeError) as error:      # not in the cache (or no such weights)
+        reason = str(error).strip().split("\n")[0]
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+    try:
+        if not offline:
+            urllib.request.urlopen(urllib.request.Request(hub.ENDPOINT, method="HEAD"), timeout=5)
+            return timm.create_model(model, pretrained=True)
+    except (OSError, RuntimeError) as error:      # no network, or the Hub refused
+        reason = str(error).strip().split("\n")[0]
+    raise ValueError(f"{name}: timm's cache has no weights for it and they could not be "
+                     f"downloaded ({reason}); offline, pass a file instead (its model.safetensors "
+                     f"or pytorch_model.bin, or timm's HF folder with config.json)")
 
 
 def _optional(module, purpose):
-    """Import timm or safetensors only on the path that reads their format."""
+    """Import timm, safetensors or huggingface_hub only on the path that reads their format."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as error:    # not installed (error.name is the package), or broken
         package = module.split(".")[0]
-        raise ValueError(f"{purpose} needs the {package} package: pip install {package}") from None
+        why = f": pip install {package}" if (error.name or "").startswith(package) else \
+            f", which is installed but fails to import: {error}"
+        raise ValueError(f"{purpose} needs the {package} package{why}") from None
 
 
-def _pretrained_config(state, name, image_size, num_classes, heads):
-    """Refuse what SPoTViT cannot represent; read the shape -> (SPoTConfig's keyword arguments,
-    the number of class slots in pos_embed)."""
+def _pretrained_config(state, name, image_size, num_classes, said):
+    """Refuse what SPoTViT cannot represent or a file that does not hold what it claims; read
+    the shape from the weights and the rest from `said` (timm's names) -> (SPoTConfig's keyword
+    arguments, the number of class slots in pos_embed)."""
     weight = state.get("patch_embed.proj.weight")
-    if weight is None or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+    shape = () if weight is None else weight.shape
+    if len(shape) != 4 or shape[2] != shape[3] or 0 in shape:
         raise ValueError(f"{name} is not a ViT state dict: it has no (D, C, k, k) "
                          f"patch_embed.proj.weight (its keys begin {list(state)[:4]})")
     for pattern, what in UNSUPPORTED.items():
@@ -1270,16 +1397,13 @@ def _pretrained_config(state, name, image_size, num_classes, heads):
     if "cls_token" not in state or "pos_embed" not in state:
         raise ValueError(f"{name} has no {'pos_embed' if 'cls_token' in state else 'cls_token'}: "
                          f"models without a class token or a learned pos_embed are not supported")
-    (dim, in_chans, k, _), cells = weight.shape, state["pos_embed"].shape[1]
-    slots = next((n for n in (1, 0) if math.isqrt(cells - n) ** 2 == cells - n), None)
+    (dim, in_chans, k, _), pos_embed = shape, state["pos_embed"]
+    cells = pos_embed.shape[1] if pos_embed.dim() == 3 else 0
+    slots = next((n for n in (1, 0) if cells > n and math.isqrt(cells - n) ** 2 == cells - n),
+                 None)
     if slots is None:
-        raise ValueError(f"{name}: pos_embed {tuple(state['pos_embed'].shape)} is not a square "
-                         f"grid")
-    # heads= if given, else a standard width's, else timm's 64-wide heads.
-    heads = heads or STANDARD_HEADS.get(dim) or (dim // 64 if dim % 64 == 0 else None)
-    if heads is None:
-        raise ValueError(f"{name}: a ViT of width {dim} has no standard number of heads; "
-                         f"pass heads= (train.py: --heads N)")
+        raise ValueError(f"{name}: pos_embed {tuple(pos_embed.shape)} is not (1, slots + G, D) "
+                         f"with a square grid of G cells")
     head = state.get("head.weight")
     if num_classes is None and head is None:
         raise ValueError(f"{name} has no head.weight: pass num_classes= for a fresh head")
@@ -1289,11 +1413,61 @@ def _pretrained_config(state, name, image_size, num_classes, heads):
     ratios = (hidden / dim, math.nextafter(hidden / dim, math.inf))
     ratio = next(r for r in ratios if int(dim * r) == hidden)
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
-    pool = "avg" if "fc_norm.weight" in state else "token"
-    return dict(image_size=image_size or math.isqrt(cells - slots) * k, window=k,
-                in_chans=in_chans, dim=dim, depth=depth, heads=heads, mlp_ratio=ratio,
-                num_classes=num_classes or head.shape[0], norm_eps=1e-6,
-                position_embedding="learned", pool=pool), slots
+    # The weights show an fc_norm, not the pooling: "avg" (MAE's head) and "token" with an
+    # fc_norm look alike, as do "token" and "avg" with the final norm (fc_norm=False).
+    pool = said.get("global_pool") or ("avg" if "fc_norm.weight" in state else "token")
+    if (pool == "avg") != ("fc_norm.weight" in state):
+        raise ValueError(f"{name}: global_pool {pool!r} {'without' if pool == 'avg' else 'with'} "
+                         f"fc_norm; SPoTViT pools 'token' through the final norm or 'avg' "
+                         f"through fc_norm: not supported")
+    config = dict(image_size=image_size or math.isqrt(cells - slots) * k, window=k,
+                  in_chans=in_chans, dim=dim, depth=depth, mlp_ratio=ratio,
+                  num_classes=num_classes or head.shape[0], norm_eps=1e-6,
+                  position_embedding="learned", pool=pool)
+    _check_state(state, timm_shapes(config, cells, None if head is None else head.shape[0]), name)
+    # heads= if said, else a standard width's, else timm's 64-wide heads.
+    heads = said.get("num_heads") or STANDARD_HEADS.get(dim)
+    config["heads"] = heads or (dim // 64 if dim % 64 == 0 else None)
+    if config["heads"] is None:
+        raise ValueError(f"{name}: a ViT of width {dim} has no standard number of heads; "
+                         f"pass heads= (train.py: --heads N)")
+    return config, slots
+
+
+def timm_shapes(config, cells, classes):
+    """SPoTConfig's keyword arguments -> {key: shape} of the timm VisionTransformer state dict
+    that loads into SPoTViT(SPoTConfig(**config)): pos_embed with `cells` rows (class slots and
+    the native grid), head.* for `classes` classes (None: no head)."""
+    D, k, hidden = config["dim"], config["window"], int(config["dim"] * config["mlp_ratio"])
+    layers = [("patch_embed.proj", (D, config["in_chans"], k, k)),
+              ("fc_norm" if config["pool"] == "avg" else "norm", (D,))]
+    layers += [] if classes is None else [("head", (classes, D))]
+    for i in range(config["depth"]):
+        layers += [(f"blocks.{i}.{key}", shape) for key, shape in (
+            ("norm1", (D,)), ("attn.qkv", (3 * D, D)), ("attn.proj", (D, D)), ("norm2", (D,)),
+            ("mlp.fc1", (hidden, D)), ("mlp.fc2", (D, hidden)))]
+    shapes = {f"{key}.{part}": shape[:1] if part == "bias" else shape
+              for key, shape in layers for part in ("weight", "bias")}
+    return {"cls_token": (1, 1, D), "pos_embed": (1, cells, D), **shapes}
+
+
+def _check_state(state, shapes, name):
+    """Refuse a state dict whose keys and shapes are not `shapes` (named with both shapes), a
+    tensor claiming more numbers than its file stores, or values that are not finite."""
+    problems = [f"{key} {tuple(state[key].shape)} where SPoTViT needs {shapes[key]}"
+                for key in shapes if key in state and state[key].shape != shapes[key]]
+    problems += [f"no {key}" for key in shapes if key not in state]
+    problems += [f"{key}, which has no place in SPoTViT" for key in state if key not in shapes]
+    if problems:
+        raise ValueError(f"{name} does not fit the ViT its patch_embed, pos_embed and blocks "
+                         f"describe: {'; '.join(problems[:6])}")
+    for key, value in state.items():
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise ValueError(f"{name}: {key} {tuple(value.shape)} claims more numbers than its "
+                             f"file stores (a zero-stride view)")
+    if bad := [key for key, value in state.items() if not value.isfinite().all()]:
+        raise ValueError(f"{name} holds NaN or Inf values in {', '.join(bad[:4])}: a model "
+                         f"trained from them is NaN")
 
 
 def resample_table(table, config):
@@ -1329,6 +1503,28 @@ def to_timm(state, table, config):
             "pos_embed": torch.cat([torch.zeros_like(table[:, :1]), table], dim=1),   # (1, 1+G, D)
             "patch_embed.proj.weight": weight.view(config.dim, config.in_chans, k, k),
             "patch_embed.proj.bias": state.pop("patch_embed.bias"), **state}
+
+
+def timm_config(config):
+    """An SPoTConfig -> the config.json timm writes beside HF-style weights (its
+    save_config_for_hf): an architecture whose sizes model_args all set, the classes, and
+    pretrained_cfg's input size (C, H, W), mean and std. read_pretrained reads it back."""
+    (H, W), C = config.image_size, config.in_chans
+    model_args = dict(img_size=[H, W], patch_size=config.window, embed_dim=config.dim,
+                      depth=config.depth, num_heads=config.heads, mlp_ratio=config.mlp_ratio,
+                      global_pool=config.pool)
+    stats = dict(input_size=[C, H, W], mean=list(config.image_mean), std=list(config.image_std))
+    return dict(architecture="vit_base_patch16_224", num_classes=config.num_classes,
+                model_args=model_args, pretrained_cfg=stats)
+
+
+def save_pretrained(folder, state, config):
+    """spot.export's state dict and the model's SPoTConfig -> timm's Hugging Face folder:
+    pytorch_model.bin and config.json (timm_config). spot.load_pretrained(folder) gives back the
+    same statistics, pooling and heads (and logits, with norm_eps 1e-6: see to_timm), and timm
+    loads it too: timm.create_model("local-dir:" + folder, pretrained=True)."""
+    write_atomic(Path(folder) / "config.json", json.dumps(timm_config(config), indent=2))
+    write_atomic(Path(folder) / "pytorch_model.bin", state)
 
 
 # -----------------------------------------------------------------------------

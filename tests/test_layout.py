@@ -25,7 +25,8 @@ TOP_LEVEL = ("spot", "train", "oracle", "data", "visualize", "utils")
 READING_PATH = ("spot", "train", "oracle", "data")
 PAPER_FILES = ("spot", "train", "oracle")
 PAPER_FILES_BUDGET = 10_000       # Python tokens of spot + train + oracle
-TOP_LEVEL_BUDGET = 26_500         # Python tokens of the six top-level files
+TOP_LEVEL_BUDGET = 28_000         # Python tokens of the six top-level files (26,500 at the
+                                  # reorganisation; the pretrained and data-scale work fit under)
 TOKENS_PER_LINE = 11              # on the reading path, per line that holds a token
 LONGEST_LINE = 100                # characters, every Python file outside tests/
 LONGEST_ON_READING_PATH = 50      # lines of one function, def to last line
