@@ -18,12 +18,14 @@ setting (the imagenet-retrofit preset).
 
 The file reads top to bottom like the run: presets, the objective (train_step), the one
 evaluation loop (predict), then main: flags -> data -> model -> optimizer -> epochs. A run lives
-in --out: checkpoint.pt (latest, written atomically), metrics.jsonl (one JSON object per epoch,
-accuracies on the validation split held out of train; the test split is read once, at the end)
-and run.json (the command). Ctrl-C saves a checkpoint at the last finished step; --resume
-continues from it with the run's own flags and ends with the same metrics as an uninterrupted
-run (on the CPU, where kernels are deterministic). The flags, processes under torchrun, Ctrl-C
-and the checkpoints' contents are plumbing, in utils.py.
+in --out, locked while a run writes it: checkpoint.pt (latest, written atomically), metrics.jsonl
+(one JSON object per epoch, accuracies on the validation split held out of train, written before
+the epoch's checkpoint; the test split is read once, at the end) and run.json (the command).
+Ctrl-C saves a checkpoint at the last finished step; --resume continues from it with the run's
+own flags and ends with the same metrics as an uninterrupted run (on the CPU, where kernels are
+deterministic), also after a crash. A non-finite loss stops the run (exit 1) and keeps the last
+checkpoint. The flags, processes under torchrun, the lock, Ctrl-C and the checkpoints' contents
+are plumbing, in utils.py.
 """
 
 import math
@@ -314,47 +316,50 @@ def make_optimizer(model, args, n_train):
 
 
 def main(argv=None):
-    """Train as the command line says -> exit code: 0 done, 130 interrupted by Ctrl-C and saved."""
+    """Train as the command line says -> exit code: 0 done, 130 interrupted by Ctrl-C and saved;
+    an error (a diverging run, a full disk) exits 1 with a message."""
     args = parse_args(argv)
-    procs = utils.Processes(utils.resolve_device(args.device), args.threads)
-    dataset = load_data(args, procs)
-    checkpoint = utils.read_checkpoint(Path(args.out) / "checkpoint.pt") if args.resume else None
-    model = build_model(args, dataset, procs.device, checkpoint)
-    optimizer, scheduler = make_optimizer(model, args, len(dataset.train))
-    run = utils.Run(args, procs, model, optimizer, scheduler, *budgets(args))
-    run.generators = utils.random_streams(args.seed, procs)
-    if checkpoint:
-        utils.restore(run, checkpoint)
-    else:   # a new run's precision is stored with it: a resumed run keeps it
-        run.precision = utils.choose_precision(args.precision, procs.device)
-        utils.write_run_info(run)
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    procs.log(f"{args.dataset}: {len(dataset.train)} train images | {n_params:.2f}M parameters | "
-              f"{procs.world} process(es), {procs.device}, {run.precision} | from step {run.step}")
-    run.train_model = procs.wrap(model)
-    with utils.ctrl_c(procs.log) as stop:
-        code = train(run, dataset, stop)
-    procs.close(run)
+    with utils.Processes(args) as procs:      # and --out locked while the run writes it
+        dataset = load_data(args, procs)
+        checkpoint = args.resume and utils.read_checkpoint(Path(args.out) / "checkpoint.pt")
+        model = build_model(args, dataset, procs.device, checkpoint)
+        optimizer, scheduler = make_optimizer(model, args, len(dataset.train))
+        run = utils.Run(args, procs, model, optimizer, scheduler, *budgets(args))
+        run.generators = utils.random_streams(args.seed, procs)
+        if checkpoint:
+            utils.restore(run, checkpoint)
+        else:   # a new run's precision is stored with it: a resumed run keeps it
+            run.precision = utils.choose_precision(args.precision, procs.device)
+            utils.write_run_info(run)
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        procs.log(f"{args.dataset}: {len(dataset.train)} train images | {n_params:.2f}M "
+                  f"parameters | {procs.world} process(es), {procs.device}, {run.precision} | "
+                  f"from step {run.step}")
+        run.train_model = procs.wrap(model)
+        with utils.ctrl_c(procs.log) as stop:
+            code = train(run, dataset, stop)
+        procs.close(run)
     return code
 
 
 def train(run, dataset, stop):
-    """Epochs until --epochs (or --max-steps, or Ctrl-C), each saved, then judged on the
-    validation split; the test split is read once, at the end. -> exit code (0, or 130)"""
+    """Epochs until --epochs (or --max-steps, or Ctrl-C), each judged on the validation split,
+    logged, then saved; the test split is read once, at the end. -> exit code (0, or 130)"""
     args = run.args
     name = "val" if dataset.val is not None else "test"      # choose on val; test is read once
     path = Path(args.out) / "checkpoint.pt"
     start_time = time.time()
     while run.epoch < args.epochs and run.step < (args.max_steps or math.inf):
         metrics = train_epoch(run, dataset.train, stop)
+        if not stop["requested"]:   # the epoch's line first: a crash after it loses no line
+            metrics.update(evaluate(run, getattr(dataset, name), name), precision=run.precision,
+                           elapsed_s=time.time() - start_time)
+            run.procs.log_metrics(args.out, metrics)
         utils.save_checkpoint(path, run, dataset.classes)
         if stop["requested"]:   # saved; leave at once, without evaluating
-            run.procs.log(f"saved {path} at step {run.step}; continue with: "
-                          f"python train.py --resume --out {args.out}")
+            hint = utils.resume_command(args)
+            run.procs.log(f"saved {path} at step {run.step}; continue with: {hint}")
             return 130
-        metrics.update(evaluate(run, getattr(dataset, name), name), precision=run.precision,
-                       elapsed_s=time.time() - start_time)
-        run.procs.log_metrics(args.out, metrics)
     if run.epoch == args.epochs and name == "val" and args.final_test:   # test, read once
         test = evaluate(run, dataset.test, "test")
         run.procs.log_metrics(args.out, {"epoch": args.epochs, "final": True, **test})
@@ -385,6 +390,7 @@ def train_epoch(run, split, stop):
         labels = split.labels[batch].to(procs.device)
         loss, logits = train_step(run, images, labels)
         run.step += 1
+        run.check_finite(loss)                  # a NaN or inf loss stops the run (exit 1)
         correct = (logits.argmax(1) == labels).sum().item()
         run.running += torch.tensor([loss.item() * len(labels), correct, len(labels)])
         loss_sum, right, seen = run.running.tolist()

@@ -12,9 +12,10 @@ Sections, in order:
     train.py's command line   its flags (train_parser) and the rules of presets and --resume
                  (parse_run)
     reporting    bootstrap_interval, table_row, summary and oracle.py's command line
-    training runs  Processes (one, or several under torchrun), ctrl_c, Run (a run's state),
-                 random_streams, save_checkpoint and restore (an exact resume), run.json and
-                 metrics.jsonl, read_init_from
+    training runs  Processes (one, or several under torchrun), the run folder's lock
+                 (lock_run_folder), ctrl_c, Run (a run's state; stop: an error's one line),
+                 random_streams, save_checkpoint and restore (an exact resume, also after a
+                 crash), run.json and metrics.jsonl, read_init_from
     data files   DataError, channel_stats, resize_uint8, load_cifar10 (official pickles through
                  a safe unpickler, or class folders; downloaded with an MD5 check), load_folder
                  and load_split_folder (ImageNet-style class folders, decoded once and cached)
@@ -41,15 +42,15 @@ import os
 import pickle
 import platform
 import re
+import shlex
 import signal
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.request
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -286,7 +287,7 @@ TRAIN_DESCRIPTION = """Train a SPoT ViT (arXiv 2507.01654): each batch draws a b
 and positions from one of --train-priors, so one model reads an image through
 any sparse set of subpixel tokens (retrofitting)."""
 # Model flags: (flag, type, help); every one defaults to the preset's value.
-MODEL_FLAG_HELP = (("--image-size", int, "image side, pixels"),
+MODEL_FLAG_HELP = (("--image-size", int, "image side, pixels (a multiple of --window)"),
                    ("--window", int, "each token reads an N x N window"),
                    ("--dim", int, "token width"), ("--depth", int, "blocks"),
                    ("--heads", int, "attention heads"), ("--mlp-ratio", float, "MLP width / dim"))
@@ -364,6 +365,7 @@ def parse_run(parser, argv, new_defaults, check):
         if first.resume:
             base = _resumed_flags(out)
         elif any((Path(out) / name).exists() for name in ("checkpoint.pt", "metrics.jsonl")):
+            unlock_run_folder(lock_run_folder(out))   # a run that holds it is named (exit 1)
             raise ValueError(f"--out {out} already holds a run; pass --resume to continue it, "
                              f"or choose another --out")
         else:
@@ -376,6 +378,10 @@ def parse_run(parser, argv, new_defaults, check):
                              f"{'; '.join(changed)}. Resume without them, or start a new run "
                              f"in another --out")
         check(args)
+        if args.image_size % args.window:
+            raise ValueError(f"--image-size {args.image_size}: not a multiple of --window "
+                             f"{args.window}, whose grid would leave pixels unread")
+        check_memory(args)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -401,10 +407,35 @@ def source_decides(given, config, flags):
 def _resumed_flags(out):
     """The flags the run in `out` was started with, but those that may change."""
     try:
-        saved = read_checkpoint(Path(out) / "checkpoint.pt")["args"]
+        checkpoint = read_checkpoint(Path(out) / "checkpoint.pt")
     except ValueError as error:
         raise ValueError(f"--resume: {error}") from None
-    return {k: v for k, v in saved.items() if k not in RESUME_MAY_CHANGE}
+    if "args" not in checkpoint:
+        raise ValueError(f"--resume: {out}/checkpoint.pt holds a model but no run (no 'args'): "
+                         f"start a new run from it with --init-from {out}/checkpoint.pt")
+    return {k: v for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE}
+
+
+def resume_command(args):
+    """The command that continues this run: --resume, --out and the flags given that may change
+    on a resume (--max-steps above all: without it the resumed run would go on to --epochs)."""
+    words = ["python", "train.py", "--resume", "--out", args.out]
+    for flag in ("max_steps", "cache_dir", "threads"):
+        if getattr(args, flag):              # (each is >= 1, or a folder)
+            words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return shlex.join(words)
+
+
+def check_memory(args):
+    """Refuse a model whose training state cannot fit in the machine's memory (a GPU's is less):
+    its parameters (a lower bound from the flags: the blocks' matrices) x 16 bytes (fp32 weights,
+    gradients and AdamW's two moments). Activations come on top."""
+    need = 16 * args.depth * (4 + 2 * args.mlp_ratio) * args.dim ** 2
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if os.name == "posix" else 0
+    if need > have > 0:
+        raise ValueError(f"the model (--dim {args.dim}, --depth {args.depth}) needs "
+                         f"{need / 2**30:,.1f} GiB or more for its weights, gradients and AdamW's "
+                         f"moments; the machine has {have / 2**30:,.1f} GiB")
 
 
 # -----------------------------------------------------------------------------
@@ -502,25 +533,31 @@ def config_from(config_class, args):
 # -----------------------------------------------------------------------------
 # Training runs: processes (torchrun), Ctrl-C, checkpoints that resume exactly, metrics
 
-class Processes:
+class Processes(AbstractContextManager):
     """The processes of a run: one (`python train.py`) or several under torchrun, which sets
     RANK, WORLD_SIZE and LOCAL_RANK (DistributedDataParallel; NCCL on CUDA, gloo on the CPU).
     Every collective below is a no-op for one process, so train.py never asks how many there are.
+    `with Processes(args) as procs:` also locks the run folder --out while rank 0 writes it
+    (lock_run_folder), and unlocks it when the block ends, by a return or an error.
     """
 
-    def __init__(self, device, threads=None):
-        torch.set_num_threads(threads or torch.get_num_threads())      # default: all cores
+    def __init__(self, args):
+        torch.set_num_threads(args.threads or torch.get_num_threads())      # default: all cores
         # Adam's second-moment estimates of tiny gradients underflow into denormal floats, which
         # x86 CPUs process many times slower; flushing them to zero changes nothing measurable.
         torch.set_flush_denormal(True)
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = device
+        self.device = resolve_device(args.device)
+        self.lock = self.rank == 0 and lock_run_folder(args.out)   # before the rendezvous
         if self.world > 1:
-            if device.type == "cuda":
+            if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    def __exit__(self, *error):
+        unlock_run_folder(self.lock)
 
     def log(self, text):
         """Print on rank 0 only."""
@@ -564,6 +601,49 @@ class Processes:
             dist.destroy_process_group()
 
 
+# The run folder's lock: --out/.lock, flock-ed by the run writing the folder and holding its PID
+# (the kernel drops a flock when its process dies, however it dies), so a PID in a lock file that
+# nobody holds is stale: left by a killed run, and taken over. Where there is no flock (Windows)
+# the folder is not locked. A kill during write_atomic leaves a temporary file of the run's
+# files behind (LEFTOVER): the next run in the folder removes it.
+LEFTOVER = r"\.(checkpoint-\w{8}\.pt|metrics-\w{8}\.jsonl|run-\w{8}\.json)"   # mkstemp's names
+
+
+def lock_run_folder(out):
+    """Lock the run folder for this process -> the open lock file, for unlock_run_folder (None
+    without flock). A folder another process holds is refused, naming its PID (exit 1)."""
+    try:
+        import fcntl           # POSIX
+    except ImportError:
+        return None
+    lock = open(Path(out) / ".lock", "a+", 1, errors="replace")     # line-buffered
+    lock.seek(0)
+    holder = lock.read().strip()
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        sys.exit(f"error: --out {out} is in use by the run of process {holder} (its lock file "
+                 f"{lock.name}); wait for it to end, or choose another --out")
+    if holder:
+        print(f"--out {out}: taking over the stale lock of process {holder}, which has ended")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    for leftover in Path(out).glob(".*"):
+        if re.fullmatch(LEFTOVER, leftover.name):
+            leftover.unlink()
+    return lock
+
+
+def unlock_run_folder(lock):
+    """Empty the lock file (no PID: nobody holds it) and close it, which drops the flock. The
+    file stays: removing it would let a run that opened it just before lock a file no other run
+    can see."""
+    if lock:
+        lock.truncate(0)
+        lock.close()
+
+
 @contextmanager
 def ctrl_c(log):
     """Ctrl-C finishes the current step, saves and exits (130); a second Ctrl-C stops at once.
@@ -576,14 +656,13 @@ def ctrl_c(log):
             raise KeyboardInterrupt
         stop["requested"] = True
         log("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
-    main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
-    if main_thread:
+    with suppress(ValueError):         # (raised off the main thread)
         signal.signal(signal.SIGINT, on_sigint)
     try:
         yield stop
     finally:
-        if main_thread:
+        with suppress(ValueError):
             signal.signal(signal.SIGINT, previous)
 
 
@@ -605,6 +684,19 @@ class Run:
     step: int = 0
     running: torch.Tensor = None  # this epoch's sums: loss, correct, images
 
+    def check_finite(self, loss):
+        """Stop the run at once (exit 1, every process) when the training loss is not finite;
+        the last checkpoint is kept as it is."""
+        if self.procs.any(not torch.isfinite(loss)):
+            self.stop(f"training diverged: the loss is {loss.item()} at step {self.step}; start "
+                      f"again with a lower --lr or a longer --warmup-epochs")
+
+    def stop(self, problem):
+        """Exit 1 with a message: the problem, and the checkpoint the run leaves as it was."""
+        path = Path(self.args.out) / "checkpoint.pt"
+        sys.exit(f"error: {problem} ({path}, the last checkpoint, is kept)" if path.exists()
+                 else f"error: {problem} (no checkpoint was saved)")
+
 
 def random_streams(seed, procs):
     """Training's three random streams, each its own generator so that a checkpoint captures
@@ -621,20 +713,33 @@ RESUMED_PARTS = ("model", "optimizer", "scheduler")
 def save_checkpoint(path, run, classes):
     """Everything --resume needs, in one file written atomically by rank 0: the model (config and
     weights), optimizer, schedule, position in training, precision, flags, and every process's
-    random streams (so a resumed DDP run is exact too). Collective: every process calls it."""
+    random streams (so a resumed DDP run is exact too). Collective: every process calls it.
+    Weights that are not finite, or a file that cannot be written (a full disk), stop the run
+    (Run.stop), and the previous checkpoint stays as it was."""
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):   # same on every rank
+        run.stop(f"training diverged: the weights are not finite after step {run.step}; start "
+                 f"again with a lower --lr or a longer --warmup-epochs")
     streams = {name: generator.get_state() for name, generator in run.generators.items()}
     rng = run.procs.gather(streams)
     if run.procs.rank == 0:
         parts = {part: getattr(run, part).state_dict() for part in RESUMED_PARTS}
-        write_atomic(path, {"model_config": dataclasses.asdict(run.model.config), **parts,
-                            "epoch": run.epoch, "step": run.step, "running": run.running,
-                            "rng": rng, "classes": classes, "precision": run.precision,
-                            "args": vars(run.args)})
+        with open(Path(run.args.out) / "metrics.jsonl", "a") as metrics:
+            metrics_bytes = metrics.tell()     # its end
+        try:
+            write_atomic(path, {"model_config": dataclasses.asdict(run.model.config), **parts,
+                                "epoch": run.epoch, "step": run.step, "running": run.running,
+                                "rng": rng, "classes": classes, "precision": run.precision,
+                                "args": vars(run.args), "metrics_bytes": metrics_bytes})
+        except OSError as error:
+            run.stop(f"writing {path}: {error}; free space, then: {resume_command(run.args)}")
 
 
 def restore(run, checkpoint):
     """Put a run back where save_checkpoint left it: weights, optimizer, schedule, position in
-    the epoch, precision and random streams (more processes than saved reuse the last streams)."""
+    the epoch, precision and random streams (more processes than saved reuse the last streams).
+    metrics.jsonl goes back to its length at the checkpoint: a run logs an epoch's line before it
+    saves the epoch's checkpoint, so a crash in between leaves a line (maybe cut short) that the
+    checkpoint does not have, and the resumed run writes it again; so does the final test's."""
     for part in RESUMED_PARTS:
         getattr(run, part).load_state_dict(checkpoint[part])
     streams = checkpoint["rng"][min(run.procs.rank, len(checkpoint["rng"]) - 1)]
@@ -642,6 +747,9 @@ def restore(run, checkpoint):
         generator.set_state(streams[name])
     run.epoch, run.step = checkpoint["epoch"], checkpoint["step"]
     run.running, run.precision = checkpoint["running"], checkpoint["precision"]
+    if run.procs.rank == 0:       # (None: the file as it is)
+        with open(Path(run.args.out) / "metrics.jsonl", "a") as f:
+            f.truncate(checkpoint.get("metrics_bytes"))
 
 
 def limit_splits(dataset, args):
@@ -649,13 +757,15 @@ def limit_splits(dataset, args):
     --test-limit: the first N validation and test images (the loaders mix the classes)."""
     def subset(split, keep):      # no split stays no split
         return split and type(split)(split.images[keep], split.labels[keep])
-    if args.train_limit is not None:
+    if args.train_limit:             # (an int >= 1, or None)
         generator = torch.Generator().manual_seed(args.seed)
         keep = torch.randperm(len(dataset.train), generator=generator)
         dataset.train = subset(dataset.train, keep[:args.train_limit].sort().values)
-    if args.test_limit is not None:
+    if args.test_limit:
         dataset.val = subset(dataset.val, slice(args.test_limit))
         dataset.test = subset(dataset.test, slice(args.test_limit))
+    if len(dataset.train.labels.unique()) < 2:      # every accuracy would be 100 %
+        sys.exit(f"error: --dataset {args.dataset}: one class, a classifier needs two or more")
 
 
 def write_run_info(run):
@@ -668,9 +778,14 @@ def write_run_info(run):
 
 
 def log_metrics(out, metrics, log=print):
-    """One line of out/metrics.jsonl and one printed line: its losses and accuracies."""
-    with open(Path(out) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    """One line of out/metrics.jsonl and one printed line: its losses and accuracies. A full disk
+    is a message (exit 1)."""
+    path = Path(out) / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    except OSError as error:        # (a resumed run drops a line cut short: restore)
+        sys.exit(f"error: could not append to {path} ({error})")
     words = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
     log(" ".join(words))
 
@@ -1562,7 +1677,7 @@ def check_images(images, shape=None):
         raise ValueError(f"images must be a floating-point (B, C, H, W) tensor (e.g. uint8 / 255), "
                          f"got {getattr(images, 'shape', type(images).__name__)} "
                          f"{getattr(images, 'dtype', '')}")
-    if shape is not None and images.shape[1:] != shape:
+    if shape and images.shape[1:] != shape:
         raise ValueError(f"images must be {('B', *shape)} for this model, "
                          f"got {tuple(images.shape)}")
 

@@ -1,6 +1,8 @@
 """Tests of train.py on tiny runs of the built-in shapes data (CPU, seconds each)."""
+import errno
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -117,7 +119,8 @@ def test_ctrl_c_saves_and_resume_completes_identically(tmp_path):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     args = TINY + ["--epochs", "4", "--train-limit", "640"]
     train.main(args + ["--out", str(full)])
-    command = [sys.executable, str(ROOT / "train.py")] + args + ["--out", str(interrupted)]
+    command = [sys.executable, str(ROOT / "train.py")] + args + ["--out", str(interrupted),
+                                                                  "--max-steps", "1000"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not (interrupted / "metrics.jsonl").exists() and time.time() < deadline:
@@ -126,6 +129,7 @@ def test_ctrl_c_saves_and_resume_completes_identically(tmp_path):
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode == 130, output
     assert "--resume" in output
+    assert "--max-steps 1000" in output.splitlines()[-1]          # the full command to go on
     assert (interrupted / "checkpoint.pt").exists()
     subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert comparable(read_metrics(interrupted)) == comparable(read_metrics(full))
@@ -392,3 +396,211 @@ def test_init_from_a_timm_folder_reads_its_config(tmp_path):
     assert train.main(["--init-from", str(FIXTURES / "hf_half"), "--out", str(flagged),
                        "--image-mean", "0.4,0.4,0.4"] + common) == 0
     assert spot.load_checkpoint(flagged / "checkpoint.pt").config.image_mean == (0.4,) * 3
+
+
+# Runs that survive: a locked run folder, metrics that outlive a crash, a diverging run stopped,
+# and every bad input a sentence. Each fault is injected: a second process, a killed one, a
+# patched writer, a raised OSError.
+LOCKER = """import sys, time, utils
+lock = utils.lock_run_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(out):
+    """A second process that holds the lock of `out` (as a running train.py does)."""
+    process = subprocess.Popen([sys.executable, "-c", LOCKER, str(out)], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_run_folder_is_locked_while_a_run_writes_it(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--epochs", "2", "--max-steps", "2", "--out", str(out)]) == 0
+    locker = hold_lock(out)
+    try:
+        monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+        for argv in (["--out", str(out), "--resume"], TINY + ["--out", str(out)]):
+            with pytest.raises(SystemExit) as exit_info:       # refused at once, naming the PID
+                train.main(argv)
+            assert exit_info.value.code != 0
+            message = str(exit_info.value.code) + capsys.readouterr().err
+            assert f"in use by the run of process {locker.pid}" in message
+        # A second process really is held off, not only this one: a lock that any process takes.
+        code = "import sys, utils; lock = utils.lock_run_folder(sys.argv[1])"
+        second = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and str(locker.pid) in second.stderr
+    finally:
+        locker.kill()                                            # dies holding it: a stale lock
+        locker.wait()
+    monkeypatch.undo()
+    assert (out / ".lock").read_text().strip() == str(locker.pid)
+    assert train.main(["--out", str(out), "--resume"]) == 0     # taken over, with one line
+    assert f"taking over the stale lock of process {locker.pid}" in capsys.readouterr().out
+    assert (out / ".lock").read_text() == ""                   # released when main returned
+    # ... and when main raises: the next run in the folder goes ahead.
+    monkeypatch.setattr(train, "train_epoch", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "raised")])
+    monkeypatch.undo()
+    assert train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "raised")]) == 0
+
+
+class Killed(BaseException):
+    """A kill -9 at a write: nothing after it runs (not even `except Exception`)."""
+
+
+def test_a_crash_at_a_checkpoint_loses_no_metrics_line_and_doubles_none(tmp_path, monkeypatch):
+    """The epoch's metrics line is written before its checkpoint replaces the last one; a kill
+    in between (or mid-write) leaves the old checkpoint, a line it does not have, and a partial
+    temporary file; --resume drops the line (and a line cut short), redoes the epoch, removes the
+    temporary file, and ends with the same metrics as a run never killed."""
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train.main(TINY + ["--epochs", "3", "--out", str(full)])
+    write_atomic = utils.write_atomic
+
+    def killed_at_the_second_checkpoint(path, content):
+        if path.name == "checkpoint.pt" and content["epoch"] == 2:
+            (path.parent / ".checkpoint-a1b2c3d4.pt").write_bytes(b"half a checkpoint")
+            raise Killed
+        write_atomic(path, content)
+    monkeypatch.setattr(utils, "write_atomic", killed_at_the_second_checkpoint)
+    with pytest.raises(Killed):
+        train.main(TINY + ["--epochs", "3", "--out", str(crashed)])
+    monkeypatch.undo()
+    assert [m["epoch"] for m in read_metrics(crashed)] == [1, 2]          # epoch 2's line is kept
+    assert torch.load(crashed / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    with open(crashed / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "step": 1')                                 # and a line cut short
+    assert train.main(["--out", str(crashed), "--resume"]) == 0
+    assert comparable(read_metrics(crashed)) == comparable(read_metrics(full))
+    assert not (crashed / ".checkpoint-a1b2c3d4.pt").exists()
+    assert train.main(["--out", str(crashed), "--resume"]) == 0          # a finished run: its
+    assert comparable(read_metrics(crashed)) == comparable(read_metrics(full))   # test, once
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
+    """kill -9 wherever it lands (mid-step, mid-evaluation, mid-write): --resume ends with the
+    metrics of a run never killed, each epoch's line once, and no temporary file left."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = TINY + ["--epochs", "4", "--train-limit", "640"]
+    train.main(args + ["--out", str(full)])
+    command = [sys.executable, str(ROOT / "train.py")] + args + ["--out", str(killed)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert comparable(read_metrics(killed)) == comparable(read_metrics(full))
+    assert sorted(p.name for p in killed.iterdir()) == [".lock", "checkpoint.pt", "metrics.jsonl",
+                                                         "run.json"]
+
+
+def test_a_diverging_run_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original, calls = train.train_step, []
+
+    def diverging(run, images, labels):
+        loss, logits = original(run, images, labels)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 9 else loss), logits    # at step 9 of 18
+    monkeypatch.setattr(train, "train_step", diverging)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--epochs", "3", "--out", str(out)])
+    message = str(exit_info.value.code)
+    assert "diverged" in message and "at step 9" in message and str(out / "checkpoint.pt") in message
+    assert len(calls) == 9                                                # at once
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6     # epoch 1's
+    assert [m["epoch"] for m in read_metrics(out)] == [1]
+    # Weights made non-finite by the last step of an epoch (its loss still finite): not saved.
+    calls.clear()
+
+    def breaks_the_weights(run, images, labels):
+        result = original(run, images, labels)
+        calls.append(1)
+        if len(calls) == 6:                                  # after the update of step 6
+            run.model.cls_token.data.fill_(float("inf"))
+        return result
+    monkeypatch.setattr(train, "train_step", breaks_the_weights)
+    with pytest.raises(SystemExit, match="weights are not finite after step 6"):
+        train.main(TINY + ["--epochs", "3", "--out", str(tmp_path / "weights")])
+    assert not (tmp_path / "weights" / "checkpoint.pt").exists()
+
+
+def test_the_diverging_command_of_the_issue_exits_nonzero(tmp_path):
+    """`python train.py --lr 1e6 --warmup-epochs 0 --max-steps 10`: a message, exit 1, and no
+    NaN checkpoint."""
+    out = tmp_path / "nan"
+    argv = [a for a in TINY if a not in ("--lr", "3e-3", "--warmup-epochs", "0.5")]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py")] + argv + [
+        "--lr", "1e6", "--warmup-epochs", "0", "--max-steps", "10", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "diverged" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_dataset_of_one_class_is_refused(tmp_path, monkeypatch):
+    shapes = train.data.load_dataset("shapes", image_size=16, progress=False)
+    one = train.data.Split(shapes.test.images[:256], torch.zeros(256, dtype=torch.long))
+    dataset = train.data.Dataset("shapes", one, one, ["circle"], (0.5,) * 3, (0.5,) * 3, (16, 16))
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: dataset)
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("built a model"))
+    with pytest.raises(SystemExit, match="one class"):
+        train.main(TINY + ["--out", str(tmp_path / "one")])
+
+
+def test_sizes_that_do_not_tile_and_models_too_large_are_refused_at_once(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    start = time.time()
+    for extra, words in [(["--image-size", "18"], "not a multiple of --window 4"),
+                         (["--dim", "100000000"], "GiB")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(TINY + extra + ["--out", str(tmp_path / "x")])
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert time.time() - start < 1
+    help_text = train.utils.train_parser(train.PRESETS, train.data.DATASETS, spot.PRIORS).format_help()
+    assert "a multiple of --window" in help_text
+
+
+def test_the_resume_hint_is_the_full_command(tmp_path):
+    args = train.parse_args(TINY + ["--max-steps", "50", "--out", str(tmp_path / "my run")])
+    hint = utils.resume_command(args)
+    assert hint.startswith("python train.py --resume --out ")
+    resumed = shlex.split(hint)[2:]
+    assert resumed[resumed.index("--max-steps") + 1] == "50"
+    assert resumed[resumed.index("--out") + 1] == str(tmp_path / "my run")
+    assert resumed[resumed.index("--threads") + 1] == "1"
+
+
+def test_a_full_disk_and_a_checkpoint_without_args_are_one_line_messages(tmp_path, capsys,
+                                                                        monkeypatch):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "2", "--max-steps", "3", "--out", str(out)])
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def full_disk(path, content):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(utils, "write_atomic", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(out), "--resume"])
+    message = str(exit_info.value.code)
+    assert "No space left on device" in message and "--resume" in message and "\n" not in message
+    assert (out / "checkpoint.pt").read_bytes() == before                # the last one survives
+    monkeypatch.undo()
+    model_only = tmp_path / "model_only"
+    model_only.mkdir()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({k: checkpoint[k] for k in ("model_config", "model")}, model_only / "checkpoint.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(model_only), "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no 'args'" in err.splitlines()[-1]
+    assert "Traceback" not in err
