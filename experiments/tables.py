@@ -94,8 +94,8 @@ METHOD_LABELS = {
     "spot-on-snapped": "SPoT-ON snapped to grid",
     "spot-on-transfer": "SPoT-ON transfer",
 }
-CELL_TEXT = ("Cell = top-1 % / kNN %, each ± half its 95 % bootstrap interval over images; \"–\" "
-             "= not computed, \"n/a\" = not applicable.")
+CELL_TEXT = ("Cell = top-1 % / kNN %, each ± half its 95 % bootstrap interval over images; "
+             "\"–\" = not computed, \"n/a\" = not applicable.")
 REVERSE = ["",
            "| Model | Tokens | its prior | its own oracle | our oracle positions |",
            "|---" * 5 + "|"]
@@ -195,7 +195,9 @@ def comparison_lines(comparisons, rows, model=None):
         control = c["method"] == "best-of-k"
         label = METHOD_LABELS[c["method"]] + (f", {c['prior']}" if control else "")
         vs_control = "–" if control else f"{judged(c, 'vs_control')} (K={c['control_k']})"
-        gap = f"{bracket(c, 'gap_closed', 100)} % of {c['n_oracle']}" if "gap_closed" in c else "–"
+        gap = "–"
+        if "gap_closed" in c:
+            gap = f"{bracket(c, 'gap_closed', 100)} % of {c['n_oracle']}"
         its_cost = times(cost.get((c["method"], c["prior"], c["tokens"])))
         lines.append(line([label, c["tokens"], c["n_images"], c["best_prior"],
                            f"{c['prior_top1']:.1f}", f"{c['top1']:.1f}", judged(c, "gain"),
