@@ -10,11 +10,11 @@ save it: a PNG when the path has no extension). The idea each one shows:
     plot_trajectories       SPoT-ON (the oracle search): paths from the prior's start to the
                             oracle's placement, per token
     save_trajectory_gif     the same search, animated, for one image
-    plot_saliency_vs_oracle finding 3: saliency map vs oracle placements (oracle tokens lean
-                            only slightly toward salient pixels)
 
-The figures of committed results (accuracy vs token budget, training curves) are drawn by
-experiments/figures.py, from the same results/ that experiments/tables.py writes RESULTS.md from.
+The figures of RESULTS.md's findings are drawn by experiments/figures.py, with the drawing
+primitives and the checkpoint loading below: accuracy vs token budget and training curves (from
+the same results/ that experiments/tables.py writes RESULTS.md from), and finding 3's saliency
+map vs the oracle's placements (from a checkpoint).
 
 Run it (every command writes files; none opens a window; `--help` lists a command's flags):
 
@@ -24,7 +24,6 @@ Run it (every command writes files; none opens a window; `--help` lists a comman
         --search-from isotropic --tokens 16 --index 0 --search-steps 5 --out placements.png
     python visualize.py trajectories --checkpoint runs/shapes/checkpoint.pt --tokens 16 \\
         --n-images 4 --out traj.png --gif traj.gif
-    python visualize.py saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 --out sal.png
 
 Drawing convention (the same as spot.py's coordinates)
 ------------------------------------------------------
@@ -43,30 +42,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.backend_bases import FigureCanvasBase
-from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
 
 import spot
 import train
 import utils
 
 WINDOW_COLOR = "#ffd400"                    # token windows: yellow reads on dark and light images
-START_COLOR = "#00e5ff"                     # prior / start positions (cyan)
-END_COLOR = "#ff2d55"                       # oracle / end positions (red)
 
 
 # -----------------------------------------------------------------------------
 # Input checks: every error names the argument and says what is accepted
 
 def _as_numpy(value):
-    return value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-
-
-def _count(value, name):
-    """An int >= 1 (numpy ints too) -> int."""
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
+    """A tensor (any device, with or without grad) or array-like -> numpy array."""
+    return value.numpy(force=True) if torch.is_tensor(value) else np.asarray(value)
 
 
 def _image_hwc(image, window=None):
@@ -82,9 +71,8 @@ def _image_hwc(image, window=None):
                          f"[0, 1] or uint8, got {array.dtype} of shape {array.shape}")
     if window is not None:
         utils.check_window(window, array.shape[1:])
-    array = array.astype(np.float32)
-    array = np.clip(array, 0, 1) if floats else array / 255
-    return np.repeat(array, 3 // len(array), axis=0).transpose(1, 2, 0)
+    array = (np.clip(array, 0, 1) if floats else array / 255).astype("float32")
+    return array.repeat(3 // len(array), 0).transpose(1, 2, 0)      # grey: the channel 3 times
 
 
 def _positions_array(positions, name="positions", shape="(N, 2)"):
@@ -93,7 +81,7 @@ def _positions_array(positions, name="positions", shape="(N, 2)"):
     if array.ndim != shape.count(",") + 1 or array.shape[-1] != 2 or not np.isfinite(array).all():
         raise ValueError(f"{name} must have shape {shape} holding finite floats (y, x) in [0, 1], "
                          f"got {array.dtype} of shape {array.shape}")
-    return array.astype(np.float64)
+    return array.astype(float)
 
 
 def _with_default_suffix(path, suffix=".png"):
@@ -106,7 +94,7 @@ def _with_default_suffix(path, suffix=".png"):
 def _finish(fig, path):
     """Save the figure if path is given (".png" when it has no extension) and return it. The
     temporary file of utils.write_atomic keeps the extension: savefig picks the format from it."""
-    if path is not None:         # 150 dpi: sharp, yet a few hundred kB at most
+    if path:                     # 150 dpi: sharp, yet a few hundred kB at most
         utils.write_atomic(_with_default_suffix(path),
                            lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight"))
     return fig
@@ -117,17 +105,15 @@ def _panels(n, side, height, width, extra):
     `side` inches wide, plus `extra` inches for the titles -> (fig, the n axes)."""
     cols = min(4, n)
     rows = math.ceil(n / 4)
-    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
-                             figsize=(side * cols, side * rows * height / width + extra))
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return fig, axes.flat[:n]
+    fig = plt.figure(layout="constrained",
+                     figsize=(side * cols, side * rows * height / width + extra))
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
 
 
 # -----------------------------------------------------------------------------
 # Drawing primitives, all in pixel units (see "Drawing convention" above)
 
-def _show_image(ax, image, title, window=None, grid=False, title_size=9, **imshow):
+def _show_image(ax, image, title, window=None, grid=False, **imshow):
     """imshow with pixel i spanning [i, i+1): extent = (left, right, bottom, top); y grows
     downward, like image rows.
 
@@ -139,35 +125,35 @@ def _show_image(ax, image, title, window=None, grid=False, title_size=9, **imsho
     height, width = image.shape[:2]
     margin = (window or 0) / 2
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest", **imshow)
-    ax.set(xlim=(-margin, width + margin), ylim=(height + margin, -margin), facecolor="#d9d9d9",
-           xticks=[], yticks=[])
-    ax.set_title(title, fontsize=title_size)
-    if grid:
-        bottom, right = height // window * window, width // window * window
-        lines = [([0, right], [y, y]) for y in range(0, bottom + 1, window)] \
-            + [([x, x], [0, bottom]) for x in range(0, right + 1, window)]
-        for xs, ys in lines:
-            ax.plot(xs, ys, color="white", lw=0.6, alpha=0.45, zorder=2)
-            ax.plot(xs, ys, color="black", lw=0.6, alpha=0.25, ls=(0, (2, 2)), zorder=2)
+    ax.axis((-margin, width + margin, height + margin, -margin))     # (left, right, bottom, top)
+    ax.set(facecolor="#d9d9d9", xticks=[], yticks=[])
+    ax.set_title(title, fontsize=9)
+    if grid:        # cell edges at 0, k, 2k, ... <= H (rows) and <= W (columns)
+        rows = np.arange(0, height + 1, window)
+        cols = np.arange(0, width + 1, window)
+        # white at 45% opacity, then black dashes at 25% over it (#rrggbbaa colours)
+        for color, dashes in (("#ffffff73", "-"), ("#00000040", (0, (2, 2)))):
+            ax.hlines(rows, 0, cols[-1], color, dashes, lw=0.6, zorder=2)
+            ax.vlines(cols, 0, rows[-1], color, dashes, lw=0.6, zorder=2)
 
 
 def _to_pixels(positions, height, width):
     """(..., 2) normalized (y, x) -> (..., 2) pixel-unit (row, col) centres: P = (y H, x W)."""
-    return positions * np.array([height, width])
+    return positions * [height, width]          # positions: a numpy array
 
 
 def _draw_windows(ax, centres_px, window, color, **style):
     """One square [P - k/2, P + k/2]^2 per token. Rectangle wants its (x, y) corner first."""
     for row, col in centres_px:
-        ax.add_patch(Rectangle((col - window / 2, row - window / 2), window, window, fill=False,
-                               edgecolor=color, zorder=3, **style))
+        ax.add_patch(plt.Rectangle((col - window / 2, row - window / 2), window, window,
+                                   fill=False, edgecolor=color, zorder=3, **style))
 
 
-def _dots(ax, centres_px, color, size, hollow=False, **style):
+def _dots(ax, centres_px, color, size, hollow=False):
     """Token centres as markers: hollow rings (start positions), or dots with a black rim."""
-    rim = (dict(facecolors="none", edgecolors=color, linewidths=1.2, zorder=5) if hollow
-           else dict(c=color, edgecolors="black", linewidths=0.5, zorder=6))
-    ax.scatter(centres_px[..., 1], centres_px[..., 0], s=size, **{**rim, **style})
+    face, edge, rim = ("none", color, 1.2) if hollow else (color, "black", 0.5)
+    ax.scatter(centres_px[..., 1], centres_px[..., 0], size, facecolors=face, edgecolors=edge,
+               linewidths=rim, zorder=5)
 
 
 # -----------------------------------------------------------------------------
@@ -187,8 +173,7 @@ def plot_placements(image, positions, window, grid=True, ax=None, title=None, pa
     img = _image_hwc(image, window)
     height, width = img.shape[:2]
     centres = _to_pixels(_positions_array(positions), height, width)      # (N, 2) pixel units
-    if ax is None:
-        ax = plt.subplots(figsize=(4.2, 4.2 * height / width + 0.4))[1]
+    ax = ax or _panels(1, 4.2, height, width, 0.4)[1][0]
     if title is None:        # count the tokens exactly on a grid-cell centre (i + 0.5) k
         cell = centres / window - 0.5                   # grid index; an integer iff on the grid
         index = np.round(cell)
@@ -197,7 +182,7 @@ def plot_placements(image, positions, window, grid=True, ax=None, title=None, pa
         title = f"{len(centres)} tokens, k = {window}, {on_grid.all(-1).sum()} on the grid"
     _show_image(ax, img, title, window, grid)
     _draw_windows(ax, centres, window, WINDOW_COLOR, lw=1.3)
-    _dots(ax, centres, WINDOW_COLOR, 14, linewidths=0.6, zorder=4)
+    _dots(ax, centres, WINDOW_COLOR, 14)
     return _finish(ax.figure, path)
 
 
@@ -215,50 +200,48 @@ def plot_priors(image_size, window, n_tokens, priors=spot.PRIORS, image=None, se
     Returns the Figure.
     """
     height, width = utils.to_hw(image_size)
-    n_tokens = _count(n_tokens, "n_tokens")
-    if not set(priors) <= set(spot.PRIORS):
-        raise ValueError(f"priors must be names from {spot.PRIORS}, got {priors!r}")
+    utils.positive_int(n_tokens, "n_tokens")      # here: the panels below turn errors into notes
+    drawn = [p for p in priors if image is not None or p != "salient"]
+    if not drawn or set(priors) - set(spot.PRIORS):
+        raise ValueError(f"priors must be names from {spot.PRIORS}, at least one besides "
+                         f"'salient' without image=(C, H, W) ('salient' samples positions from "
+                         f"the image's saliency map, so it is skipped on a blank canvas), got "
+                         f"{priors!r}")
     if image is None:                       # a blank canvas, with nothing salient
-        image = np.full((3, height, width), 0.93, np.float32)
-        priors = [p for p in priors if p != "salient"]
+        image = np.full((1, height, width), 0.93)
     canvas = _image_hwc(image, window)                                   # (H, W, 3)
-    if not priors:
-        raise ValueError("priors must name at least one prior (without image=(C, H, W), "
-                         "'salient' is skipped: it samples positions from the image's saliency "
-                         "map)")
     if canvas.shape[:2] != (height, width):
         raise ValueError(f"image is {canvas.shape[0]}x{canvas.shape[1]} but image_size is "
                          f"{height}x{width}; they must match")
-    images = torch.from_numpy(canvas.transpose(2, 0, 1).copy())[None]   # (1, 3, H, W)
+    images = torch.from_numpy(canvas).permute(2, 0, 1)[None]   # (1, 3, H, W)
 
-    fig, axes = _panels(len(priors), 3.0, height, width, 0.5)
-    for ax, prior in zip(axes, priors):
+    fig, axes = _panels(len(drawn), 3.0, height, width, 0.5)
+    for ax, prior in zip(axes, drawn):
         try:        # a fresh generator per prior: each panel is reproducible on its own
             positions = spot.sample_positions(prior, 1, n_tokens, image_size, window,
                                               torch.Generator().manual_seed(seed), images)[0]
-        except ValueError as error:          # e.g. "grid" with more tokens than grid cells
-            _show_image(ax, canvas, prior, title_size=10)
-            ax.text(width / 2, height / 2, str(error).split(";")[0][:60], ha="center",
-                    va="center", fontsize=6, wrap=True)
-            continue
+        except ValueError as error:  # e.g. "grid" with more tokens than grid cells: a note below
+            positions = np.zeros((0, 2))
+            ax.set_xlabel(str(error).split(";")[0], fontsize=6, wrap=True)
         plot_placements(image, positions, window, ax=ax, title=prior)
     fig.suptitle(f"Spatial priors: {n_tokens} tokens, {window}x{window} windows, "
-                 f"{height}x{width} image", fontsize=11)
+                 f"{height}x{width} image")
     return _finish(fig, path)
 
 
 # -----------------------------------------------------------------------------
 # SPoT-ON (the oracle search): trajectories
 
-def _draw_search(ax, image, track_px, window, title, title_size=9):
+def _draw_search(ax, image, track_px, window, title):
     """The image with its patch grid, and track_px (steps + 1, N, 2) in pixel units over it:
     per token a path, a hollow start, a filled end and its end window. The colours come from a
     cyclic colormap, so neighbouring tokens differ."""
-    _show_image(ax, image, title, window, True, title_size)
-    colors = plt.get_cmap("hsv")(np.linspace(0, 1, track_px.shape[1], endpoint=False))
-    for path, color in zip(track_px.transpose(1, 0, 2), colors):       # (steps + 1, 2) each
-        ax.plot(path[:, 1], path[:, 0], color=color, lw=1.2, alpha=0.9, zorder=4)
-        _draw_windows(ax, path[-1:], window, color, alpha=0.55, lw=0.9)
+    _show_image(ax, image, title, window, True)
+    colors = plt.cm.hsv(np.linspace(0, 1, track_px.shape[1], endpoint=False))
+    ax.set_prop_cycle(color=colors)          # (steps + 1, N) columns: a line per token, in turn
+    ax.plot(track_px[..., 1], track_px[..., 0], lw=1.2, alpha=0.9, zorder=4)
+    for end, color in zip(track_px[-1], colors):
+        _draw_windows(ax, [end], window, color, alpha=0.55, lw=0.9)
     _dots(ax, track_px[0], colors, 22, hollow=True)
     _dots(ax, track_px[-1], colors, 16)
 
@@ -269,9 +252,9 @@ def _legend_below(fig, handles):
                frameon=False)
 
 
-def _marker(label, face, edge="black"):
-    """A legend entry for a scatter marker (face "none": hollow)."""
-    return Line2D([], [], ls="none", marker="o", mfc=face, mec=edge, label=label)
+def _marker(label, face, edge="black", shape="o"):
+    """A legend entry for a scatter marker (face "none": hollow; shape "s": a square)."""
+    return plt.Line2D([], [], ls="none", marker=shape, mfc=face, mec=edge, label=label)
 
 
 def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=None):
@@ -285,18 +268,15 @@ def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=
     Returns the Figure.
     """
     track = _positions_array(trajectory, "trajectory", "(steps + 1, B, N, 2)")
-    if images.ndim != 4 or track.shape[1] != len(images):
-        raise ValueError(f"images must be (B, C, H, W) and trajectory (steps + 1, B, N, 2) with "
-                         f"the same B, got images {tuple(images.shape)} and trajectory "
-                         f"{track.shape}")
-    n_images = min(_count(n_images, "n_images"), len(images))
+    n_images = min(utils.positive_int(n_images, "n_images"), len(images))
     if titles is None:
         titles = [f"image {b}" for b in range(n_images)]
-    if len(titles) < n_images:
-        raise ValueError(f"titles must be a list of at least n_images={n_images} strings, got "
-                         f"{titles!r}")
-    height, width = images.shape[-2:]
-    utils.check_window(window, (height, width))
+    if images.ndim != 4 or track.shape[1] != len(images) or len(titles) < n_images:
+        raise ValueError(f"images must be (B, C, H, W) and trajectory (steps + 1, B, N, 2) with "
+                         f"the same B, and titles (if given) a list of at least "
+                         f"n_images={n_images} strings, got images {tuple(images.shape)}, "
+                         f"trajectory {track.shape} and titles {titles!r}")
+    height, width = _image_hwc(images[0], window).shape[:2]      # and k fits in the image
 
     fig, axes = _panels(n_images, 3.2, height, width, 0.8)
     for b, ax in enumerate(axes):
@@ -304,11 +284,11 @@ def plot_trajectories(images, trajectory, window, n_images=4, path=None, titles=
         moved = np.linalg.norm(track_px[-1] - track_px[0], axis=-1).mean()
         _draw_search(ax, _image_hwc(images[b]), track_px, window,
                      f"{titles[b]}\nmean move {moved:.2f} px in {len(track) - 1} steps")
-    fig.suptitle("SPoT-ON oracle search: from prior to oracle placement", fontsize=11)
+    fig.suptitle("SPoT-ON oracle search: from prior to oracle placement")
     _legend_below(fig, [_marker("start (prior)", "none"), _marker("end (oracle)", "grey"),
-                        Line2D([], [], color="grey", lw=1.2, label="path (one colour per token)"),
-                        Rectangle((0, 0), 1, 1, fill=False, edgecolor="grey",
-                                  label="final k x k window")])
+                        plt.Line2D([], [], color="grey", lw=1.2,
+                                   label="path (one colour per token)"),
+                        _marker("final k x k window", "none", "grey", "s")])
     return _finish(fig, path)
 
 
@@ -327,11 +307,10 @@ def save_trajectory_gif(image, trajectory, window, path, fps=4):
     height, width = img.shape[:2]
     track_px = _to_pixels(_positions_array(trajectory, "trajectory", "(steps + 1, N, 2)"),
                           height, width)
-    if not str(path).lower().endswith(".gif"):
-        raise ValueError(f"path must be a file name ending in .gif, got {path!r}")
-    if not 0 < fps < math.inf:
-        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-    fig, ax = plt.subplots(figsize=(4.0, 4.0 * height / width + 0.4))
+    if not (Path(path).suffix.lower() == ".gif" and 0 < fps < math.inf):
+        raise ValueError(f"path must be a file name ending in .gif and fps a finite number > 0, "
+                         f"got path {path!r} and fps {fps!r}")
+    fig, (ax,) = _panels(1, 4.0, height, width, 0.4)
 
     def write(tmp):
         # PillowWriter keeps the frames in memory and writes the file when `saving` closes, even
@@ -342,66 +321,13 @@ def save_trajectory_gif(image, trajectory, window, path, fps=4):
                 # Redraw from scratch each frame: simplest, and cheap at these sizes.
                 ax.clear()
                 _draw_search(ax, img, track_px[: step + 1], window,
-                             f"SPoT-ON step {step} / {len(track_px) - 1}", 10)
+                             f"SPoT-ON step {step} / {len(track_px) - 1}")
                 writer.grab_frame()
             for _ in range(math.ceil(fps)):               # hold the result for about a second
                 writer.grab_frame()
 
     utils.write_atomic(path, write)
     return fig
-
-
-# -----------------------------------------------------------------------------
-# Finding 3: do oracle tokens go where the saliency is?
-
-def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None, path=None):
-    """The image's saliency map beside the image, with the oracle's final positions on both.
-
-    image:           (C, H, W) float in [0, 1] or uint8
-    positions:       (N, 2) the oracle's final positions
-    start_positions: optional (N, 2) where the search started (drawn hollow)
-    window:          optional k: draw the oracle windows, and measure saliency over each window
-                     (otherwise at the centre point)
-    The title reports the mean saliency the tokens read relative to the map's mean: 1.0x means
-    no preference for salient pixels, 2.0x twice as salient as a random spot (finding 3).
-    Returns the Figure.
-    """
-    img = _image_hwc(image, window)
-    height, width = img.shape[:2]
-    end = _positions_array(positions)
-    start = (None if start_positions is None
-             else _positions_array(start_positions, "start_positions"))
-
-    import oracle  # lazily: only this figure needs oracle.saliency_read
-
-    saliency = spot.saliency_map(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])[0]  # (H, W)
-    # Saliency read / image mean (no window: the map's value at each centre, a 1 x 1 window).
-    ratio = lambda pos: oracle.saliency_read(saliency[None], torch.as_tensor(pos).float()[None],
-                                             window or 1).item()
-    report = ", ".join(f"{name} {ratio(pos):.2f}x"
-                       for name, pos in (("oracle", end), ("start", start)) if pos is not None)
-
-    fig, axes = _panels(2, 4.2, height, width, 0.9)
-    _show_image(axes[0], img, "image", window)
-    # The map is drawn in units of its own mean, so the colour bar reads like the title's ratios.
-    _show_image(axes[1], saliency.numpy() / saliency.mean().item(),
-                "spectral-residual saliency (x image mean)", window, cmap="magma")
-    end_px = _to_pixels(end, height, width)
-    for ax in axes:
-        if window is not None:
-            _draw_windows(ax, end_px, window, END_COLOR, alpha=0.7, lw=0.9)
-        if start is not None:          # hollow starts, and a thin line start -> end per token
-            track_px = _to_pixels(np.stack([start, end]), height, width)            # (2, N, 2)
-            _dots(ax, track_px[0], START_COLOR, 24, hollow=True)
-            ax.plot(track_px[..., 1], track_px[..., 0], color="white", lw=0.6, alpha=0.7, zorder=4)
-        _dots(ax, end_px, END_COLOR, 18)
-    _legend_below(fig, [_marker("start (prior)", "none", START_COLOR)] * (start is not None)
-                  + [_marker("oracle position", END_COLOR)])
-    fig.suptitle(f"Saliency vs oracle placement (finding 3)\nsaliency read / image mean: {report}",
-                 fontsize=10)
-    # One colour bar for both panels (constrained layout keeps the panels the same size).
-    fig.colorbar(axes[1].images[0], ax=list(axes), fraction=0.025, pad=0.02)
-    return _finish(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -430,26 +356,20 @@ def _file_type(formats):
         try:
             utils.check_out_dir(path.parent, "folder")
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"{error} (to write {path})") from None
+            raise argparse.ArgumentTypeError(f"{error} (to write {path})")
         return path
     return parse
 
 
 def _one_budget(text):
     """argparse type of --tokens: the grammar of utils.parse_tokens, but a figure draws ONE
-    budget. The text is kept: 'all' and the upper bound need the patch grid (_budget)."""
+    budget. The text is kept: 'all' and the upper bound need the patch grid (known later)."""
     try:
-        if len(utils.parse_tokens(text, n_grid=2**40)) == 1:
-            return text
+        (_,) = utils.parse_tokens(text, 2**40)          # a ValueError unless exactly one budget
+        return text
     except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"this figure draws one budget: N >= 1, or 'all' (the full "
-                                     f"patch grid), got {text!r}")
-
-
-def _budget(text, image_size, window):
-    """--tokens, now that the patch grid of image_size and window is known -> the token count."""
-    return utils.parse_tokens(text, len(spot.grid_positions(image_size, window)))[0]
+        raise argparse.ArgumentTypeError(f"this figure draws one budget: N >= 1, or 'all' (the "
+                                         f"full patch grid), got {text!r}")
 
 
 def _pick(split, first, count=1):
@@ -457,8 +377,7 @@ def _pick(split, first, count=1):
     if first + count > len(split.labels):
         raise ValueError(f"--index {first}" + (f" with --n-images {count}" if count > 1 else "")
                          + f" reaches past the {len(split.labels)} images of this test split")
-    rows = slice(first, first + count)
-    return split.images[rows], split.labels[rows]
+    return split.images[first:first + count], split.labels[first:first + count]
 
 
 def _load(args, count=1):
@@ -476,7 +395,7 @@ def _load(args, count=1):
     model, dataset, _ = data.load_model_and_data(args.checkpoint)
     uint8, labels = _pick(dataset.test, args.index, count)
     window = model.config.window
-    n_tokens = _budget(args.tokens, model.config.image_size, window)
+    n_tokens = utils.parse_tokens(args.tokens, len(oracle.patch_grid(model)))[0]
     start = train.draw_positions(args.search_from, uint8, n_tokens, window, args.seed)
     steps = oracle.DEFAULT_STEPS if args.search_steps is None else args.search_steps
     lr = args.search_lr or oracle.DEFAULT_LR
@@ -491,28 +410,27 @@ def _load(args, count=1):
 
 def _cmd_priors(args):
     image, size = None, args.image_size or 32
-    if args.dataset is not None:
+    if args.dataset:
         import data
 
-        dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
-                                    progress=False)
+        dataset = data.load_dataset(args.dataset, args.data_dir, args.image_size, progress=False)
         image = _pick(dataset.test, args.index)[0][0]
         size = image.shape[-2:]
-    return plot_priors(size, args.window, _budget(args.tokens, size, args.window),
-                       priors=args.priors, image=image, seed=args.seed, path=args.out)
+    n_tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(size, args.window)))[0]
+    return plot_priors(size, args.window, n_tokens, priors=args.priors, image=image,
+                       seed=args.seed, path=args.out)
 
 
 def _cmd_placements(args):
     window, classes, uint8, labels, track, predicted = _load(args)
-    panels = zip([f"prior '{args.search_from}'", f"SPoT-ON, {args.search_steps} steps"],
-                 track[[0, -1]], predicted)
+    names = [f"prior '{args.search_from}'", f"SPoT-ON, {args.search_steps} steps"]
     # With --search-steps 0 the prior's panel alone.
     fig, axes = _panels(1 + (args.search_steps > 0), 4.2, *uint8.shape[-2:], 0.6)
-    for ax, (name, positions, guess) in zip(axes, panels):
-        plot_placements(uint8[0], positions[0], window, ax=ax,
-                        title=f"{name}\npredicted '{classes[guess[0]]}'")
+    for ax, name, step in zip(axes, names, (0, -1)):
+        plot_placements(uint8[0], track[step, 0], window, ax=ax,
+                        title=f"{name}\npredicted '{classes[predicted[step][0]]}'")
     fig.suptitle(f"test image {args.index}, label '{classes[labels[0]]}', "
-                 f"{track.shape[2]} tokens", fontsize=10)
+                 f"{track.shape[2]} tokens")
     return _finish(fig, args.out)
 
 
@@ -520,24 +438,32 @@ def _cmd_trajectories(args):
     window, classes, uint8, labels, track, predicted = _load(args, args.n_images)
     titles = [f"#{args.index + i} '{classes[y]}'\npredicted {classes[p]} -> {classes[q]}"
               for i, (y, p, q) in enumerate(zip(labels, *predicted))]
-    fig = plot_trajectories(uint8, track, window, n_images=args.n_images,
-                            titles=titles, path=args.out)
+    fig = plot_trajectories(uint8, track, window, args.n_images, args.out, titles)
     if args.gif:
         plt.close(save_trajectory_gif(uint8[0], track[:, 0], window, args.gif, args.fps))
     return fig
 
 
-def _cmd_saliency(args):
-    window, _, uint8, _, track, _ = _load(args)
-    return plot_saliency_vs_oracle(uint8[0], track[-1, 0], track[0, 0], window, args.out)
+# The argparse types of the flags below (spelled as in oracle.py): ints >= 0 and >= 1, and
+# finite floats > 0.
+COUNT = utils.int_at_least(0)
+ONE_OR_MORE = utils.int_at_least(1)
+POSITIVE = utils.float_in(0, low_open=True)
+
+# --tokens, --index, --seed (every command): which budget, which test image, which random draw.
+IMAGE_FLAGS = (("--tokens", _one_budget, "16",
+                "tokens per image: one budget N, or 'all' (the full patch grid)"),
+               ("--index", COUNT, 0, "test image index (trajectories: the first one; priors: "
+                "with --dataset)"),
+               ("--seed", int, 0, "seed of the random priors"))
 
 
-def _image_flags(sub, index_help):
-    """--tokens, --index, --seed: which budget, which test image, which random draw."""
-    sub.add_argument("--tokens", type=_one_budget, default="16",
-                     help="tokens per image: one budget N, or 'all' (the full patch grid)")
-    sub.add_argument("--index", type=utils.int_at_least(0), default=0, help=index_help)
-    sub.add_argument("--seed", type=int, default=0, help="seed of the random priors")
+def _add_flags(sub, *flags):
+    """sub.add_argument for each (flag, kind, default, help text) of flags: kind is the type
+    (None: the text as given), or a tuple of the choices."""
+    for flag, kind, default, text in flags:
+        key = "choices" if isinstance(kind, tuple) else "type"
+        sub.add_argument(flag, default=default, help=text, **{key: kind})
 
 
 def _model_flags(sub, steps=None, steps_help="SPoT-ON steps (default: oracle.py's)"):
@@ -545,17 +471,16 @@ def _model_flags(sub, steps=None, steps_help="SPoT-ON steps (default: oracle.py'
     them with SPoT-ON, spelled as in every command of the project (--prior, --oracle-steps and
     --steps: hidden aliases)."""
     sub.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
-    _image_flags(sub, "(first) test image index")
-    sub.add_argument("--search-from", choices=spot.PRIORS, default="isotropic",
-                     help="prior the tokens are drawn from, and the search starts from")
-    sub.add_argument("--search-steps", type=utils.int_at_least(0), default=steps, help=steps_help)
-    sub.add_argument("--search-lr", type=utils.float_in(0, low_open=True),
-                     help="SPoT-ON step size in [0, 1] position units (default: oracle.py's)")
-    sub.add_argument("--objective", choices=("label", "entropy"), default="label",
-                     help="what the search minimizes: the label's loss (the oracle), or the "
-                     "label-free entropy of the model's prediction")
+    _add_flags(sub, *IMAGE_FLAGS,
+               ("--search-from", spot.PRIORS, "isotropic",
+                "prior the tokens are drawn from, and the search starts from"),
+               ("--search-steps", COUNT, steps, steps_help),
+               ("--search-lr", POSITIVE, None,
+                "SPoT-ON step size in [0, 1] position units (default: oracle.py's)"),
+               ("--objective", ("label", "entropy"), "label", "what the search minimizes: the "
+                "label's loss (the oracle), or the label-free entropy of the model's prediction"))
     utils.add_alias(sub, "search_from", "--prior", choices=spot.PRIORS)
-    utils.add_alias(sub, "search_steps", "--oracle-steps", "--steps", type=utils.int_at_least(0))
+    utils.add_alias(sub, "search_steps", "--oracle-steps", "--steps", type=COUNT)
 
 
 def build_parser():
@@ -563,57 +488,44 @@ def build_parser():
         prog="visualize.py", description=__doc__.split("\n\n")[0],
         epilog="Every command writes a figure (--out; no extension: .png) and never opens a "
         "window. 'COMMAND --help' lists a command's flags.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    count = utils.int_at_least(1)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def add(name, func, help_text):
+    def add(name, func, help_text, *flags):
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.set_defaults(func=func)
-        sub.add_argument("--out", type=_file_type(IMAGE_FORMATS), default=f"{name}.png",
-                         help="output figure (.png, .pdf, .svg, ...)")
+        sub.set_defaults(func=func, parser=sub, gif=None)    # main words its errors with sub
+        _add_flags(sub, ("--out", _file_type(IMAGE_FORMATS), f"{name}.png",
+                         "output figure (.png, .pdf, .svg, ...)"), *flags)
         return sub
 
-    p = add("priors", _cmd_priors, "gallery of the spatial priors (the paper's Figure 2)")
-    p.add_argument("--image-size", type=count,
-                   help="canvas size in pixels (default 32, or the dataset's)")
-    p.add_argument("--window", type=count, default=4, help="token window k in pixels")
-    p.add_argument("--priors", type=utils.name_list(spot.PRIORS), default=spot.PRIORS,
-                   help="comma-separated prior names")
-    p.add_argument("--dataset", help="draw on a test image of this dataset (enables 'salient')")
-    p.add_argument("--data-dir", help="dataset folder (cifar10, folder)")
-    _image_flags(p, "test image index (with --dataset)")
-
-    p = add("placements", _cmd_placements,
-            "token windows on a test image, before and after SPoT-ON")
-    _model_flags(p, 0, "also run SPoT-ON for this many steps and show the result beside (0: no "
+    add("priors", _cmd_priors, "gallery of the spatial priors (the paper's Figure 2)",
+        ("--image-size", ONE_OR_MORE, None, "canvas size in pixels (default 32, or the dataset's)"),
+        ("--window", ONE_OR_MORE, 4, "token window k in pixels"),
+        ("--priors", utils.name_list(spot.PRIORS), spot.PRIORS, "comma-separated prior names"),
+        ("--dataset", None, None, "draw on a test image of this dataset (enables 'salient')"),
+        ("--data-dir", None, None, "dataset folder (cifar10, folder)"),
+        *IMAGE_FLAGS)
+    _model_flags(add("placements", _cmd_placements,
+                     "token windows on a test image, before and after SPoT-ON"),
+                 0, "also run SPoT-ON for this many steps and show the result beside (0: no "
                  "search)")
-
-    p = add("trajectories", _cmd_trajectories, "SPoT-ON search paths on test images")
-    _model_flags(p)
-    p.add_argument("--n-images", type=count, default=4, help="how many test images")
-    p.add_argument("--gif", type=_file_type(("gif",)),
-                   help="also animate the first image into this .gif")
-    p.add_argument("--fps", type=utils.float_in(0, low_open=True), default=4,
-                   help="GIF frames per second")
-
-    p = add("saliency", _cmd_saliency, "saliency map vs SPoT-ON placement (finding 3)")
-    _model_flags(p)
-
+    _model_flags(add("trajectories", _cmd_trajectories, "SPoT-ON search paths on test images",
+                     ("--n-images", ONE_OR_MORE, 4, "how many test images"),
+                     ("--gif", _file_type(("gif",)), None,
+                      "also animate the first image into this .gif"),
+                     ("--fps", POSITIVE, 4, "GIF frames per second")))
     return parser
 
 
 def main(argv=None):
     """Entry point; argv defaults to sys.argv[1:]. Returns 0; a bad flag, file or dataset
-    exits with status 2 and one 'error: ...' line, never a traceback."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    exits with status 2 and an 'error: ...' message (with the command's usage), never a
+    traceback."""
+    args = build_parser().parse_args(argv)
+    with utils.usage_errors(args.parser):         # a message for the user, not a bug
         plt.close(args.func(args))
-    except (ValueError, utils.DataError) as error:     # a message for the user, not a bug
-        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     print("wrote " + " and ".join(
-        str(path) for path in (args.out, getattr(args, "gif", None)) if path))
+        str(path) for path in (args.out, args.gif) if path))
     return 0
 
 

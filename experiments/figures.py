@@ -1,19 +1,24 @@
 """
-experiments/figures.py -- the figures of RESULTS.md, drawn from the committed results.
+experiments/figures.py -- the figures of RESULTS.md's findings: from the committed results, and
+finding 3's saliency figure from a checkpoint.
 
 experiments/tables.py writes RESULTS.md's tables from results/*/results.json (oracle.py's and
 experiments.label_free's evaluations) and results/*/metrics.jsonl (train.py's runs); this file
-draws its figures from the same files. (visualize.py draws where the tokens go: the spatial
-priors, placements, SPoT-ON's trajectories, saliency vs oracle.) Each function returns the
-matplotlib Figure (pass path= to also save it: a PNG when the path has no extension):
+draws its curves from the same files. visualize.py draws where the tokens go (the spatial priors,
+placements, SPoT-ON's trajectories); the saliency figure here reuses its drawing primitives, in
+its pixel units, and its checkpoint loading. Each function returns the matplotlib Figure (pass
+path= to also save it: a PNG when the path has no extension):
 
-    plot_budget_curves    the paper's results table as curves: accuracy vs token budget, one
-                          line per (method, prior). Findings 1 and 2 (off-grid beats the grid at
-                          sparse budgets; centre-biased priors win at few tokens, even coverage
-                          as the budget grows)
-    plot_training_curves  retrofitting: validation accuracy vs training time of a grid ViT, its
-                          retrofit (whose clock starts where the grid ViT's ended) and SPoT
-                          trained from scratch
+    plot_budget_curves      the paper's results table as curves: accuracy vs token budget, one
+                            line per (method, prior). Findings 1 and 2 (off-grid beats the grid
+                            at sparse budgets; centre-biased priors win at few tokens, even
+                            coverage as the budget grows)
+    plot_training_curves    retrofitting: validation accuracy vs training time of a grid ViT,
+                            its retrofit (whose clock starts where the grid ViT's ended) and
+                            SPoT trained from scratch
+    plot_saliency_vs_oracle finding 3: an image's saliency map beside the image, with SPoT-ON's
+                            placements on both. Oracle tokens lean only slightly toward salient
+                            pixels: where they end up is decided by how they work together
 
 Run it from the repository root (every command writes a file; none opens a window; `--help`
 lists a command's flags):
@@ -23,6 +28,8 @@ lists a command's flags):
     python -m experiments.figures training --runs results/cifar10-grid-vit \\
         results/cifar10-retrofit results/cifar10-spot --keys val_acc,val_acc@4,val_acc@16 \\
         --out figures/cifar10_training.png
+    python -m experiments.figures saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 \\
+        --search-steps 20 --index 0 --out figures/saliency.png
 """
 
 import argparse
@@ -31,8 +38,12 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
+import oracle
 import spot
+import utils
 import visualize
 
 METRICS = {"top1": "top-1 accuracy", "knn": "kNN accuracy"}     # results.json fields
@@ -188,6 +199,63 @@ def plot_training_curves(runs, keys=("val_acc", "val_acc@16"), path=None):
 
 
 # -----------------------------------------------------------------------------
+# Finding 3: do oracle tokens go where the saliency is?
+
+START_COLOR = "#00e5ff"                     # prior / start positions (cyan)
+END_COLOR = "#ff2d55"                       # oracle / end positions (red)
+
+
+def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None, path=None):
+    """The image's saliency map beside the image, with the oracle's final positions on both.
+
+    image:           (C, H, W) float in [0, 1] or uint8
+    positions:       (N, 2) the oracle's final positions
+    start_positions: optional (N, 2) where the search started (drawn hollow)
+    window:          optional k: draw the oracle windows, and measure saliency over each window
+                     (otherwise at the centre point)
+    The title reports the mean saliency the tokens read relative to the map's mean: 1.0x means
+    no preference for salient pixels, 2.0x twice as salient as a random spot (finding 3).
+    Returns the Figure.
+    """
+    # visualize's checks and drawing primitives, in its pixel units (its "Drawing convention").
+    img = visualize._image_hwc(image, window)
+    height, width = img.shape[:2]
+    end = visualize._positions_array(positions)
+    start = (None if start_positions is None
+             else visualize._positions_array(start_positions, "start_positions"))
+
+    saliency = spot.saliency_map(torch.from_numpy(img.transpose(2, 0, 1).copy())[None])[0]  # (H, W)
+    # Saliency read / image mean (no window: the map's value at each centre, a 1 x 1 window).
+    ratio = lambda pos: oracle.saliency_read(saliency[None], torch.as_tensor(pos).float()[None],
+                                             window or 1).item()
+    report = ", ".join(f"{name} {ratio(pos):.2f}x"
+                       for name, pos in (("oracle", end), ("start", start)) if pos is not None)
+
+    fig, axes = visualize._panels(2, 4.2, height, width, 0.9)
+    visualize._show_image(axes[0], img, "image", window)
+    # The map is drawn in units of its own mean, so the colour bar reads like the title's ratios.
+    visualize._show_image(axes[1], saliency.numpy() / saliency.mean().item(),
+                          "spectral-residual saliency (x image mean)", window, cmap="magma")
+    end_px = visualize._to_pixels(end, height, width)
+    for ax in axes:
+        if window is not None:
+            visualize._draw_windows(ax, end_px, window, END_COLOR, alpha=0.7, lw=0.9)
+        if start is not None:          # hollow starts, and a thin line start -> end per token
+            track_px = visualize._to_pixels(np.stack([start, end]), height, width)  # (2, N, 2)
+            visualize._dots(ax, track_px[0], START_COLOR, 24, hollow=True)
+            ax.plot(track_px[..., 1], track_px[..., 0], color="white", lw=0.6, alpha=0.7, zorder=4)
+        visualize._dots(ax, end_px, END_COLOR, 18)
+    visualize._legend_below(
+        fig, [visualize._marker("start (prior)", "none", START_COLOR)] * (start is not None)
+        + [visualize._marker("oracle position", END_COLOR)])
+    fig.suptitle(f"Saliency vs oracle placement (finding 3)\nsaliency read / image mean: {report}",
+                 fontsize=10)
+    # One colour bar for both panels (constrained layout keeps the panels the same size).
+    fig.colorbar(axes[1].images[0], ax=list(axes), fraction=0.025, pad=0.02)
+    return visualize._finish(fig, path)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def _cmd_budget(args):
@@ -200,6 +268,13 @@ def _cmd_budget(args):
         plot_budget_curves(results, metric=args.metric, ax=ax)
     fig.tight_layout()
     return visualize._finish(fig, args.out)
+
+
+def _cmd_saliency(args):
+    # visualize._load reads --checkpoint (model and test split) and runs SPoT-ON on the image at
+    # --index: trajectory[0] is the prior's draw the search started from, trajectory[-1] its end.
+    window, _, uint8, _, track, _ = visualize._load(args)
+    return plot_saliency_vs_oracle(uint8[0], track[-1, 0], track[0, 0], window, args.out)
 
 
 def build_parser():
@@ -228,17 +303,23 @@ def build_parser():
     p.add_argument("--runs", required=True, nargs="+", help="run folders (metrics.jsonl, run.json)")
     p.add_argument("--keys", default="val_acc,val_acc@16",
                    help="metrics.jsonl fields, a panel each")
+
+    p = add("saliency", _cmd_saliency,
+            "finding 3: saliency map vs SPoT-ON placement, on a test image of a checkpoint")
+    # The flags of visualize.py's checkpoint figures (placements, trajectories), the same
+    # spellings and defaults: --checkpoint, --tokens, --index, --seed, --search-*, --objective.
+    visualize._model_flags(p)
     return parser
 
 
 def main(argv=None):
-    """Entry point; argv defaults to sys.argv[1:]. Returns 0; a bad flag or file exits with
-    status 2 and one 'error: ...' line, never a traceback."""
+    """Entry point; argv defaults to sys.argv[1:]. Returns 0; a bad flag, file, checkpoint or
+    dataset exits with status 2 and one 'error: ...' line, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         plt.close(args.func(args))
-    except ValueError as error:         # a message for the user, not a bug
+    except (ValueError, utils.DataError) as error:     # a message for the user, not a bug
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     print(f"wrote {args.out}")
     return 0

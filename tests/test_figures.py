@@ -1,16 +1,24 @@
-"""Tests for experiments/figures.py: the figures of results (accuracy vs token budget, training
-curves) are real, non-blank PNGs, and bad input is a clear ValueError or a one-line CLI error.
-Synthetic inputs only (a hand-written results dict, hand-written run folders)."""
+"""Tests for experiments/figures.py: the figures of RESULTS.md's findings (accuracy vs token
+budget, training curves, finding 3's saliency vs the oracle) are real, non-blank PNGs, and bad
+input is a clear ValueError or a one-line CLI error. Synthetic inputs only (a hand-written results
+dict, hand-written run folders, random images; the saliency command: a tiny untrained checkpoint
+and a stand-in dataset, from tests/test_visualize.py)."""
 import json
+import re
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from experiments.figures import main, plot_budget_curves, plot_training_curves  # noqa: E402
-from test_visualize import assert_png, close_figures, exit_message  # noqa: E402, F401
+from experiments.figures import (build_parser, main, plot_budget_curves,  # noqa: E402
+                                 plot_saliency_vs_oracle, plot_training_curves)
+# close_figures, fake_shapes and image are fixtures: pytest finds them by name in this module.
+from test_visualize import (DAMAGES, H, K, W, assert_png, assert_search_flags,  # noqa: E402, F401
+                            close_figures, damaged_checkpoint, exit_message, fake_shapes, image,
+                            save_tiny_checkpoint)
 
 
 def results_dict():
@@ -93,6 +101,40 @@ def test_training_curves_start_a_retrofit_where_its_source_ended(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# plot_saliency_vs_oracle (finding 3)
+
+def test_saliency_vs_oracle_png(tmp_path):
+    # A bright square on a faintly textured background: spectral-residual saliency peaks at
+    # the square's corners, so tokens there read more than the mean saliency, tokens far from
+    # it less. (On a perfectly flat background the spectral residual of a square is a periodic
+    # artefact, which is why the background is textured.)
+    image = 0.4 + 0.1 * torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+    image[:, 6:14, 18:26] = 1.0
+    on_blob = torch.tensor([[14 / H, 18 / W], [14 / H, 26 / W]])   # two corners of the square
+    corner = torch.tensor([[0.8, 0.2], [0.85, 0.3]])
+    fig = plot_saliency_vs_oracle(image, on_blob, start_positions=corner, window=K,
+                                  path=tmp_path / "s.png")
+    title = fig._suptitle.get_text()
+    oracle_ratio = float(re.search(r"oracle ([0-9.]+)x", title).group(1))
+    start_ratio = float(re.search(r"start ([0-9.]+)x", title).group(1))
+    assert oracle_ratio > 1.0 > start_ratio
+    assert_png(tmp_path / "s.png")
+    plot_saliency_vs_oracle(image, on_blob)                      # start and window are optional
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"positions": torch.rand(4)}, "positions"),
+    ({"start_positions": torch.rand(4, 3)}, "start_positions"),
+    ({"window": 0}, "window"),
+    ({"image": torch.rand(H, W, 3)}, "image"),
+])
+def test_saliency_rejects_bad_input(image, kwargs, match):
+    args = {"image": image, "positions": torch.rand(4, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plot_saliency_vs_oracle(**args)
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 def test_cli_budget(tmp_path):
@@ -111,3 +153,27 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
                                                      "--out", str(tmp_path / "x.png")], main)
     assert "--metric" in exit_message(capsys, ["budget", "--results", "r.json", "--metric", "top5"],
                                       main)
+
+
+def test_cli_saliency(tmp_path, capsys, fake_shapes):
+    """The saliency command end to end (it was visualize.py's): a tiny untrained checkpoint, the
+    real oracle search (2 steps), and a stand-in dataset."""
+    out = tmp_path / "sa.png"
+    assert main(["saliency", "--checkpoint", str(save_tiny_checkpoint(tmp_path / "checkpoint.pt")),
+                 "--tokens", "9", "--search-from", "center", "--search-steps", "2",
+                 "--search-lr", "0.02", "--out", str(out)]) == 0
+    assert_png(out)
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+
+
+def test_cli_saliency_takes_visualize_search_flags(capsys):
+    """The same flags as visualize.py's checkpoint figures, old spellings hidden aliases."""
+    assert_search_flags(build_parser(), "saliency", capsys)
+
+
+@pytest.mark.parametrize("damage, says", DAMAGES)
+def test_cli_saliency_bad_checkpoint_is_a_message_naming_the_file(tmp_path, capsys, damage, says):
+    path = damaged_checkpoint(tmp_path, damage)
+    err = exit_message(capsys, ["saliency", "--checkpoint", str(path),
+                                "--out", str(tmp_path / "x.png")], main)
+    assert str(path) in err and says in err

@@ -1,8 +1,8 @@
 """Tests for visualize.py: every figure is a real, non-blank PNG, and bad input is a clear
 ValueError. Synthetic inputs only (random images, hand-made trajectories), so the whole file
-runs in a few seconds. (The figures of results, experiments/figures.py: tests/test_figures.py.)"""
+runs in a few seconds. (The figures of RESULTS.md's findings, experiments/figures.py, among them
+finding 3's saliency figure: tests/test_figures.py, which reuses the helpers here.)"""
 import dataclasses
-import re
 import types
 
 import matplotlib
@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 import spot  # noqa: E402
 import visualize  # noqa: E402
-from visualize import (main, plot_placements, plot_priors, plot_saliency_vs_oracle,  # noqa: E402
-                       plot_trajectories, save_trajectory_gif)
+from visualize import (main, plot_placements, plot_priors, plot_trajectories,  # noqa: E402
+                       save_trajectory_gif)
 
 H = W = 32
 K = 4
@@ -222,40 +222,6 @@ def test_gif_rejects_bad_input(tmp_path, image, trajectory, kwargs, match):
 
 
 # -----------------------------------------------------------------------------
-# plot_saliency_vs_oracle
-
-def test_saliency_vs_oracle_png(tmp_path):
-    # A bright square on a faintly textured background: spectral-residual saliency peaks at
-    # the square's corners, so tokens there read more than the mean saliency, tokens far from
-    # it less. (On a perfectly flat background the spectral residual of a square is a periodic
-    # artefact, which is why the background is textured.)
-    image = 0.4 + 0.1 * torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
-    image[:, 6:14, 18:26] = 1.0
-    on_blob = torch.tensor([[14 / H, 18 / W], [14 / H, 26 / W]])   # two corners of the square
-    corner = torch.tensor([[0.8, 0.2], [0.85, 0.3]])
-    fig = plot_saliency_vs_oracle(image, on_blob, start_positions=corner, window=K,
-                                  path=tmp_path / "s.png")
-    title = fig._suptitle.get_text()
-    oracle_ratio = float(re.search(r"oracle ([0-9.]+)x", title).group(1))
-    start_ratio = float(re.search(r"start ([0-9.]+)x", title).group(1))
-    assert oracle_ratio > 1.0 > start_ratio
-    assert_png(tmp_path / "s.png")
-    plot_saliency_vs_oracle(image, on_blob)                      # start and window are optional
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"positions": torch.rand(4)}, "positions"),
-    ({"start_positions": torch.rand(4, 3)}, "start_positions"),
-    ({"window": 0}, "window"),
-    ({"image": torch.rand(H, W, 3)}, "image"),
-])
-def test_saliency_rejects_bad_input(image, kwargs, match):
-    args = {"image": image, "positions": torch.rand(4, 2), **kwargs}
-    with pytest.raises(ValueError, match=match):
-        plot_saliency_vs_oracle(**args)
-
-
-# -----------------------------------------------------------------------------
 # CLI
 
 def test_cli_priors(tmp_path, capsys):
@@ -323,11 +289,14 @@ def test_cli_placements_checks_oracle_steps(tmp_path, capsys):
                                                "--out", str(tmp_path / "p.png")])
 
 
-@pytest.mark.parametrize("command", ["placements", "trajectories", "saliency"])
+@pytest.mark.parametrize("command", ["placements", "trajectories"])
 def test_cli_old_search_flags_are_hidden_aliases(command, capsys):
+    assert_search_flags(visualize.build_parser(), command, capsys)
+
+
+def assert_search_flags(parser, command, capsys):
     """--oracle-steps and --steps (and --prior for --search-from) still parse, into the new
-    flags' values; --help shows only the new spellings."""
-    parser = visualize.build_parser()
+    flags' values; --help shows only the new spellings. (Also experiments.figures' saliency.)"""
     base = [command, "--checkpoint", "c.pt"]
     for old in ("--oracle-steps", "--steps", "--search-steps"):
         args = parser.parse_args(base + [old, "3"])
@@ -379,16 +348,14 @@ def fake_shapes(monkeypatch):
 
 
 def test_cli_checkpoint_commands(tmp_path, fake_shapes):
-    """placements / trajectories / saliency end to end: a tiny untrained checkpoint, the real
-    oracle search (2 steps), and a stand-in dataset."""
+    """placements / trajectories end to end: a tiny untrained checkpoint, the real oracle search
+    (2 steps), and a stand-in dataset. (experiments.figures' saliency: tests/test_figures.py.)"""
     ckpt = ["--checkpoint", str(save_tiny_checkpoint(tmp_path / "checkpoint.pt")), "--tokens", "9"]
     main(["placements", *ckpt, "--index", "1", "--search-steps", "2",
           "--out", str(tmp_path / "pl.png")])
     main(["trajectories", *ckpt, "--n-images", "2", "--search-steps", "2",
           "--out", str(tmp_path / "tr.png"), "--gif", str(tmp_path / "tr.gif")])
-    main(["saliency", *ckpt, "--search-from", "center", "--search-steps", "2", "--search-lr", "0.02",
-          "--out", str(tmp_path / "sa.png")])
-    for name in ("pl.png", "tr.png", "sa.png"):
+    for name in ("pl.png", "tr.png"):
         assert_png(tmp_path / name)
     assert (tmp_path / "tr.gif").stat().st_size > 0
 
@@ -416,15 +383,23 @@ def test_cli_reads_the_checkpoint_once_and_safely(tmp_path, monkeypatch, fake_sh
     assert calls == [True]
 
 
-@pytest.mark.parametrize("command", ["placements", "trajectories", "saliency"])
-@pytest.mark.parametrize("damage, says", [
-    ("truncated", "could not be read"),
-    ("random", "could not be read"),
-    ("empty", "could not be read"),
-    ("folder", "is a directory"),
-    ("missing", "does not exist"),
-])
+# How a checkpoint file can be damaged, and what the error message must then say.
+DAMAGES = [("truncated", "could not be read"), ("random", "could not be read"),
+           ("empty", "could not be read"), ("folder", "is a directory"),
+           ("missing", "does not exist")]
+
+
+@pytest.mark.parametrize("command", ["placements", "trajectories"])
+@pytest.mark.parametrize("damage, says", DAMAGES)
 def test_cli_bad_checkpoint_is_a_message_naming_the_file(tmp_path, capsys, command, damage, says):
+    path = damaged_checkpoint(tmp_path, damage)
+    err = exit_message(capsys, [command, "--checkpoint", str(path),
+                                "--out", str(tmp_path / "x.png")])
+    assert str(path) in err and says in err
+
+
+def damaged_checkpoint(tmp_path, damage):
+    """tmp_path / "checkpoint.pt", damaged as DAMAGES names (also used by tests/test_figures.py)."""
     path = tmp_path / "checkpoint.pt"
     if damage == "truncated":
         whole = save_tiny_checkpoint(tmp_path / "whole.pt").read_bytes()
@@ -435,8 +410,7 @@ def test_cli_bad_checkpoint_is_a_message_naming_the_file(tmp_path, capsys, comma
         path.write_bytes(b"")
     elif damage == "folder":
         path.mkdir()
-    err = exit_message(capsys, [command, "--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
-    assert str(path) in err and says in err
+    return path
 
 
 def test_module_imports_without_optional_helpers():
