@@ -13,18 +13,29 @@ never edited by hand either.
     python -m experiments.tables            # rewrite RESULTS.md's tables and results/*.md
     python -m experiments.tables --check    # change nothing; exit 1 naming each table that differs
     python -m experiments.tables runs/x     # write runs/x/results.md from runs/x/results.json
+    python -m experiments.tables --diff A B # one verdict cell: a - b, its interval and test
+
+Every verdict ("a > b" holds / tie / reversed) is decided by an exact paired test at 5 %, its
+interval is a paired bootstrap of 10,000 resamples (experiments/stats.py says which test and
+why); each verdict table is one family, and Holm's correction is printed under it. What cannot be
+paired or read (rows of other images, a truncated per_image.npz, a results.json of another shape,
+non-finite values, a malformed cell name) is refused in one line naming the file or cell, exit 2.
 """
 
 import argparse
 import json
 import math
 import re
+import zipfile
+import zlib
+from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import utils
+from experiments import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, RESULTS_MD = ROOT / "results", ROOT / "RESULTS.md"
@@ -46,8 +57,67 @@ TRAINING = {
 }
 
 
+# -----------------------------------------------------------------------------
+# Reading the committed files: what cannot be read is refused in one line naming it
+
+class Refused(Exception):
+    """A file or cell this script cannot read or pair; its message is one line naming it, and
+    main() prints it and exits with status 2 (no traceback)."""
+
+
+def shown(path):
+    """A path as the messages name it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def load_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:                 # UnicodeDecodeError: a ValueError
+        raise Refused(f"{shown(path)}: cannot be read as JSON ({one_line(error)})") from None
+
+
+# what every results.json holds (oracle.py's and experiments.label_free's): settings, and rows
+NEEDS = {"settings": {"dataset", "split", "n_test", "draws"},
+         "row": {"method", "prior", "tokens", "top1"}}
+
+
+def load_results(folder):
+    """FOLDER/results.json, checked to be of the shape oracle.py writes; else Refused."""
+    path = Path(folder) / "results.json"
+    results = load_json(path)
+    settings = results.get("settings") if isinstance(results, dict) else None
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not (isinstance(settings, dict) and NEEDS["settings"] <= settings.keys()
+            and isinstance(settings["n_test"], int) and isinstance(rows, list) and rows
+            and all(isinstance(r, dict) and NEEDS["row"] <= r.keys() for r in rows)):
+        raise Refused(f"{shown(path)}: not a results.json as oracle.py writes it (an object: "
+                      f"'settings' with {', '.join(sorted(NEEDS['settings']))}, and 'rows', a "
+                      f"non-empty list of objects with {', '.join(sorted(NEEDS['row']))})")
+    return results
+
+
 def read(run, name="results.json"):
-    return json.loads((RESULTS / run / name).read_text())
+    """results/RUN/NAME: a results.json checked (load_results), any other JSON file as is."""
+    folder = RESULTS / run
+    return load_results(folder) if name == "results.json" else load_json(folder / name)
+
+
+@contextmanager
+def reading(*paths):
+    """Inside it, a file that parsed but lacks what a table needs (a missing key, a value of
+    another type) is Refused, naming the file(s), instead of a traceback."""
+    try:
+        yield
+    except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        names = ", ".join(shown(path) for path in paths)
+        raise Refused(f"{names}: not as oracle.py writes it "
+                      f"({type(error).__name__}: {one_line(error)})") from None
 
 
 def accuracies(metrics, split, budgets, n):
@@ -56,7 +126,7 @@ def accuracies(metrics, split, budgets, n):
     keys = [f"{split}_acc"] + [f"{split}_acc@{b}" for b in budgets]
     p = metrics[keys[0]] / 100
     half_interval = 196 * math.sqrt(p * (1 - p) / n)
-    return " / ".join(f"{metrics[key]:.1f}" for key in keys) + f" (±{half_interval:.1f})"
+    return " / ".join(stats.number(metrics[key]) for key in keys) + f" (±{half_interval:.1f})"
 
 
 def training_table(runs, n_val, n_test):
@@ -119,8 +189,8 @@ def cell(row):
 
     def text(name):
         if row.get(f"{name}_low") is None:
-            return f"{row[name]:.1f}"
-        return f"{row[name]:.1f} ±{(row[f'{name}_high'] - row[f'{name}_low']) / 2:.1f}"
+            return stats.number(row[name])
+        return f"{stats.number(row[name])} ±{(row[f'{name}_high'] - row[f'{name}_low']) / 2:.1f}"
     return f"{text('top1')} / " + ("–" if row["knn"] is None else text("knn"))
 
 
@@ -133,12 +203,16 @@ def table_lines(rows, budgets, model=None):
 
     def order(key):
         return list(METHOD_LABELS).index(key[0]), key[0] == "prior" and key[1] != "grid"
+    counts = [r["n_images"] for r in rows if r["n_images"]]
+    usual = max(set(counts), key=counts.count, default=None)    # the table's image count
     lines = []
     for key in sorted(table, key=order):     # stable: priors keep their order after grid
         method, prior, source = key
         grid_vit = (method, prior) == ("prior", "grid")
         label = "ViT (patch grid)" if grid_vit else METHOD_LABELS[method]
         label += f" from {utils.run_name(source)}" if source else ""
+        fewer = sorted({r["n_images"] for r in table[key].values()} - {usual, None})
+        label += f" (first {'/'.join(map(str, fewer))} images)" if fewer else ""
         cells = [cell(table[key].get(b)) for b in budgets]
         lines.append(line([label, prior] + cells, model))
     return lines
@@ -165,10 +239,12 @@ def saliency_lines(saliency, budgets, model=None):
 COMPARE_TEXT = ("Each label-free method against the best fixed prior *chosen on the validation "
                 "split* and against the best-of-K control at no more K than its cost (at least 2), "
                 "image by image on the images it read: the difference in points with its paired "
-                '95 % bootstrap interval and the verdict on "method > it" (holds / tie / '
-                "reversed); gap closed = the share of the prior -> oracle gap, on the oracle's "
-                "searched images; cost = wall time as a multiple of one forward pass at the budget "
-                "(the control: exactly K passes).")
+                "95 % bootstrap interval (10,000 resamples) and the verdict on \"method > it\" "
+                "of an exact paired test at 5 %, as in the verdict tables (holds / tie / "
+                f"reversed; {stats.FLAG}: the interval alone would say otherwise); gap closed = "
+                "the share of the prior -> oracle gap, on the oracle's searched images; cost = "
+                "wall time as a multiple of one forward pass at the budget (the control: exactly "
+                "K passes).")
 COMPARE_HEADER = ["Method", "Tokens", "images", "best prior (val)", "prior %", "method %",
                   "gain (points)", "vs control (K)", "gap closed", "cost"]
 
@@ -180,13 +256,48 @@ def bracket(r, name, scale=1.0, digits=1):
 
 
 def judged(r, name):
-    """bracket(r, name) and the verdict its interval allows: '+1.7 [-0.4, +3.8] tie'."""
+    """bracket(r, name) and the verdict its interval allows: '+1.7 [-0.4, +3.8] tie' (a preview
+    without the per-image files; comparison_tests' verdicts replace it)."""
     return f"{bracket(r, name)} {verdict(r[name + '_low'], r[name + '_high'])}"
 
 
-def comparison_lines(comparisons, rows, model=None):
-    """One line per record of experiments.label_free.comparison_rows."""
+def against_folder(folder, settings):
+    """The folder of oracle.py's evaluation a label-free evaluation compared with (--against):
+    beside `folder` (evaluations lie side by side in results/), else as written, else from the
+    repository root; else Refused."""
+    against = Path(str(settings.get("against")))
+    for found in (Path(folder).parent / against.name, against, ROOT / against):
+        if settings.get("against") and (found / "per_image.npz").exists():
+            return found
+    raise Refused(f"{shown(Path(folder) / 'results.json')}: its 'against' folder "
+                  f"({settings.get('against')}), whose per_image.npz holds the priors it is "
+                  f"compared with, is not found")
+
+
+def comparison_tests(c, folder, settings):
+    """One comparison record's two verdicts recomputed from the per-image files (the method's and
+    the control's in `folder`, the prior's in its against_folder) -> {'gain': stats.Paired,
+    'vs_control': stats.Paired or None}; Refused when a row is not recorded."""
+    tokens, against = c["tokens"], against_folder(folder, settings)
+    method = (folder, ("top1", c["method"], c["prior"], tokens))
+    others = {"gain": (against, ("top1", "prior", c["best_prior"], tokens))}
+    if c["method"] != "best-of-k":
+        others["vs_control"] = (folder, ("top1", "best-of-k", f"K={c['control_k']}", tokens))
+    found = {"vs_control": None}
+    for name, other in others.items():
+        found[name] = paired_rows(method, other)
+        if found[name] is None:
+            raise Refused(f"{cell_name(method)} against {cell_name(other)}: not recorded in "
+                          f"their per_image.npz")
+    return found
+
+
+def comparison_lines(comparisons, rows, model=None, folder=None):
+    """One line per record of experiments.label_free.comparison_rows. With the folder of its
+    results.json, each verdict is the exact paired test's on the per-image files
+    (comparison_tests); without (a preview), the interval the record holds decides."""
     cost = {(r["method"], r["prior"], r["tokens"]): r.get("cost_vs_prior") for r in rows}
+    settings = load_results(folder)["settings"] if folder else None
 
     def times(c):
         return "–" if not c else f"{c:.1f}x" if c < 10 else f"{c:.0f}x"
@@ -194,13 +305,19 @@ def comparison_lines(comparisons, rows, model=None):
     for c in comparisons:
         control = c["method"] == "best-of-k"
         label = METHOD_LABELS[c["method"]] + (f", {c['prior']}" if control else "")
-        vs_control = "–" if control else f"{judged(c, 'vs_control')} (K={c['control_k']})"
+        if folder:
+            tested = comparison_tests(c, Path(folder), settings)
+            gain = tested["gain"].text()
+            vs_control = "–" if control else f"{tested['vs_control'].text()} (K={c['control_k']})"
+        else:
+            gain = judged(c, "gain")
+            vs_control = "–" if control else f"{judged(c, 'vs_control')} (K={c['control_k']})"
         gap = "–"
         if "gap_closed" in c:
             gap = f"{bracket(c, 'gap_closed', 100)} % of {c['n_oracle']}"
         its_cost = times(cost.get((c["method"], c["prior"], c["tokens"])))
         lines.append(line([label, c["tokens"], c["n_images"], c["best_prior"],
-                           f"{c['prior_top1']:.1f}", f"{c['top1']:.1f}", judged(c, "gain"),
+                           stats.number(c["prior_top1"]), stats.number(c["top1"]), gain,
                            vs_control, gap, its_cost], model))
     return lines
 
@@ -212,21 +329,23 @@ def search_text(s):
             f"from {s['search_from']}) on the first {s['n_searched']}")
 
 
-def results_markdown(results):
-    """One model's results.json -> its results.md: a title and the settings, then body_lines."""
+def results_markdown(results, folder=None):
+    """One model's results.json -> its results.md: a title and the settings, then body_lines.
+    folder: where results.json and per_image.npz lie (the label-free verdicts are tested on it)."""
     s = results["settings"]
     settings = (f"{s['dataset']} {s['split']} split, {s['n_test']} images; "
                 f"kNN bank {s['n_bank']} train images (k={s['knn_k']}, T={s['knn_temperature']}). "
                 f"{CELL_TEXT} {s['draws']} position draw(s) for random priors.")
     settings += f" {search_text(s)} images." if s.get("n_searched") else ""
     title = f"# SPoT evaluation: {s.get('run') or s['checkpoint']}"
-    return "\n".join([title, "", settings, "", *body_lines([results], named=False)]) + "\n"
+    body = body_lines([results], named=False, folders=[folder])
+    return "\n".join([title, "", settings, "", *body]) + "\n"
 
 
-def combined_markdown(results_list):
+def combined_markdown(results_list, folders=None):
     """One table for several models on the same data (e.g. the grid ViT, the retrofit and SPoT
     from scratch): a title, each run's settings, then body_lines with a first column naming each
-    run."""
+    run. folders: as results_markdown's, one per results."""
     runs = ", ".join(r["settings"]["run"] for r in results_list)
     lines = [f"# SPoT evaluation: {runs}", "", CELL_TEXT, ""]
     for s in (results["settings"] for results in results_list):
@@ -234,12 +353,14 @@ def combined_markdown(results_list):
                      f"{s['draws']} position draw(s) per random prior, "
                      f"kNN bank {s['n_bank']} train images"
                      + (f"; {search_text(s)}" if s.get("n_searched") else ""))
-    return "\n".join(lines + ["", *body_lines(results_list, named=True)]) + "\n"
+    return "\n".join(lines + ["", *body_lines(results_list, named=True, folders=folders)]) + "\n"
 
 
-def body_lines(results_list, named):
+def body_lines(results_list, named, folders=None):
     """The tables of one or more results.json: the results table, the reverse transfer, finding 3
-    and the label-free comparisons, where they are held; named: a first column naming the run."""
+    and the label-free comparisons, where they are held; named: a first column naming the run;
+    folders: where each lies (None: a preview, see comparison_lines)."""
+    folders = folders or [None] * len(results_list)
     budgets = sorted({r["tokens"] for results in results_list for r in results["rows"]})
     runs = [results["settings"].get("run") if named else None for results in results_list]
     first = ["Model"] if named else []
@@ -253,7 +374,7 @@ def body_lines(results_list, named):
         keys = ("top1_prior", "top1_own_oracle", "top1_transfer")
         for r in reverse:
             lines.append(line([utils.run_name(r["model"]), r["tokens"]]
-                              + [f"{r[key]:.1f}" for key in keys]))
+                              + [stats.number(r[key]) for key in keys]))
     with_saliency = [(run, r["saliency"])
                      for run, r in zip(runs, results_list) if r.get("saliency")]
     if with_saliency:
@@ -264,11 +385,12 @@ def body_lines(results_list, named):
                   "", *header(first + ["Positions"], budgets)]
         for run, saliency in with_saliency:
             lines += saliency_lines(saliency, budgets, run)
-    with_comparisons = [(run, r) for run, r in zip(runs, results_list) if r.get("comparisons")]
+    with_comparisons = [(run, r, folder) for run, r, folder in zip(runs, results_list, folders)
+                        if r.get("comparisons")]
     if with_comparisons:
         lines += ["", COMPARE_TEXT, "", *header(first + COMPARE_HEADER)]
-        for run, results in with_comparisons:
-            lines += comparison_lines(results["comparisons"], results["rows"], run)
+        for run, results, folder in with_comparisons:
+            lines += comparison_lines(results["comparisons"], results["rows"], run, folder)
     return lines
 
 
@@ -317,82 +439,232 @@ VERDICTS = {
     ],
 }
 VERDICT_TEXT = ("Each cell: a − b at that budget on the same test images (the searched rows: the "
-                "first 2,000), with its paired 95 % bootstrap interval (saliency: relative to the "
-                "image mean; accuracy: points), and the verdict on \"a > b\" it allows: **holds** "
-                "(the interval is above 0), **tie** (it holds 0), **reversed** (below 0). "
-                "Recompute a cell: `python -m experiments.tables --diff "
-                "{spot}/top1/prior/isotropic/4 {grid}/top1/prior/grid/4`.")
+                "first 2,000), in points (saliency: relative to the image mean), its paired 95 % "
+                "bootstrap interval (10,000 resamples of the images), and the verdict on "
+                "\"a > b\" of an exact paired test at 5 % (two-sided): **holds** (significant, "
+                "a > b), **tie** (not significant), **reversed** (significant, a < b). The test: "
+                "McNemar's exact test when both rows are one draw of right/wrong; the exact "
+                "sign-flip permutation test when a row averages several position draws; the "
+                "sign-flip test on 10,000 random flips (seed 0) for saliency reads "
+                f"(experiments/stats.py). {stats.FLAG} marks a verdict its interval alone would "
+                "not give (the test decides). Recompute a cell: `python -m experiments.tables "
+                "--diff {spot}/top1/prior/isotropic/4 {grid}/top1/prior/grid/4`.")
 
 
-def per_image_of(run, cache={}):  # noqa: B006  (a cache on purpose: each file is read once)
-    """results/RUN/per_image.npz (utils.load_per_image) -> {key: array}; {} when there is none."""
-    if run not in cache:
-        path = RESULTS / str(run) / "per_image.npz"
-        cache[run] = utils.load_per_image(path) if path.exists() else {}
-    return cache[run]
+def per_image_of(folder, cache={}):  # noqa: B006  (a cache on purpose: each file is read once)
+    """FOLDER/per_image.npz (utils.load_per_image) -> {key: array}; {} when there is none.
+    A file that is there but cannot be read (truncated, empty, not an .npz) is Refused."""
+    path = Path(folder) / "per_image.npz"
+    if not path.exists():
+        return {}
+    stat = path.stat()
+    if (path, stat.st_mtime_ns, stat.st_size) not in cache:
+        try:
+            found = utils.load_per_image(path)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+            raise Refused(f"{shown(path)}: cannot be read, truncated or not an .npz "
+                          f"({one_line(error)}); rerun the evaluation that wrote it") from None
+        if not found:
+            raise Refused(f"{shown(path)}: holds no per-image arrays; rerun the evaluation")
+        cache[path, stat.st_mtime_ns, stat.st_size] = found
+    return cache[path, stat.st_mtime_ns, stat.st_size]
+
+
+def cell_name(row):
+    """(folder, key) -> 'RUN/METRIC/METHOD/PRIOR/TOKENS', as --diff takes it."""
+    return "/".join([Path(row[0]).name, *map(str, row[1])])
+
+
+def record(row):
+    """A row's per-image array ((draws, n) or (n,)); None when its file does not record it.
+    Refused: an array of another shape, or values that are not finite (NaN or inf)."""
+    values = per_image_of(row[0]).get(tuple(row[1]))
+    if values is None:
+        return None
+    if values.ndim not in (1, 2) or values.size == 0:
+        raise Refused(f"{cell_name(row)}: per_image.npz holds an array of shape {values.shape}, "
+                      f"not (draws, n) or (n,)")
+    if values.dtype != bool and not np.isfinite(values.astype(np.float64)).all():
+        bad = int((~np.isfinite(values.astype(np.float64))).sum())
+        raise Refused(f"{cell_name(row)}: {bad} of its {values.size} values are not finite "
+                      f"(NaN or inf); the evaluation that wrote it failed")
+    return values
+
+
+def images_of(row, values):
+    """Which images a row read, as far as the files say: per_image.npz records none of it, so
+    results.json's settings: (dataset (a folder dataset: with its folder's name), split, test
+    images) -> (that, the image counts an array of the run may hold: all its test images, or
+    the first n_searched (the searches), or the first saliency_limit (the saliency reads)). A
+    'val-' metric (experiments.label_free's) is read on the validation split."""
+    s = load_results(row[0])["settings"]
+    dataset = s["dataset"] + (f" ({Path(s['data_dir']).name})"
+                              if s["dataset"] == "folder" and s.get("data_dir") else "")
+    if str(row[1][0]).startswith("val-"):
+        return (dataset, "validation", values.shape[-1]), {values.shape[-1]}
+    n = s["n_test"]
+    return (dataset, s["split"], n), {n, s.get("n_searched"), min(s.get("saliency_limit") or n, n)}
+
+
+def common_images(a, x, b, y):
+    """The number of images two rows are paired on (the first n of each), or Refused: they are
+    paired only on the same dataset, split and test images, each array of a length its run
+    records (a searched row: the first n_searched), and both right/wrong or the same read."""
+    (same_a, counts_a), (same_b, counts_b) = images_of(a, x), images_of(b, y)
+    if same_a != same_b:
+        describe = "{} {} split, {} images".format
+        raise Refused(f"{cell_name(a)} and {cell_name(b)} are not on the same images: "
+                      f"{describe(*same_a)} vs {describe(*same_b)} (results.json's settings)")
+    for row, values, counts in ((a, x, counts_a), (b, y, counts_b)):
+        if values.shape[-1] not in counts:
+            raise Refused(f"{cell_name(row)}: {values.shape[-1]} images, not a count its "
+                          f"results.json records ({'/'.join(map(str, sorted(counts - {None})))})")
+    kinds = {(v.dtype == bool) or str(row[1][0]) for row, v in ((a, x), (b, y))}
+    if len(kinds) > 1:
+        raise Refused(f"{cell_name(a)} and {cell_name(b)} measure different things "
+                      f"({a[1][0]}, {b[1][0]}): a paired test needs two right/wrong rows or "
+                      f"two reads of the same saliency")
+    return min(x.shape[-1], y.shape[-1])
+
+
+def paired_rows(a, b, cache={}):  # noqa: B006  (a cache on purpose: each pair is tested once)
+    """a, b = (folder, (METRIC, METHOD, PRIOR, TOKENS)) -> stats.Paired of a - b on their common
+    images, in the metric's unit (accuracy: points; saliency: relative to the image mean), by
+    the test their kind calls for; None when either is not recorded."""
+    x, y = record(a), record(b)
+    if x is None or y is None:
+        return None
+    n = common_images(a, x, b, y)
+    key = tuple((path.resolve(), path.stat().st_mtime_ns, tuple(row[1]))
+                for row in (a, b) for path in [Path(row[0]) / "per_image.npz"])
+    if key not in cache:
+        scale = 1 if str(a[1][0]).startswith("saliency") else 100
+        cache[key] = stats.paired(x[..., :n], y[..., :n]).scaled(scale)
+    return cache[key]
 
 
 def paired_difference(a, b, seed=0):
     """Per-image values of two rows on the same images ((draws, n) or (n,): 0/1 correctness
-    averaged over the draws, or saliency reads) -> (mean of a - b, low, high) in points (x 100):
-    the paired 95 % percentile bootstrap, utils.bootstrap_interval of the per-image differences.
-    Only the first min(n_a, n_b) images are compared (the searched rows cover the first 2,000)."""
-    a, b = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (a, b))
-    a, b = (x.reshape(-1, x.shape[-1]).mean(0) for x in (a, b))
-    n = min(len(a), len(b))
-    return utils.bootstrap_interval(a[:n] - b[:n], seed=seed)
+    averaged over the draws) -> (mean of a - b, low, high) in points: the paired 95 % bootstrap
+    of experiments/stats.py (10,000 resamples). Only the first min(n_a, n_b) images are compared
+    (the searched rows cover the first 2,000). (experiments.label_free's comparisons.)"""
+    a, b = np.asarray(a), np.asarray(b)
+    n = min(a.shape[-1], b.shape[-1])
+    found = stats.paired(a[..., :n], b[..., :n], seed=seed).scaled(100)
+    return found.mean, found.low, found.high
+
+
+CELL = re.compile(r"([\w.+-]+)/([\w-]+)/([\w.=+-]+)/([\w.=+-]+)")
+
+
+def row_of(text, tokens):
+    """'RUN/METRIC/METHOD/PRIOR' and a budget -> (results/RUN, (METRIC, METHOD, PRIOR, tokens))."""
+    match = CELL.fullmatch(text)
+    if not match:
+        raise Refused(f"{text!r} is not a cell name: RUN/METRIC/METHOD/PRIOR/TOKENS, e.g. "
+                      f"cifar10-spot/top1/prior/isotropic/4")
+    return RESULTS / match[1], (*match.groups()[1:], tokens)
 
 
 def difference(a, b, tokens):
-    """a, b = 'RUN/METRIC/METHOD/PRIOR' -> (mean, low, high, n images) of a - b at `tokens`, in the
-    metric's unit (saliency: relative to the image mean); None when either is not recorded."""
-    (run_a, *key_a), (run_b, *key_b) = a.split("/"), b.split("/")
-    x, y = per_image_of(run_a).get((*key_a, tokens)), per_image_of(run_b).get((*key_b, tokens))
-    if x is None or y is None:
-        return None
-    scale = 0.01 if key_a[0].startswith("saliency") else 1
-    return (*(scale * value for value in paired_difference(x, y)), min(x.shape[-1], y.shape[-1]))
+    """a, b = 'RUN/METRIC/METHOD/PRIOR' -> stats.Paired of a - b at `tokens`, in the metric's unit
+    (saliency: relative to the image mean), or None when either is not recorded."""
+    return paired_rows(row_of(a, tokens), row_of(b, tokens))
 
 
 def verdict(low, high):
-    return "holds" if low > 0 else "reversed" if high < 0 else "tie"
+    """The verdict an interval alone allows (the label-free previews without per-image files)."""
+    return stats.interval_verdict(low, high)
+
+
+def verdict_cells(runs_list):
+    """Each (claim, seed, budget) of one dataset whose rows are recorded -> {finding, claim,
+    run (the 'a (b) run' column), tokens, result: stats.Paired, digits}, in table order."""
+    cells = []
+    for runs in runs_list:
+        for finding, claim, a, b, budgets in CLAIMS:
+            a, b = a.format(**runs), b.format(**runs)
+            run_a, run_b = a.split("/")[0], b.split("/")[0]
+            run = run_a if run_a == run_b else f"{run_a} ({run_b})"
+            for tokens in budgets:
+                result = difference(a, b, tokens)
+                if result is not None:
+                    cells.append(dict(finding=finding, claim=claim, run=run, tokens=tokens,
+                                      result=result, digits=2 if "saliency" in a else 1))
+    return cells
+
+
+def family_text(cells):
+    """The lines under a verdict table: how many comparisons it makes and by which test, what
+    Holm's correction at 5 % over the table (one family) changes, and the flagged cells.
+
+    Holm: sort the m p-values, multiply the i-th smallest by m - i + 1, keep the running maximum
+    (stats.holm); a verdict stays significant when that adjusted p is <= 5 %. It controls the
+    chance of even one false "holds"/"reversed" in the table; the verdicts above do not."""
+    def where(group):                         # '1 "claim", run: 32 T (0.034 -> 0.27), 64 T (...)'
+        (finding, claim, run), members = group
+        return (f"finding {finding}, \"{claim}\", {run}: "
+                + ", ".join(f"{c['tokens']} T ({text(c)})" for c in members))
+
+    def grouped(chosen):
+        return groupby(chosen, lambda c: (c["finding"], c["claim"], c["run"]))
+    adjusted = dict(zip(map(id, cells), stats.holm([c["result"].p for c in cells])))
+    tests = [c["result"].test for c in cells]
+    significant = [c for c in cells if c["result"].verdict != "tie"]
+    lost = [c for c in significant if adjusted[id(c)] > stats.ALPHA]
+    text = lambda c: f"p {c['result'].p:.3g} -> {adjusted[id(c)]:.3g}"      # noqa: E731
+    first = (f"**{len(cells)} comparisons, one family** ("
+             + ", ".join(f"{name} {tests.count(name)}" for name in dict.fromkeys(tests))
+             + f"); {len(significant)} significant at 5 % (holds or reversed). **Holm's "
+             f"correction** at 5 % over the {len(cells)} keeps {len(significant) - len(lost)} of "
+             "them")
+    first += (": it changes no verdict." if not lost else
+              f"; these {len(lost)} would become tie (p -> Holm's adjusted p): "
+              + "; ".join(map(where, grouped(lost))) + ".")
+    flagged = [c for c in cells if not c["result"].agrees]
+    flags = [f"{stats.FLAG} the 95 % interval and the test disagree; the verdict is the test's: "
+             + "; ".join(map(where, grouped(flagged))) + "."] if flagged else []
+    return [first, *flags]
 
 
 def verdict_table(runs_list):
-    """The verdict block of one dataset: one line per claim of CLAIMS and seed whose files exist."""
-    lines = header(["finding", "claim: a > b", "a (b) run", "images"], ALL_BUDGETS)
-    claims = ((runs, claim) for runs in runs_list for claim in CLAIMS)
-    for runs, (finding, claim, a, b, budgets) in claims:
-        a, b = a.format(**runs), b.format(**runs)
-        found = {t: difference(a, b, t) for t in budgets}
-        if not any(found.values()):
-            continue
-        digits = 2 if "saliency" in a else 1
-        form = "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}] {}"
-        cells = ["" if found.get(t) is None
-                 else form.format(*found[t][:3], verdict(*found[t][1:3]), d=digits)
-                 for t in ALL_BUDGETS]
-        run_a, run_b = a.split("/")[0], b.split("/")[0]
-        run_column = run_a if run_a == run_b else f"{run_a} ({run_b})"
-        n_images = "/".join(sorted({str(f[3]) for f in found.values() if f}))
-        lines.append(line([finding, claim, run_column, n_images] + cells))
-    if not lines[2:]:
+    """The verdict block of one dataset: one line per claim of CLAIMS and seed whose files exist,
+    then family_text."""
+    cells = verdict_cells(runs_list)
+    if not cells:
         return "(No per-image results committed yet.)\n"
-    return "\n".join([VERDICT_TEXT.format(**runs_list[0]), "", *lines]) + "\n"
+    lines = header(["finding", "claim: a > b", "a (b) run", "images"], ALL_BUDGETS)
+    for (_, claim, run), group in groupby(cells, lambda c: (c["finding"], c["claim"], c["run"])):
+        group = {c["tokens"]: c for c in group}
+        first = next(iter(group.values()))
+        n_images = "/".join(sorted({str(c["result"].n) for c in group.values()}))
+        texts = [group[t]["result"].text(group[t]["digits"]) if t in group else ""
+                 for t in ALL_BUDGETS]
+        lines.append(line([first["finding"], claim, run, n_images] + texts))
+    return "\n".join([VERDICT_TEXT.format(**runs_list[0]), "", *lines, "",
+                      *family_text(cells)]) + "\n"
 
 
 # -----------------------------------------------------------------------------
 # RESULTS.md and results/: every table, from the committed files
 
 def generate():
-    """-> ({path: the text this script writes there}, {RESULTS.md's block name: its markdown})."""
-    tables = {name: combined_markdown(list(map(read, runs))) for name, runs in COMBINED.items()}
-    files = {RESULTS / f"{name}.md": text for name, text in tables.items()}
+    """-> ({path: the text this script writes there}, {RESULTS.md's block name: its markdown}).
+    Refused (one line naming the file) when a committed file cannot be read or paired."""
+    tables, files, blocks = {}, {}, {}
+    for name, runs in COMBINED.items():
+        folders = [RESULTS / run for run in runs]
+        with reading(*(folder / "results.json" for folder in folders)):
+            tables[name] = combined_markdown(list(map(read, runs)), folders)
+        files[RESULTS / f"{name}.md"] = tables[name]
     # each results.json as oracle.py (or experiments.label_free evaluate) wrote it
     for path in sorted(RESULTS.glob("*/results.json")):
-        files[path.with_suffix(".md")] = results_markdown(read(path.parent.name))
+        with reading(path):
+            files[path.with_suffix(".md")] = results_markdown(read(path.parent.name), path.parent)
     blocks = {name: text.split("\n\n", 1)[1] for name, text in tables.items()}  # minus the title
-    blocks |= {name: training_table(*spec) for name, spec in TRAINING.items()}
+    for name, (runs, n_val, n_test) in TRAINING.items():
+        with reading(*(RESULTS / run / "metrics.jsonl" for run in runs)):
+            blocks[name] = training_table(runs, n_val, n_test)
     blocks |= {name: verdict_table(runs) for name, runs in VERDICTS.items()}
     blocks = {name: f"\n{text}\n" for name, text in blocks.items()}   # a blank line either side
 
@@ -413,37 +685,37 @@ def stale():
     return files, differ + [str(path.relative_to(ROOT)) for path in files if path != RESULTS_MD]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Write RESULTS.md's tables and results/*.md from results/.")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 naming each table that differs")
-    parser.add_argument("folders", nargs="*",
-                        help="write FOLDER/results.md from FOLDER/results.json instead")
-    parser.add_argument("--diff", nargs=2, metavar=("A", "B"),
-                        help="print a - b with its paired 95 %% interval; A, B = "
-                        "RUN/METRIC/METHOD/PRIOR/TOKENS of results/RUN/per_image.npz, e.g. "
-                        "cifar10-spot/top1/prior/isotropic/4 (METRIC: top1, knn, "
-                        "saliency-spectral, saliency-model)")
-    args = parser.parse_args(argv)
-    if args.diff:
-        (a, tokens), (b, other) = (x.rsplit("/", 1) for x in args.diff)
-        found = tokens == other and tokens.isdigit() and difference(a, b, int(tokens))
-        if not found:
-            parser.error(f"--diff: no per-image record for {args.diff[0]} and {args.diff[1]} "
-                         f"(RUN/METRIC/METHOD/PRIOR/TOKENS, the same TOKENS; "
-                         f"results/RUN/per_image.npz lists the keys)")
-        mean, low, high, n_images = found
-        print(f"{args.diff[0]} - {args.diff[1]}: {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
-              f"on {n_images} images (paired 95 % bootstrap): {verdict(low, high)}")
-        return 0
-    for folder in map(Path, args.folders):
-        results = json.loads((folder / "results.json").read_text())
-        utils.write_atomic(folder / "results.md", results_markdown(results))
-        print(f"wrote {folder / 'results.md'}")
-    if args.folders:
-        return 0
-    check, (files, names) = args.check, stale()
+DIFF_CELL = re.compile(CELL.pattern + r"/(\d+)")
+
+
+def diff(a, b):
+    """--diff A B: the verdict cell of a - b, as one line; Refused what cannot be paired."""
+    for text in (a, b):
+        if not DIFF_CELL.fullmatch(text):
+            raise Refused(f"--diff: {text!r} is not a cell name: RUN/METRIC/METHOD/PRIOR/TOKENS, "
+                          f"e.g. cifar10-spot/top1/prior/isotropic/4")
+    (a_row, tokens), (b_row, other) = (text.rsplit("/", 1) for text in (a, b))
+    if tokens != other:
+        raise Refused(f"--diff: {a} and {b} are at different budgets ({tokens}, {other} tokens)")
+    for text, row in ((a, row_of(a_row, int(tokens))), (b, row_of(b_row, int(tokens)))):
+        path = row[0] / "per_image.npz"
+        if not path.exists():
+            raise Refused(f"--diff: {text}: {shown(path)} does not exist")
+        if record(row) is None:
+            raise Refused(f"--diff: {text} is not recorded in {shown(path)} "
+                          f"(RUN/METRIC/METHOD/PRIOR/TOKENS; the file's names are its keys)")
+    found = difference(a_row, b_row, int(tokens))
+    note = "" if found.agrees else (
+        f" (the 95 % interval alone: {stats.interval_verdict(found.low, found.high)})")
+    mean, low, high = (stats.signed(x, 3) for x in (found.mean, found.low, found.high))
+    return (f"{a} - {b}: {mean} [{low}, {high}] on {found.n} "
+            f"images (paired 95 % bootstrap, {stats.RESAMPLES:,} resamples; {found.test} test, "
+            f"p = {found.p:.3g}): {found.verdict}{note}")
+
+
+def write_tables(check):
+    """Rewrite every generated table (or, with check, name those that differ: exit 1)."""
+    files, names = stale()
     if check:
         differ = [f"{name}: differs from what python -m experiments.tables writes"
                   for name in names]
@@ -453,6 +725,34 @@ def main(argv=None):
         utils.write_atomic(path, text)
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.tables",
+        description="Write RESULTS.md's tables and results/*.md from results/.")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 naming each table that differs")
+    parser.add_argument("folders", nargs="*",
+                        help="write FOLDER/results.md from FOLDER/results.json instead")
+    parser.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                        help="print a - b with its paired 95 %% interval and the exact test's "
+                        "verdict on a > b; A, B = RUN/METRIC/METHOD/PRIOR/TOKENS of "
+                        "results/RUN/per_image.npz, e.g. cifar10-spot/top1/prior/isotropic/4 "
+                        "(METRIC: top1, knn, saliency-spectral, saliency-model)")
+    args = parser.parse_args(argv)
+    try:
+        if args.diff:
+            print(diff(*args.diff))
+            return 0
+        for folder in map(Path, args.folders):
+            with reading(folder / "results.json"):
+                text = results_markdown(load_results(folder), folder)
+            utils.write_atomic(folder / "results.md", text)
+            print(f"wrote {folder / 'results.md'}")
+        return 0 if args.folders else write_tables(args.check)
+    except Refused as refused:                 # one line naming the file or cell, no traceback
+        parser.exit(2, f"{parser.prog}: error: {refused}\n")
 
 
 if __name__ == "__main__":
