@@ -1,5 +1,5 @@
 """
-data.py -- the image datasets of this project, held in memory as uint8 tensors.
+data.py -- the image datasets of this project: uint8 tensors in memory, or streamed from folders.
 
 The built-in data follows the problem the paper names, sparse feature selection: choosing where
 to look only matters when the evidence for the label is small and can sit anywhere, so a few
@@ -24,6 +24,7 @@ In reading order (train.py, oracle.py and visualize.py import these):
     load_dataset(name, data_dir, image_size, ..., val_size)  -> Dataset
     split_validation(split, size)   a stratified, fixed hold-out for choosing hyper-parameters
     augment(images, generator)      random crop (zero padding) + horizontal flip, batched
+    batches(split, rows, seed)      an epoch's batches, streamed folders decoded in workers
     load_model_and_data             a checkpoint's model and the data it was trained on
 
 The file machinery -- downloading, safe unpickling, decoding JPEGs, the decode cache -- lives in
@@ -38,19 +39,25 @@ step, so the folder layouts are decoded once and cached, one file per split, und
 folder, the image size and every file's name, size and modification time, so editing the
 folder invalidates it.
 
+Larger folder images are streamed instead. Above 128 px (ImageNet subsets at the pretrained
+models' 224 px: 150 kB an image, 190 GB for ImageNet-1k) a split is a `utils.ImageFiles`: the
+file names, indexed like the uint8 tensor, decoding only the images asked for. Training reads
+it through `batches`: worker processes decode each batch ahead of the model, with
+ImageNet's random-resized crops when a `crop_pct` is given; each process of a torchrun reads
+only its own part of each batch. Nothing of the dataset's size is kept in memory or on disk.
+
 "The first N images" of any split are a fair mix of classes: the CIFAR-10 pickles come
 shuffled, shapes draws its labels in random order, and class folders (listed class by class)
 are put in one fixed random order. So --test-limit, --limit, kNN banks and the first validation
 images all see every class.
 
-Try it:   python data.py                                   (generates `shapes`, prints a summary)
-          python data.py cifar10 --data-dir DIR            (loads CIFAR-10 from DIR)
-          python data.py folder --data-dir DIR --image-size 64 --preview preview.png
+Try it:   python -c "import data; print(data.load_dataset('shapes').train.images.shape)"
 """
 
-import argparse
 import math
 import numbers
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +75,18 @@ DataError = utils.DataError
 
 @dataclass
 class Split:
-    images: torch.Tensor   # (N, C, H, W) uint8, decoded once, held in memory
+    images: torch.Tensor   # (N, C, H, W) uint8 in memory, or a utils.ImageFiles read like one
     labels: torch.Tensor   # (N,) int64
 
     def __len__(self):
         return self.labels.shape[0]
+
+    def take(self, index):
+        """The images and labels at `index` (a slice, indices or a mask); streamed images stay
+        on disk until a batch is read."""
+        images = self.images
+        streamed = isinstance(images, utils.ImageFiles)
+        return Split(images.subset(index) if streamed else images[index], self.labels[index])
 
 
 @dataclass
@@ -219,25 +233,27 @@ def _shape_distances(u, v, r):
 # -----------------------------------------------------------------------------
 # load_dataset: the one entry point
 
-def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, cache_dir=None,
-                 progress=True, val_size=0):
-    """Load a dataset into memory -> Dataset (uint8 images; see the module docstring).
+def load_dataset(name, data_dir=None, image_size=None, seed=0, val_size=0, crop_pct=None,
+                 **files):
+    """Load a dataset -> Dataset (uint8 images; see the module docstring).
 
     name:       "shapes" (built in), "cifar10" or "folder"
     data_dir:   the dataset's folder (cifar10, folder); ignored by shapes
     image_size: output size, int or (H, W). shapes: default 32; cifar10: default 32 (other
                 sizes are resized from 32); folder: required (e.g. 64 or 128)
     seed:       shapes only: train uses seed 2*seed, test 2*seed + 1 (disjoint streams)
-    download:   cifar10 only: download the authors' archive (utils.CIFAR10_URL) into data_dir
-                if it is missing
-    cache_dir:  where decoded folder layouts are cached (default $SPOT_CACHE or ~/.cache/spot)
-    progress:   show progress while downloading and decoding
     val_size:   0 = no validation split (Dataset.val is None). Else hold out that many train
                 images (int) or that fraction of them (float in (0, 1)) as Dataset.val, per
                 class (split_validation); mean and std then come from the rest of train only,
                 so nothing about the validation images leaks into the model's normalization.
                 Which images are held out is fixed (split_validation's seed 0, not `seed`):
                 every run that compares recipes must be scored on the same validation images.
+    crop_pct:   folder only: ImageNet's crops (timm's 0.875 or 0.9): images scaled so the centre
+                crop keeps that share of the shorter side, and random-resized crops in
+                training (batches). None: the whole shorter side, no random-resized crops.
+    files:      download=True (cifar10: fetch the authors' archive, utils.CIFAR10_URL, into
+                data_dir if it is missing), cache_dir (where decoded folders are cached; default
+                $SPOT_CACHE or ~/.cache/spot), progress=True (bars while downloading, decoding)
     Raises ValueError for bad arguments, DataError for missing or unreadable data.
     """
     if name not in DATASETS or (name != "shapes" and data_dir is None) or (
@@ -251,9 +267,10 @@ def load_dataset(name, data_dir=None, image_size=None, seed=0, download=True, ca
         test = make_shapes(2_000, size, seed=2 * seed + 1)
         classes = SHAPE_CLASSES
     elif name == "cifar10":
-        train, test, classes = utils.load_cifar10(data_dir, size, download, cache_dir, progress)
+        train, test, classes = utils.load_cifar10(data_dir, size, **files)
     else:
-        train, test, classes = utils.load_folder(data_dir, size, cache_dir, progress)
+        files.pop("download", None)                   # (cifar10's)
+        train, test, classes = utils.load_folder(data_dir, size, crop_pct, **files)
     train = Split(*train)
     val = None
     if val_size:
@@ -303,8 +320,7 @@ def split_validation(split, size, seed=0):
         members = (labels == c).nonzero().squeeze(1)                 # where class c is, in order
         chosen = torch.randperm(len(members), generator=g)[:k]
         is_val[members[chosen]] = True
-    return tuple(Split(split.images[part], labels[part])
-                 for part in (~is_val, is_val))
+    return split.take(~is_val), split.take(is_val)
 
 
 def _check_val_size(size, n=None):
@@ -359,6 +375,69 @@ def augment(images, generator=None, padding=4, flip=True):
 
 
 # -----------------------------------------------------------------------------
+# Training batches: sliced from memory, or decoded ahead in worker processes
+
+def batches(split, rows, seed, procs):
+    """One epoch's batches on procs.device -> (images (B, C, H, W) uint8, labels (B,), seconds
+    waited for them), one per row of `rows` (steps, B) of image indices.
+
+    Images in memory are sliced. Streamed ones (utils.ImageFiles, folders above 128 px) are
+    decoded by procs.workers processes (torch's DataLoader), a few batches ahead of the model,
+    into pinned memory on CUDA (so the copy to the GPU does not block). With a crop_pct they
+    get random-resized crops, batch i's drawn from seed + i: a resumed epoch (rows from where
+    it stopped, seed moved on as far) decodes exactly the crops the whole epoch would have.
+    """
+    cuda = procs.device.type == "cuda"
+    if torch.is_tensor(split.images):
+        source = ((split.images[row], split.labels[row]) for row in rows)
+    else:
+        source = torch.utils.data.DataLoader(_Batches(split, rows, seed), batch_size=None,
+                                             num_workers=procs.workers, pin_memory=cuda)
+    source = iter(source)
+    while True:
+        start = time.perf_counter()
+        batch = next(source, None)
+        if batch is None:
+            return
+        waited = time.perf_counter() - start
+        yield *[part.to(procs.device, non_blocking=cuda) for part in batch], waited
+
+
+class _Batches(torch.utils.data.Dataset):
+    """A DataLoader's dataset whose item i is batch i of `batches` (decoded in a worker)."""
+
+    def __init__(self, split, rows, seed):
+        self.split, self.rows, self.seed = split, rows, seed
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        crops = self.split.images.crop_pct and torch.Generator().manual_seed(self.seed + i)
+        return self.split.images.subset(row).decode(crops or None), self.split.labels[row]
+
+
+def load_for_training(args, procs):
+    """train.py's data: the dataset its flags name, with --val-size images held out of train,
+    and the --*-limit subsets. What cannot work is an error message (exit 1)."""
+    try:
+        dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.seed,
+                               args.val_size, args.crop_pct, cache_dir=args.cache_dir,
+                               progress=args.progress and procs.rank == 0)
+    except (DataError, ValueError) as error:
+        sys.exit(f"error: --dataset/--data-dir/--image-size/--val-size: {error}")
+    utils.limit_splits(dataset, args)
+    if args.batch_size % procs.world or args.batch_size > len(dataset.train):
+        sys.exit(f"error: --batch-size {args.batch_size} must split over {procs.world} "
+                 f"process(es) and fit in the train split")
+    if args.crop_pct and torch.is_tensor(dataset.train.images):
+        sys.exit("error: --crop-pct: random-resized crops need images decoded per batch, a "
+                 "--dataset folder at more than 128 px (--image-size)")
+    return dataset
+
+
+# -----------------------------------------------------------------------------
 # A trained model and the data it was trained on (oracle.py, visualize.py)
 
 def load_model_and_data(checkpoint, device="cpu", data_dir=None, progress=False):
@@ -375,8 +454,9 @@ def load_model_and_data(checkpoint, device="cpu", data_dir=None, progress=False)
         raise ValueError(f"{checkpoint} stores no dataset name (it was not written by train.py)")
     folder = data_dir or train_args.get("data_dir")
     loaded = load_dataset(name, folder, config["image_size"], train_args.get("seed", 0),
-                          cache_dir=train_args.get("cache_dir"), progress=progress,
-                          val_size=train_args.get("val_size") or 0)
+                          val_size=train_args.get("val_size") or 0,
+                          crop_pct=train_args.get("crop_pct"),
+                          cache_dir=train_args.get("cache_dir"), progress=progress)
     classes = saved.get("classes")
     trained = (config["num_classes"], list(classes or loaded.classes))
     if (len(loaded.classes), loaded.classes) != trained:
@@ -384,38 +464,3 @@ def load_model_and_data(checkpoint, device="cpu", data_dir=None, progress=False)
                          f"{classes or config['num_classes']}, not on the {name} "
                          f"data in {folder}, whose classes are {loaded.classes}")
     return model, loaded, train_args
-
-
-def main(argv=None):
-    """python data.py [name] ...: load a dataset, print a summary, optionally save a preview."""
-    p = argparse.ArgumentParser(description="Load a dataset and print a summary.")
-    p.add_argument("name", nargs="?", default="shapes", choices=DATASETS)
-    p.add_argument("--data-dir")
-    p.add_argument("--image-size", type=utils.int_at_least(1))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=utils.count_or_fraction, default=0, help="N or a fraction")
-    p.add_argument("--preview", help="save the first 8 x 8 train images here, as one PNG")
-    args = p.parse_args(argv)
-    try:
-        d = load_dataset(args.name, args.data_dir, args.image_size, args.seed,
-                         val_size=args.val_size)
-    except (ValueError, DataError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{d.name}: {d.image_size} px, mean {d.mean}, std {d.std}, classes {d.classes}")
-    for part in ("train", "val", "test"):
-        split = getattr(d, part)
-        if split is not None:
-            counts = torch.bincount(split.labels, minlength=len(d.classes))
-            print(f"  {part:>5}: {len(split):6d} images, per class {counts.tolist()}")
-    if args.preview:   # one mosaic: (64, C, H, W) -> (8 H, 8 W, C)
-        from matplotlib.image import imsave
-        x = d.train.images[:64]
-        x = F.pad(x, (0, 0) * 3 + (0, 64 - len(x)))   # black where the images run out
-        x = x.unflatten(0, (8, 8)).permute(0, 3, 1, 4, 2)              # (8, H, 8, W, C)
-        mosaic = x.flatten(2, 3).flatten(0, 1)                          # (8 H, 8 W, C)
-        mosaic = mosaic.numpy()
-        utils.write_atomic(args.preview, lambda tmp: imsave(tmp, mosaic, format="png"))
-
-
-if __name__ == "__main__":
-    main()

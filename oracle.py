@@ -232,8 +232,9 @@ def search_split(model, images_uint8, labels, start, config, objective="label", 
         batch = slice(i, i + b)
         images = images_uint8[batch].to(device).float().div_(255)
         y = None if labels is None else labels[batch].to(device)
-        result = oracle_search(model, images, y, start[batch].to(device), config.search_steps,
-                               config.search_lr, objective)
+        with utils.autocast(images.device, config.bf16):     # (the Adam update stays fp32)
+            result = oracle_search(model, images, y, start[batch].to(device),
+                                   config.search_steps, config.search_lr, objective)
         found.append(result.positions.cpu())
     return torch.cat(found)
 
@@ -301,12 +302,14 @@ class EvalConfig:
     seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
     progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
     device: str = "cpu"                     # --device auto picks cuda when there is one
+    bf16: bool = False        # --precision: the model's forward in bf16, positions in fp32
 
 
 def hits(model, test, positions, config):
     """(n,) bool: which of the images test = (uint8 images, labels) `model` classifies right
     when it reads them at `positions`."""
-    logits, _ = train.predict(model, test[0], positions, config.device, config.batch_size)
+    logits, _ = train.predict(model, test[0], positions, config.device, config.batch_size,
+                              bf16=config.bf16)
     return logits.argmax(1) == test[1]
 
 
@@ -329,7 +332,8 @@ def prior_rows(model, test, bank, config, per_image):
             seed = train.seed_for(config.seed, prior, tokens, *key)
             positions = train.draw_positions(prior, images, tokens, model.config.window, seed,
                                              config.device)
-            return train.predict(model, images, positions, config.device, config.batch_size, knn)
+            return train.predict(model, images, positions, config.device, config.batch_size, knn,
+                                 config.bf16)
         bank_features = knn and read(bank[0], "bank")[1]
         correct = []
         knn_correct = [] if knn else None

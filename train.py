@@ -98,12 +98,14 @@ PRESETS = {
     # timm:vit_base_patch16_224.augreg_in21k_ft_in1k --device cuda; the source decides the model
     # (the shape here only names it). lr 1e-4, ten times below the from-scratch recipes: the
     # weights are already good, and a from-scratch peak would wash their features out in the
-    # first steps. Known limits: every image is decoded into memory at 224 px (about 150 kB
-    # each), and the only augmentation is flips (no random-resized crop, which ImageNet uses).
+    # first steps. Images at 224 px stream from the folder (data.batches), with ImageNet's
+    # random-resized crops + flips in training and timm's 0.875 centre crop in evaluation
+    # (--crop-pct 0.9 for timm's augreg weights).
     "imagenet-retrofit": dict(
         image_size=224, window=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
         epochs=5, batch_size=128, lr=1e-4, warmup_epochs=0.5,
         augment_padding=0, val_size=0.02, tokens="25-196", train_priors=list(spot.PRIORS),
+        crop_pct=0.875,
     ),
 }
 MODEL_FLAGS = ("image_size", "window", "dim", "depth", "heads", "mlp_ratio")
@@ -232,7 +234,7 @@ def evaluate(run, split, name):
         read_at[f"@{n}"] = draw_positions(args.eval_prior, split.images, n, args.window, seed,
                                         procs.device)            # (n_images, N, 2)
     shard = slice(procs.rank, None, procs.world)
-    images, labels = split.images[shard], split.labels[shard]
+    images, labels = split.take(shard).images, split.labels[shard]
     totals = torch.zeros(len(read_at), 2, dtype=torch.float64, device=procs.device)
     for i, positions in enumerate(read_at.values()):              # per read: loss sum, correct
         logits = predict(run.model, images, positions[shard], procs.device,
@@ -248,22 +250,6 @@ def evaluate(run, split, name):
 
 # -----------------------------------------------------------------------------
 # The run: data, model, optimizer, then epochs
-
-def load_data(args, procs):
-    """The dataset, with --val-size images held out of train, and the --*-limit subsets."""
-    try:
-        dataset = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
-                                    seed=args.seed, cache_dir=args.cache_dir,
-                                    val_size=args.val_size,
-                                    progress=args.progress and procs.rank == 0)
-    except (data.DataError, ValueError) as error:
-        sys.exit(f"error: --dataset/--data-dir/--image-size/--val-size: {error}")
-    utils.limit_splits(dataset, args)
-    if args.batch_size % procs.world or args.batch_size > len(dataset.train):
-        sys.exit(f"error: --batch-size {args.batch_size} must split over {procs.world} "
-                 f"process(es) and fit in the train split")
-    return dataset
-
 
 def build_model(args, dataset, device, checkpoint=None):
     """SPoTViT from the flags and the data (from scratch it takes the dataset's input statistics),
@@ -320,7 +306,7 @@ def main(argv=None):
     an error (a diverging run, a full disk) exits 1 with a message."""
     args = parse_args(argv)
     with utils.Processes(args) as procs:      # and --out locked while the run writes it
-        dataset = load_data(args, procs)
+        dataset = data.load_for_training(args, procs)
         checkpoint = args.resume and utils.read_checkpoint(Path(args.out) / "checkpoint.pt")
         model = build_model(args, dataset, procs.device, checkpoint)
         optimizer, scheduler = make_optimizer(model, args, len(dataset.train))
@@ -381,13 +367,15 @@ def train_epoch(run, split, stop):
     order = order.view(steps, procs.world, -1)[:, procs.rank]      # (steps, batch / world)
     if done == 0:               # this epoch's sums (loss, correct, images), kept across a resume
         run.running = torch.zeros(3, dtype=torch.float64)
-    seen_before, epoch_start = run.running[2].item(), time.time()
-    bar = tqdm(order[done:], f"epoch {run.epoch + 1}/{args.epochs}", leave=False,
+    seen_before, epoch_start, waited = run.running[2].item(), time.time(), 0
+    crops = seed_for(args.seed, "crops", run.epoch, procs.rank) + done     # (streamed images)
+    batches = data.batches(split, order[done:], crops, procs)
+    bar = tqdm(batches, f"epoch {run.epoch + 1}/{args.epochs}", steps - done, leave=False,
                dynamic_ncols=True, disable=not (procs.rank == 0 and args.progress))
-    for batch in bar:
-        images = split.images[batch].to(procs.device).float().div_(255)   # (B, C, H, W) in [0, 1]
-        images = data.augment(images, run.generators["augment"], padding=args.augment_padding)
-        labels = split.labels[batch].to(procs.device)
+    for images, labels, wait in bar:                # (B, C, H, W) uint8 and (B,), on the device
+        waited += wait                              # seconds the model waited for this batch
+        images = data.augment(images.float().div_(255), run.generators["augment"],
+                              padding=args.augment_padding)
         loss, logits = train_step(run, images, labels)
         run.step += 1
         run.check_finite(loss)                  # a NaN or inf loss stops the run (exit 1)
@@ -399,10 +387,12 @@ def train_epoch(run, split, stop):
             break
     bar.close()
     (loss_sum, correct, seen), finished = run.running.tolist(), run.step == (run.epoch + 1) * steps
-    images_per_s = (seen - seen_before) * procs.world / max(time.time() - epoch_start, 1e-9)
+    seconds = max(time.time() - epoch_start, 1e-9)
     metrics = {"epoch": run.epoch + 1, "step": run.step, "partial": not finished,
                "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-               "lr": run.scheduler.get_last_lr()[0], "img_per_s": images_per_s}
+               "lr": run.scheduler.get_last_lr()[0],
+               "img_per_s": (seen - seen_before) * procs.world / seconds,
+               "data_wait": waited / seconds}     # the share of the epoch spent waiting for data
     run.epoch += finished
     return metrics
 

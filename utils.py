@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -50,6 +51,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 
@@ -286,13 +288,22 @@ PRESET_HELP = """presets (the (p) flags' defaults; --preset, else the dataset's 
 TRAIN_DESCRIPTION = """Train a SPoT ViT (arXiv 2507.01654): each batch draws a budget from --tokens
 and positions from one of --train-priors, so one model reads an image through
 any sparse set of subpixel tokens (retrofitting)."""
-# Model flags: (flag, type, help); every one defaults to the preset's value.
-MODEL_FLAG_HELP = (("--image-size", int, "image side, pixels (a multiple of --window)"),
-                   ("--window", int, "each token reads an N x N window"),
-                   ("--dim", int, "token width"), ("--depth", int, "blocks"),
-                   ("--heads", int, "attention heads"), ("--mlp-ratio", float, "MLP width / dim"))
+# Flags of one type and a help text each: (flag, type, help); (p) = the preset's by default.
+TYPED_FLAGS = (("--image-size", int, "(p) image side, pixels (a multiple of --window)"),
+               ("--window", int, "(p) each token reads an N x N window"),
+               ("--dim", int, "(p) token width"), ("--depth", int, "(p) blocks"),
+               ("--heads", int, "(p) attention heads"),
+               ("--mlp-ratio", float, "(p) MLP width / dim"),
+               ("--val-size", count_or_fraction, "(p) validation images: count or fraction"),
+               ("--train-limit", int_at_least(1), "train on N images (a fixed random subset)"),
+               ("--test-limit", int_at_least(1), "evaluate on the first N val/test images"),
+               ("--epochs", int_at_least(1), "(p)"),
+               ("--batch-size", int_at_least(1), "(p) global, split over processes"),
+               ("--lr", float_in(0, low_open=True), "(p) peak AdamW lr"),
+               ("--warmup-epochs", float_in(0), "(p) linear warm-up"))
 # Flags that may differ when a run is resumed: they change how it runs, not what it computes.
-RESUME_MAY_CHANGE = {"resume", "out", "threads", "device", "progress", "max_steps", "cache_dir"}
+RESUME_MAY_CHANGE = {"resume", "out", "threads", "device", "progress", "max_steps", "cache_dir",
+                     "workers"}
 
 
 def train_parser(presets, datasets, priors):
@@ -307,14 +318,12 @@ def train_parser(presets, datasets, priors):
     add("--data-dir", type=lambda path: str(Path(path).expanduser().resolve()), metavar="DIR",
         help="dataset folder; folder: DIR/{train,val}/<class>/*")
     add("--cache-dir", metavar="DIR", help="decoded images (default: $SPOT_CACHE, ~/.cache/spot)")
-    for flag, kind, what in MODEL_FLAG_HELP:
-        add(flag, type=kind, help=f"(p) {what}")
-    add("--val-size", type=count_or_fraction,
-        help="(p) validation images: a count or a fraction")
-    add("--train-limit", type=int_at_least(1),
-        help="train on N images (a fixed random subset)")
-    add("--test-limit", type=int_at_least(1),
-        help="evaluate on the first N val/test images")
+    add("--crop-pct", type=float_in(0, 1, low_open=True), metavar="P",
+        help="(p) ImageNet crops: random-resized; eval centre P")
+    add("--workers", type=int_at_least(1), metavar="N",
+        help="processes decoding streamed images (cores / ranks)")
+    for flag, kind, what in TYPED_FLAGS:
+        add(flag, type=kind, help=what)
     add("--tokens", metavar="T", help="(p) budgets drawn per batch: N, A-B, A,B,C or all")
     add("--train-priors", type=name_list(priors), metavar="P,Q",
         help="(p) priors drawn per batch, of " + ",".join(priors))
@@ -323,16 +332,11 @@ def train_parser(presets, datasets, priors):
         help="their prior (isotropic)")
     add("--final-test", action=argparse.BooleanOptionalAction, default=True,
         help="read test once, at the end (on)")
-    add("--init-from", metavar="SRC", help="a checkpoint of train.py, or a pretrained ViT "
-        "(a file, timm's HF folder, timm:NAME): its shape decides")
+    add("--init-from", metavar="SRC", help="a train.py checkpoint or a pretrained ViT (file, "
+        "HF folder, timm:NAME): its shape decides")
     for stat in ("mean", "std"):
         add(f"--image-{stat}", type=float_list, metavar="R,G,B",
             help=f"a pretrained source's input {stat} (its config's)")
-    add("--epochs", type=int_at_least(1), help="(p)")
-    add("--batch-size", type=int_at_least(1),
-        help="(p) global, split over processes")
-    add("--lr", type=float_in(0, low_open=True), help="(p) peak AdamW lr")
-    add("--warmup-epochs", type=float_in(0), help="(p) linear warm-up")
     add("--label-smoothing", type=float_in(0, 1, high_open=True), default=0.1,
         help="(0.1)")
     add("--augment-padding", type=int_at_least(0),
@@ -342,7 +346,7 @@ def train_parser(presets, datasets, priors):
     add("--device", default="auto", choices=("auto", "cuda", "cpu"),
         help="auto: CUDA if available")
     add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-        help="auto: bf16 if measured faster")
+        help="auto: bf16 on CUDA, else fp32")
     add("--threads", type=int_at_least(1), help="CPU threads (all cores)")
     add("--seed", type=int, default=0, help="order, crops, positions, init (0)")
     add("--out", metavar="DIR", help="run folder (runs/<dataset>)")
@@ -413,7 +417,17 @@ def _resumed_flags(out):
     if "args" not in checkpoint:
         raise ValueError(f"--resume: {out}/checkpoint.pt holds a model but no run (no 'args'): "
                          f"start a new run from it with --init-from {out}/checkpoint.pt")
-    return {k: v for k, v in checkpoint["args"].items() if k not in RESUME_MAY_CHANGE}
+    saved = checkpoint["args"]
+    metrics = Path(out) / "metrics.jsonl"
+    # The final test's line is the one written after the last checkpoint (when there is a test).
+    tested = metrics.exists() and metrics.stat().st_size > (checkpoint.get("metrics_bytes") or 0)
+    tested = tested or not (saved["val_size"] and saved["final_test"])
+    if checkpoint["epoch"] >= saved["epochs"] and tested:
+        raise ValueError(f"--resume: the run in {out} is finished ({saved['epochs']} epochs, "
+                         f"{checkpoint['step']} steps; its results are in {metrics}). Evaluate "
+                         f"it with: python oracle.py --checkpoint {out}/checkpoint.pt; or train "
+                         f"on from it with --init-from {out}/checkpoint.pt --out ANOTHER")
+    return {k: v for k, v in saved.items() if k not in RESUME_MAY_CHANGE}
 
 
 def resume_command(args):
@@ -476,10 +490,13 @@ def summary(results):
     """A plain-text view of results["rows"] for the terminal: top-1 % per (method, prior), then
     per budget. (experiments/tables.py renders results.json as the markdown tables of
     RESULTS.md.)"""
-    table = {"top-1 % at": [f"{b} T" for b in results["settings"]["tokens"]]}
+    counts = [r["n_images"] for r in results["rows"]]
+    usual = max(set(counts), key=counts.count)                   # the table's image count
+    table = {f"top-1 % ({usual} images) at": [f"{b} T" for b in results["settings"]["tokens"]]}
     for r in results["rows"]:
         cell = "n/a" if r["top1"] is None else f"{r['top1']:.1f}"
-        table.setdefault(f"{r['method']}: {r['prior']}", []).append(cell)
+        fewer = f" ({r['n_images']} images)" if r["n_images"] not in (usual, None) else ""
+        table.setdefault(f"{r['method']}: {r['prior']}{fewer}", []).append(cell)
     return "\n".join(f"{name:<28}" + " ".join(f"{c:>7}" for c in cells)
                      for name, cells in table.items())
 
@@ -516,10 +533,13 @@ def parse_eval_args(config_class, argv):
     add("--data-dir", help="dataset folder (None: the one the checkpoint was trained on)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add("--threads", type=int_at_least(1), help="CPU threads for torch (None: all cores)")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        help="the model's forward (auto: bf16 on CUDA); positions and gradients stay fp32")
     add("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     with usage_errors(parser):
         args.device = resolve_device(args.device)
+        args.bf16 = choose_precision(args.precision, args.device) == "bf16"
         check_out_dir(args.out, "--out")
     torch.set_num_threads(args.threads or torch.get_num_threads())   # else all cores
     return parser, args
@@ -549,6 +569,12 @@ class Processes(AbstractContextManager):
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.device = resolve_device(args.device)
+        # DataLoader workers decoding streamed images: the cores, shared by this machine's ranks
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.workers = args.workers or max(1, (os.cpu_count() or 1) // local)
+        # LOG.info lines (what --init-from loaded) printed by rank 0; before this, none is.
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
+                            format="%(message)s")
         self.lock = self.rank == 0 and lock_run_folder(args.out)   # before the rendezvous
         if self.world > 1:
             if self.device.type == "cuda":
@@ -703,8 +729,10 @@ def random_streams(seed, procs):
     them exactly (evaluation draws from fresh seeded ones; nothing draws from torch's global
     one): "augment" (crops, flips), "positions" (the priors' draws), "choice" (prior, budget)."""
     names = ("augment", "positions", "choice")
-    return {name: torch.Generator(procs.device).manual_seed(seed + 1000 * procs.rank + i)
-            for i, name in enumerate(names, 1)}
+    # "choice" is the same on every process, so each step draws one budget and prior for all
+    # (no process waits for one with more tokens); crops and positions differ per process.
+    return {name: torch.Generator(procs.device).manual_seed(
+        seed + i + 1000 * procs.rank * (name != "choice")) for i, name in enumerate(names, 1)}
 
 
 RESUMED_PARTS = ("model", "optimizer", "scheduler")
@@ -756,7 +784,7 @@ def limit_splits(dataset, args):
     """--train-limit: a random but fixed subset of train (it keeps every class represented);
     --test-limit: the first N validation and test images (the loaders mix the classes)."""
     def subset(split, keep):      # no split stays no split
-        return split and type(split)(split.images[keep], split.labels[keep])
+        return split and split.take(keep)
     if args.train_limit:             # (an int >= 1, or None)
         generator = torch.Generator().manual_seed(args.seed)
         keep = torch.randperm(len(dataset.train), generator=generator)
@@ -804,6 +832,8 @@ def read_init_from(source):
                          f"or timm:NAME")
     loaded = load_file(path, f"--init-from {source}", "a checkpoint or a state dict")
     if isinstance(loaded, dict) and {"model_config", "model"} <= loaded.keys():
+        LOG.info(f"loaded --init-from {source}: a checkpoint of train.py, every key, "
+                 f"{shape_text(loaded['model_config'])}")
         return loaded, None
     return None, source
 
@@ -825,6 +855,8 @@ def channel_stats(images):
     Computed from a 256-bin histogram per channel (torch.bincount on the uint8 values): exact,
     and it never makes a float copy of the images (which would be 4x their size in memory).
     """
+    if isinstance(images, ImageFiles):      # streamed: measured on its first 256 images, which
+        images = images[:256]               # the fixed shuffle made a sample of every class
     values = torch.arange(256).double() / 255                             # (256,)
     hist = torch.stack([torch.bincount(channel.flatten(), minlength=256)
                         for channel in images.unbind(1)]).double()         # (C, 256)
@@ -863,7 +895,7 @@ CIFAR10_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4
 DOWNLOAD_DEADLINE_S = 30 * 60
 
 
-def load_cifar10(root, size, download, cache_dir, progress):
+def load_cifar10(root, size, download=True, cache_dir=None, progress=True):
     """CIFAR-10 from `root` -> ((train_images, train_labels), (test_images, test_labels), classes).
 
     Prefers the official pickles (exact pixels, and no decoding); else class folders
@@ -1045,9 +1077,10 @@ def _load_cifar_pickles(folder):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-def load_folder(root, size, cache_dir, progress):
+def load_folder(root, size, crop_pct, cache_dir=None, progress=True):
     """An ImageNet-style dataset root/train/<class>/* + root/val/<class>/* (or test/)
-    -> ([train_images, train_labels], [test_images, test_labels], classes)."""
+    -> ([train_images, train_labels], [test_images, test_labels], classes). Above STREAMED_ABOVE
+    pixels the images stay on disk (ImageFiles); crop_pct: see _decode_image."""
     root = Path(root).expanduser()
     test_name = next((s for s in ("val", "test") if (root / s).is_dir()), "val")
     missing = " and ".join(str(root / s) for s in ("train", test_name) if not (root / s).is_dir())
@@ -1057,12 +1090,13 @@ def load_folder(root, size, cache_dir, progress):
                         f"folder dataset expects {root}/train/<class>/<image> and "
                         f"{root}/val/<class>/<image> (or test/ instead of val/), one subfolder per "
                         f"class, as in Imagenette.")
-    return _load_class_folders(root / "train", root / test_name, size, cache_dir, progress)
+    return _load_class_folders(root / "train", root / test_name, size, cache_dir, progress,
+                               crop_pct)
 
 
-def _load_class_folders(train_dir, test_dir, size, cache_dir, progress):
-    *train, classes = load_split_folder(train_dir, size, cache_dir, progress)
-    *test, test_classes = load_split_folder(test_dir, size, cache_dir, progress)
+def _load_class_folders(train_dir, test_dir, size, cache_dir, progress, crop_pct=None):
+    *train, classes = load_split_folder(train_dir, size, cache_dir, progress, crop_pct)
+    *test, test_classes = load_split_folder(test_dir, size, cache_dir, progress, crop_pct)
     if classes != test_classes:
         raise DataError(f"The class folders of {train_dir} and {test_dir} differ, so labels would "
                         f"not match between the splits. Only in {train_dir.name}: "
@@ -1071,28 +1105,32 @@ def _load_class_folders(train_dir, test_dir, size, cache_dir, progress):
     return train, test, classes              # [images, labels] twice, and the class names
 
 
-def load_split_folder(split_dir, size, cache_dir, progress):
+def load_split_folder(split_dir, size, cache_dir, progress, crop_pct=None):
     """One split of class folders -> (images (N, 3, H, W) uint8, labels (N,) int64, classes).
 
-    split_dir is a Path. Decoded once and cached (see _cache_file). Class folders list their
-    images class by class; the result is put in one fixed random order (seed 0) so that "the
-    first N images" (--test-limit, oracle.py --limit, kNN banks) is a fair sample of every
-    class, as it is for the official, pre-shuffled CIFAR-10 pickles.
+    split_dir is a Path, size (H, W), crop_pct see _decode_image. Up to STREAMED_ABOVE pixels:
+    decoded once, held in memory and cached (see _cache_file); above: an ImageFiles, decoded per
+    batch, so that nothing of the dataset's size is kept in memory or on disk. Class folders
+    list their images class by class; the result is put in one fixed random order (seed 0) so
+    that "the first N images" (--test-limit, oracle.py --limit, kNN banks) is a fair sample of
+    every class, as it is for the official, pre-shuffled CIFAR-10 pickles.
     """
     classes, files = _list_split(split_dir)
     labels = torch.tensor([label for _, label in files])                 # (N,) int64
-    cache = _cache_file(cache_dir, split_dir, size, files)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    on_disk = ImageFiles([split_dir / rel for rel, _ in files], size, crop_pct)
+    if max(size) > STREAMED_ABOVE:
+        return on_disk.subset(order), labels[order], classes
+    cache = _cache_file(cache_dir, split_dir, (size, crop_pct), files)
     images = _cache_load(cache, classes, labels, size) if cache.is_file() else None
     if images is None:
-        images = _decode_many([split_dir / rel for rel, _ in files], size, progress,
-                              f"decoding {split_dir} (once; cached)")
+        images = _decode_many(on_disk, progress, f"decoding {split_dir} (once; cached)")
         try:     # a cache we cannot write (read-only home, full disk) costs only a decode later
             write_atomic(cache, {"images": images, "labels": labels, "classes": classes})
         except OSError as e:
             warnings.warn(
                 f"could not write the decode cache {cache} ({e}); the next load will decode the "
                 f"images again. Set SPOT_CACHE or cache_dir to a writable folder.")
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     return images[order], labels[order], classes
 
 
@@ -1104,10 +1142,15 @@ def _list_split(split_dir):
     """
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir()
                      and not e.name.startswith(".")) if split_dir.is_dir() else []
+    flat = split_dir.is_dir() and not classes and any(name.lower().endswith(IMAGE_EXTENSIONS)
+                                 for name in os.listdir(split_dir))
     if not classes:
         raise DataError(f"The folder {split_dir} "
                         f"{'has no class subfolders' if split_dir.is_dir() else 'does not exist'}. "
-                        f"Expected one subfolder per class, e.g. {split_dir}/<class>/<image>.jpg.")
+                        f"Expected one subfolder per class, e.g. {split_dir}/<class>/<image>.jpg"
+                        + (". It holds images directly, as ImageNet's val/ comes: sort them into "
+                           "one folder per class, named as in train/ (the usual class-folder "
+                           "layout)." if flat else "."))
     files = []
     for label, cls in enumerate(classes):
         names = sorted(e.name for e in os.scandir(split_dir / cls)
@@ -1121,27 +1164,34 @@ def _list_split(split_dir):
     return classes, files
 
 
-def _decode_image(path, size):
+def _decode_image(path, size, crop_pct=None, draw=None):
     """Read one image file -> (H, W, 3) uint8 numpy array of exactly `size` = (H, W).
 
     Standard ImageNet-style preprocessing: scale so the image *covers* H x W (for a square
     target: shorter side -> H), then cut the central H x W. Aspect ratio is kept; the longer
-    side loses its borders. PIL's bicubic resize is antialiased when shrinking.
+    side loses its borders. PIL's bicubic resize is antialiased when shrinking. crop_pct (timm's
+    evaluation crop, e.g. 0.875): scale to cover H / crop_pct first, so the centre crop keeps
+    that share of the shorter side. draw: four numbers in [0, 1) that place a random-resized
+    crop instead (training; _random_box).
     """
     from PIL import Image   # imported here: PIL is only needed by the folder layouts
 
     H, W = size
     try:
         with Image.open(path) as im:
+            if draw is not None:
+                im = _to_rgb(im)
+                box = _random_box(*im.size, draw)
+                return np.asarray(im.resize((W, H), Image.BICUBIC, box=box))    # (H, W, 3)
             w, h = im.size
-            scale = max(H / h, W / w)
+            scale = max(H / h, W / w) / (crop_pct or 1)
             if im.format == "JPEG" and scale < 0.5:
                 # JPEG can decode at 1/2, 1/4, 1/8 resolution almost for free (DCT scaling).
                 # Ask for at least twice the final size so the bicubic step still antialiases.
                 im.draft("RGB", (math.ceil(2 * w * scale), math.ceil(2 * h * scale)))
             im = _to_rgb(im)
             w, h = im.size
-            scale = max(H / h, W / w)
+            scale = max(H / h, W / w) / (crop_pct or 1)
             nw, nh = max(W, round(w * scale)), max(H, round(h * scale))   # (w, h) when exact
             im = im.resize((nw, nh), Image.BICUBIC)                    # a plain copy if (w, h)
             top, left = (nh - H) // 2, (nw - W) // 2
@@ -1150,6 +1200,21 @@ def _decode_image(path, size):
         raise DataError(f"Could not read the image file {path} ({type(e).__name__}: {e}). "
                         f"It is probably corrupt or not an image; delete or replace it and "
                         f"load again.") from None
+
+
+def _random_box(w, h, draw):
+    """A random-resized crop's box (left, top, right, bottom) in a w x h image, from four uniform
+    numbers in [0, 1): 8-100 % of its area, aspect ratio log-uniform in [3/4, 4/3] (torchvision's
+    ranges; a box too wide or too tall is clipped to the image, where torchvision draws again),
+    anywhere inside."""
+    area, log_ratio, u, v = draw
+    area = w * h * (0.08 + 0.92 * area)
+    ratio = (4 / 3) ** (2 * log_ratio - 1)
+    cw = min(w, round(math.sqrt(area * ratio)))
+    ch = min(h, round(math.sqrt(area / ratio)))
+    left = int(u * (w - cw + 1))
+    top = int(v * (h - ch + 1))
+    return left, top, left + cw, top + ch
 
 
 def _to_rgb(im):
@@ -1174,41 +1239,69 @@ def _to_rgb(im):
     return im.convert("RGB")    # RGB (a copy), L, 1, P, CMYK, YCbCr, ...
 
 
-def _decode_chunk(job):
-    """Worker function (module level so multiprocessing can pickle it): decode a list of files."""
-    paths, size = job
-    return np.stack([_decode_image(p, size) for p in paths]).transpose(0, 3, 1, 2)  # (n, 3, H, W)
+STREAMED_ABOVE = 128      # pixels: larger folder images are decoded per batch, never held
 
 
-def _decode_many(paths, size, progress, desc):
-    """Decode many files -> (N, 3, H, W) uint8 tensor, in a process pool when it pays off.
+class ImageFiles:
+    """A split's images left on disk, read like a uint8 tensor (N, 3, H, W): indexing it
+    decodes the images asked for (in threads: PIL lets go of the GIL while it decodes), and
+    subset() picks images without decoding them. The streamed folders of data.py."""
+    dtype = torch.uint8
 
-    Decoding is pure CPU work in PIL, one file at a time, so two processes halve the time. Each
-    worker returns a whole chunk of 500 files as one array, which keeps the inter-process
-    traffic to a few large messages. Folders under 2000 files are decoded in-process: starting
-    processes would cost more than it saves.
-    """
-    import multiprocessing as mp
+    def __init__(self, paths, size, crop_pct=None):
+        self.paths, self.size, self.crop_pct = paths, size, crop_pct
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def shape(self):
+        return torch.Size((len(self), 3, *self.size))
+
+    def subset(self, index):
+        """The images at `index` (an int, slice, index tensor or mask), still on disk."""
+        index = torch.arange(len(self))[index].reshape(-1)
+        return ImageFiles([self.paths[i] for i in index.tolist()], self.size, self.crop_pct)
+
+    def split(self, size):
+        """Chunks of `size` images, still on disk (as tensor.split gives views)."""
+        return [self.subset(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    def to(self, device):
+        """Every image decoded, on `device` (like tensor.to)."""
+        return self.decode().to(device)
+
+    def __getitem__(self, index):
+        images = self.subset(index).decode()
+        return images[0] if isinstance(index, int) else images
+
+    def decode(self, generator=None):
+        """Every image -> (N, 3, H, W) uint8, in torch.get_num_threads() threads (one in a
+        DataLoader worker). With a generator: random-resized crops, each image's placed by
+        four numbers, all drawn from the generator first (the same crops whatever the threads)."""
+        n = len(self)
+        draws = [None] * n if generator is None else torch.rand(n, 4, generator=generator)
+        with ThreadPoolExecutor(max(1, min(n, torch.get_num_threads()))) as pool:
+            images = list(pool.map(_decode_image, self.paths, [self.size] * n,
+                                   [self.crop_pct] * n, draws))
+        if not images:
+            return torch.empty(self.shape, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2))    # (N, 3, H, W)
+
+
+def _decode_many(files, progress, desc):
+    """Decode an ImageFiles -> (N, 3, H, W) uint8 tensor, in chunks of 500 (threads in each)."""
     from tqdm import tqdm
 
-    jobs = [(paths[i:i + 500], size) for i in range(0, len(paths), 500)]
-    pooled = len(paths) >= 2000 and (os.cpu_count() or 1) > 1
-    # fork (Linux) starts instantly and needs no re-import of torch; elsewhere the default.
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    chunks = []
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
-            (context.Pool(2) if pooled else nullcontext()) as pool:
-        for chunk in (pool.imap if pooled else map)(_decode_chunk, jobs):    # in order
-            chunks.append(chunk)
-            bar.update(len(chunk))
-    return torch.from_numpy(np.concatenate(chunks))                   # (N, 3, H, W) uint8
+    return torch.cat([files[start:start + 500] for start in tqdm(  # (N, 3, H, W) uint8
+        range(0, len(files), 500), desc, disable=not progress, leave=False)])
 
 
 # The decode cache: one torch file per (folder, split, image size, file list), under
 # cache_dir > $SPOT_CACHE > ~/.cache/spot. Written atomically, loaded with weights_only=True
 # (tensors and plain containers only, never code), and checked before use.
 
-def _cache_file(cache_dir, split_dir, size, files):
+def _cache_file(cache_dir, split_dir, crop, files):
     """Where the decoded tensors of one split live. `files` is the sorted [(relpath, label)].
 
     The key hashes everything that changes the decoded result: the decoder's version (v2: 16-bit
@@ -1218,7 +1311,9 @@ def _cache_file(cache_dir, split_dir, size, files):
     """
     root = Path(cache_dir or os.environ.get("SPOT_CACHE") or Path.home() / ".cache" / "spot")
     split_dir = split_dir.resolve()
-    h = hashlib.sha256(f"v2|{split_dir}|{split_dir.name}|{size[0]}x{size[1]}|".encode())
+    size, crop_pct = crop
+    crop = f"crop {crop_pct}|" if crop_pct else ""          # (unset: the key v2 had)
+    h = hashlib.sha256(f"v2|{split_dir}|{split_dir.name}|{size[0]}x{size[1]}|{crop}".encode())
     for rel, label in files:
         st = os.stat(split_dir / rel)
         h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -1232,21 +1327,14 @@ def _cache_load(path, classes, labels, size):
     the file)."""
     try:   # fails if truncated, foreign, holding more than tensors, or not such a dict
         hit = torch.load(path, weights_only=True)
-        images, cached_labels, cached_classes = hit["images"], hit["labels"], hit["classes"]
-    except Exception as e:
-        problem = (f"it is unreadable or not a dict holding images, labels and classes "
-                   f"({type(e).__name__}: {e})")
-    else:
-        if (not torch.is_tensor(images) or images.dtype != torch.uint8
-                or images.shape != (len(labels), 3, *size)):
-            problem = f"its images are not a uint8 tensor of shape {(len(labels), 3, *size)}"
-        elif not (torch.is_tensor(cached_labels) and cached_labels.dtype == torch.int64
-                  and torch.equal(cached_labels, labels)):     # torch.equal ignores the dtype
-            problem = "its labels do not match the class folders"
-        elif cached_classes != classes:                        # a list, as _list_split's
-            problem = "its class names do not match the class folders"
-        else:
+        images = hit["images"]
+        wanted = (torch.uint8, (len(labels), 3, *size), classes)
+        if (images.dtype, images.shape, hit["classes"]) == wanted and torch.equal(
+                hit["labels"], labels):
             return images
+        problem = "it holds other images, labels or classes than the folders"
+    except Exception as e:
+        problem = f"it is unreadable or not what this loader writes ({type(e).__name__}: {e})"
     warnings.warn(f"ignoring the decode cache file {path}: {problem}. Decoding the images again "
                   f"and rewriting it.")
 
@@ -1276,6 +1364,7 @@ def _cache_load(path, classes, labels, size):
 # checked before a model is built: shapes against timm_shapes, no more numbers than the file
 # stores (a zero-stride view can claim billions), finite values.
 
+LOG = logging.getLogger("spot")      # what a pretrained source gave (train.py prints it)
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}   # ViT-Ti, S, B, L, H
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")   # timm's HF folder, preferred first
@@ -1392,10 +1481,19 @@ def read_pretrained(source, image_size=None, num_classes=None, heads=None, mean=
     state["patch_embed.weight"] = state.pop("patch_embed.proj.weight").flatten(1)   # (D, C*k*k)
     state["patch_embed.bias"] = state.pop("patch_embed.proj.bias")
     head = state.get("head.weight")
-    if head is None or head.shape[0] != config["num_classes"]:      # new classes: a fresh head
+    fresh = head is None or head.shape[0] != config["num_classes"]
+    if fresh:      # new classes: a fresh head
         state.pop("head.weight", None)
         state.pop("head.bias", None)
+    head = f"a new {config['num_classes']}-class head" if fresh else "its head"
+    LOG.info(f"loaded {name}: a pretrained ViT, {shape_text(config)}; {head}")
     return config, state
+
+
+def shape_text(config):
+    """SPoTConfig's fields (a dict) -> one line: the shape and the input statistics."""
+    return ", ".join(f"{key} {config[key]}" for key in (
+        "dim", "depth", "heads", "image_size", "window", "image_mean", "image_std"))
 
 
 def _read_source(source, name):

@@ -34,6 +34,19 @@ One more section reads a model trained by train.py (--checkpoint) and runs only 
 (A whole search's cost next to one forward pass is measured where it is used: the label-free
 evaluation's cost column, experiments/label_free.py.)
 
+And one mode of its own, instead of the sections (Linux: it reads /proc):
+
+  data-scale      the data path at scale: for each --sizes N, a synthetic ImageNet-style folder
+                  (N training + 500 val JPEGs of 300-460 x 250-420 px, 10 classes; made once
+                  under --data-root and reused), then `train.py --dataset folder --preset
+                  imagenet-retrofit --init-from tests/fixtures/vit_224.pt --epochs 1` and
+                  `oracle.py --limit 50` on its checkpoint, run as subprocesses in --repo, each
+                  with a fresh SPOT_CACHE. Per command: the peak PSS (proportional set size,
+                  so that forked decode workers sharing pages are not counted twice) summed
+                  over the process and all its descendants every 0.1 s, wall time, bytes
+                  written to the cache and to --out, and their growth from the smallest N to
+                  the largest.
+
 Run it from the repository root (RESULTS.md and experiments/NOTES.md hold the measured numbers):
     python -m experiments.bench                           # sections 1-5
     python -m experiments.bench --quick                   # tiny sizes: a smoke run of it all
@@ -41,6 +54,8 @@ Run it from the repository root (RESULTS.md and experiments/NOTES.md hold the me
     python -m experiments.bench --device cuda --json runs/bench-cuda.json
     python -m experiments.bench --only oracle-sweep --checkpoint runs/shapes/checkpoint.pt \\
         --limit 300 --tokens 8,16 --out runs/shapes-sweep
+    python -m experiments.bench --data-scale --sizes 2000,8000 --json runs/data-scale.json
+    python -m experiments.bench --data-scale --repo /tmp/head   # another checkout: a worktree
 
 How the numbers are made (read this before trusting one):
   * Each comparison is timed in ONE interleaved loop: round r calls A, B, C, round r+1 calls
@@ -72,9 +87,15 @@ import json
 import math
 import multiprocessing
 import os
+import re
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +152,19 @@ def parse_args(argv=None):
     add("--search-from", default="isotropic", choices=spot.PRIORS,
         help="prior the searches start from (isotropic)")
     utils.add_alias(parser, "search_from", "--oracle-from", choices=spot.PRIORS)
+    add("--data-scale", action="store_true",
+        help="instead of the sections: train.py + oracle.py of --repo as subprocesses on "
+             "synthetic folder datasets of --sizes training images (peak PSS, wall, cache bytes)")
+    add("--repo", default=str(Path(__file__).resolve().parents[1]),
+        help="data-scale: the checkout whose scripts run (default: this one)")
+    add("--sizes", type=size_list, default=DATA_SCALE_SIZES,
+        help=f"data-scale: training-set sizes (default: {DATA_SCALE_SIZES})")
+    add("--data-root", default=str(DATA_SCALE_ROOT),
+        help="data-scale: the synthetic datasets are made here once and reused "
+             "(default: %(default)s)")
+    add("--oracle-cache", default="fresh", choices=("fresh", "shared"),
+        help="data-scale: oracle.py's SPOT_CACHE: a fresh folder (default) or train.py's")
+    add("--keep", action="store_true", help="data-scale: keep the run folders and logs")
     args = parser.parse_args(argv)
     preset = train.PRESETS[args.model]
     defaults = (("repeats", 3, 15), ("warmup", 1, 3), ("batch_size", 8, preset["batch_size"]))
@@ -146,9 +180,28 @@ def parse_args(argv=None):
     return args
 
 
+def size_list(text):
+    """--sizes: 'A,B,...' -> sorted distinct ints >= DATA_SCALE_CLASSES (an image per class)."""
+    try:
+        sizes = sorted({int(word) for word in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 2000,8000, got {text!r}") from None
+    if sizes[0] < DATA_SCALE_CLASSES:
+        raise argparse.ArgumentTypeError(f"each size must be >= {DATA_SCALE_CLASSES} (one "
+                                         f"image per class), got {sizes[0]}")
+    return sizes
+
+
 def check_args(args, n_grid):
     """The flags that depend on each other; sets args.tokens (a list) and args.device. Raises
     ValueError naming the flag."""
+    if isinstance(args.sizes, str):                   # the default, unparsed by argparse
+        args.sizes = size_list(args.sizes)
+    if args.data_scale:
+        missing = [name for name in ("train.py", "oracle.py", "tests/fixtures/vit_224.pt")
+                   if not (Path(args.repo) / name).is_file()]
+        if missing:
+            raise ValueError(f"--repo {args.repo}: no {', '.join(missing)} there")
     on_checkpoint = set(args.only) & {"oracle-sweep"}
     args.tokens = utils.parse_tokens(args.tokens, n_grid)
     if {"train", "memory"} & set(args.only) and max(args.tokens) > n_grid:
@@ -627,6 +680,325 @@ def bench_oracle_sweep(args):
 
 
 # -----------------------------------------------------------------------------
+# data-scale: the data path at scale. train.py and oracle.py run as subprocesses on synthetic
+# ImageNet-style folders of N training images; for each command: the peak proportional set size
+# of the process and all its descendants, wall time, and the bytes it wrote to the decode cache
+# and to its --out. Not a section of --only: it runs another checkout's scripts (--repo).
+
+DATA_SCALE_SIZES = "2000,8000"          # default --sizes: training images
+DATA_SCALE_VAL = 500                     # validation images, whatever the size
+DATA_SCALE_CLASSES = 10
+DATA_SCALE_SEED = 0
+DATA_SCALE_ROOT = Path(tempfile.gettempdir()) / "spot-bench-data"   # default --data-root
+DATA_SCALE_WIDTHS, DATA_SCALE_HEIGHTS = (300, 460), (250, 420)      # pixels, inclusive
+SAMPLE_EVERY_S = 0.1
+# Fastest oracle.py flags that still run every stage (a prior, SPoT-ON, the table); each is
+# passed only where the --repo's oracle.py has it (its --help says).
+ORACLE_FAST_FLAGS = (("--tokens", "4"), ("--priors", "grid"), ("--draws", "1"),
+                     ("--search-steps", "1"), ("--saliency-limit", "0"), ("--no-progress",))
+
+
+def pss_bytes(pid):
+    """The proportional set size of one process, bytes (/proc/PID/smaps_rollup, Linux >= 4.14):
+    each resident page divided by the number of processes that map it, so a forked decode
+    worker's pages shared with its parent count once over the two (summed RSS would count them
+    twice). 0 when the process is gone, a zombie or unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return 1024 * int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def process_tree(pid):
+    """[pid, and every living descendant of it: children, grandchildren, ...], from the parent
+    ids in /proc/*/stat (a descendant whose parent died is re-parented and no longer found)."""
+    children = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    stat = f.read()
+                ppid = int(stat[stat.rindex(")") + 2:].split()[1])   # "pid (comm) S ppid ..."
+            except (OSError, ValueError, IndexError):
+                continue                                             # exited meanwhile
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def tree_pss_bytes(pid):
+    """pss_bytes summed over process_tree(pid): the process and all its descendants."""
+    return sum(pss_bytes(p) for p in process_tree(pid))
+
+
+def run_sampled(command, cwd=None, env=None, log=None, every=SAMPLE_EVERY_S):
+    """Runs `command` (a list) to its end, summing tree_pss_bytes every `every` seconds ->
+    {"returncode", "wall_s", "peak_pss_bytes", "samples"}. stdout and stderr go to the file
+    `log` (else are dropped). A peak between two samples is missed: the peak is a lower bound.
+    The command runs in a session of its own, whose processes are killed if this one is
+    interrupted."""
+    with open(log or os.devnull, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        peak, samples = 0, 0
+        try:
+            while True:
+                peak, samples = max(peak, tree_pss_bytes(proc.pid)), samples + 1
+                try:
+                    proc.wait(timeout=every)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+        except BaseException:
+            os.killpg(proc.pid, 9)              # the session started above, and nothing else
+            proc.wait()
+            raise
+    return {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
+            "peak_pss_bytes": peak, "samples": samples}
+
+
+def disk_bytes(path):
+    """Bytes of the files under `path` (their sizes; symbolic links not followed); 0 if absent."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def synthetic_jpeg(path, rng):
+    """A JPEG of random size (300-460 wide, 250-420 high) whose content is smooth random colour:
+    a random 2x2 to 5x5 RGB grid upsampled bilinearly."""
+    from PIL import Image         # imported here: only this mode needs it
+    width, height = (int(rng.integers(lo, hi + 1)) for lo, hi in (DATA_SCALE_WIDTHS,
+                                                                   DATA_SCALE_HEIGHTS))
+    grid = rng.integers(0, 256, (int(rng.integers(2, 6)), int(rng.integers(2, 6)), 3))
+    image = Image.fromarray(grid.astype("uint8"), "RGB").resize((width, height), Image.BILINEAR)
+    image.save(path, quality=90)
+
+
+def folder_dataset(n_train, root=DATA_SCALE_ROOT, n_val=DATA_SCALE_VAL,
+                   classes=DATA_SCALE_CLASSES, seed=DATA_SCALE_SEED):
+    """ROOT/train{n}-val{v}-c{classes}-seed{s}/{train,val}/c00..c09/*.jpg, made once -> (folder,
+    made now?). Image i of a split is class i % classes, drawn from its own generator (seed,
+    split, i): a smaller dataset is the first images of a larger one. Written into a .partial
+    folder and renamed when complete, so an interrupted one is made again, not reused."""
+    import numpy as np
+    folder = Path(root) / f"train{n_train}-val{n_val}-c{classes}-seed{seed}"
+    if folder.is_dir():
+        return folder, False
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for split_index, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+        for c in range(classes):
+            (partial / split / f"c{c:02d}").mkdir(parents=True)
+        for i in range(n):
+            rng = np.random.default_rng([seed, split_index, i])
+            synthetic_jpeg(partial / split / f"c{i % classes:02d}" / f"{split}{i:06d}.jpg", rng)
+    partial.rename(folder)
+    return folder, True
+
+
+def script_flags(repo, script):
+    """The --flags that `python SCRIPT --help` lists in `repo` (empty if it fails)."""
+    help_text = subprocess.run([sys.executable, script, "--help"], cwd=repo, text=True,
+                               capture_output=True).stdout
+    return set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+
+
+def data_scale_commands(dataset, out, train_flags, oracle_flags):
+    """The two commands of one size: [(name, argv)], run in the --repo."""
+    train_cmd = [sys.executable, "train.py", "--dataset", "folder", "--data-dir", str(dataset),
+                 "--preset", "imagenet-retrofit", "--init-from", "tests/fixtures/vit_224.pt",
+                 "--heads", "3", "--epochs", "1", "--out", str(out),
+                 *(["--no-progress"] if "--no-progress" in train_flags else []),
+                 "--device", "cpu"]
+    oracle_cmd = [sys.executable, "oracle.py", "--checkpoint", f"{out}/checkpoint.pt",
+                  "--limit", "50", "--knn-limit", "0", "--out", f"{out}/oracle",
+                  "--device", "cpu"]
+    oracle_cmd += [word for flag in ORACLE_FAST_FLAGS if flag[0] in oracle_flags for word in flag]
+    return [("train", train_cmd), ("oracle", oracle_cmd)]
+
+
+def shown(argv, env):
+    """argv as a shell command, `python` for this interpreter, the cache variable in front."""
+    words = ["python" if w == sys.executable else w for w in argv]
+    return f"SPOT_CACHE={env['SPOT_CACHE']} {shlex.join(words)}"
+
+
+def git_state(repo):
+    """'COMMIT' or 'COMMIT + uncommitted changes' of the checkout `repo` (None: not git)."""
+    def git(*words):
+        return subprocess.run(["git", "-C", str(repo), *words], text=True,
+                              capture_output=True).stdout.strip()
+    commit = git("rev-parse", "HEAD")
+    return commit and commit + (" + uncommitted changes" if git("status", "--porcelain") else "")
+
+
+def bench_data_scale(args):
+    """The data path at scale: train.py and oracle.py on N training images, as subprocesses;
+    peak PSS (process + descendants), wall time, bytes written to the decode cache and --out.
+
+    For each --sizes N: a synthetic folder dataset (folder_dataset, reused), then train.py
+    (imagenet-retrofit from tests/fixtures/vit_224.pt, 1 epoch) and oracle.py on its
+    checkpoint (50 test images, the fastest flags), each with SPOT_CACHE a fresh empty folder
+    (--oracle-cache shared: oracle.py gets train.py's), so "cache" is what that command wrote."""
+    repo, rows, commands = Path(args.repo).resolve(), [], []
+    train_flags, oracle_flags = script_flags(repo, "train.py"), script_flags(repo, "oracle.py")
+    for n in args.sizes:
+        dataset, made = folder_dataset(n, args.data_root)
+        print(f"  data-scale N={n}: {'made' if made else 'reusing'} {dataset}", file=sys.stderr)
+        work = Path(tempfile.mkdtemp(prefix=f"spot-data-scale-{n}-"))
+        out = work / "run"
+        try:
+            for name, argv in data_scale_commands(dataset, out, train_flags, oracle_flags):
+                cache = work / ("cache" if args.oracle_cache == "shared" else f"cache-{name}")
+                cache.mkdir(exist_ok=True)
+                env = {**os.environ, "SPOT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+                commands.append(shown(argv, env))
+                print(f"  $ (cd {repo} && {commands[-1]})", file=sys.stderr)
+                written_out = out / "oracle" if name == "oracle" else out
+                cache_before = disk_bytes(cache)
+                result = run_sampled(argv, repo, env, work / f"{name}.log")
+                row = {"train_images": n, "command": name,
+                       "peak_pss_mb": result["peak_pss_bytes"] / 2**20,
+                       "wall_s": result["wall_s"],
+                       "cache_bytes": disk_bytes(cache) - cache_before,
+                       "out_bytes": disk_bytes(written_out), "exit": result["returncode"],
+                       "samples": result["samples"], "command_line": commands[-1],
+                       "load_average": round(os.getloadavg()[0], 2)}
+                rows.append(row)
+                print(f"  data-scale N={n} {name}: peak PSS {row['peak_pss_mb']:.0f} MB, "
+                      f"{row['wall_s']:.1f} s, cache {row['cache_bytes'] / 2**20:.1f} MB, "
+                      f"exit {row['exit']}", file=sys.stderr)
+                if result["returncode"]:
+                    tail = (work / f"{name}.log").read_text(errors="replace")[-3000:]
+                    row["error"] = tail
+                    print(f"  {name} failed (exit {result['returncode']}); its output ends:\n"
+                          f"{tail}", file=sys.stderr)
+                    break                   # the oracle needs the checkpoint
+        finally:
+            if args.keep:
+                print(f"  kept {work}", file=sys.stderr)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def growth(rows, field, name):
+    """{field}'s growth in % of command `name` from the smallest to the largest size (None when
+    either did not run or the first is 0)."""
+    ran = sorted((r["train_images"], r[field]) for r in rows
+                 if r["command"] == name and not r["exit"])
+    if len(ran) < 2 or not ran[0][1]:
+        return None
+    return 100 * (ran[-1][1] / ran[0][1] - 1)
+
+
+def data_scale_markdown(rows, settings):
+    """The report of --data-scale: header (machine, repo, commands), a row per (size, command),
+    the growth from the smallest size to the largest."""
+    s = settings
+    lines = [f"# SPoT data path at scale: {s['cpu']}, {s['threads']} core(s), torch "
+             f"{s['torch']}, {s['date']}", "",
+             f"`{s['command']}` on `{s['repo']}` ({s['repo_commit']}). Synthetic folders of "
+             f"{s['classes']} classes (JPEGs {s['jpeg_size']}, {s['val_images']} val images) in "
+             f"{s['data_root']}; peak PSS = the largest sum over the process and all its "
+             f"descendants, sampled every {s['sample_every_s']} s; cache = bytes the command "
+             f"wrote under SPOT_CACHE ({s['oracle_cache']} for oracle.py); out = its --out; "
+             f"load = the machine's 1-minute load average as it ended (well above "
+             f"{s['threads']}: other programs shared the CPU, and the wall time is theirs too).",
+             "", "| train images | command | peak PSS MB | vs smallest | wall s | cache MB "
+             "| out MB | load | exit |", "|---|---|---|---|---|---|---|---|---|"]
+    first = {}
+    for r in rows:
+        base = first.setdefault(r["command"], r["peak_pss_mb"])
+        versus = f"{100 * (r['peak_pss_mb'] / base - 1):+.0f} %" if base else "-"
+        lines.append(f"| {r['train_images']} | {r['command']} | {r['peak_pss_mb']:.0f} | "
+                     f"{versus} | {r['wall_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} | "
+                     f"{r['out_bytes'] / 2**20:.2f} | {r.get('load_average', '-')} | "
+                     f"{r['exit']} |")
+    sizes = sorted({r["train_images"] for r in rows})
+    if len(sizes) > 1:
+        lines += ["", f"Growth from {sizes[0]} to {sizes[-1]} training images "
+                  f"({sizes[-1] / sizes[0]:.1f}x):"]
+    for name in dict.fromkeys(r["command"] for r in rows if len(sizes) > 1):
+        said = [f"{what} {g:+.0f} %" for field, what in (("peak_pss_mb", "peak PSS"),
+                                                         ("wall_s", "wall"),
+                                                         ("cache_bytes", "cache bytes"))
+                if (g := growth(rows, field, name)) is not None]
+        if not any(r["cache_bytes"] for r in rows if r["command"] == name):
+            said.append("nothing written to the cache")
+        lines.append(f"- {name}: {', '.join(said) or 'n/a (a size failed or wrote nothing)'}")
+    failed = [f"{r['command']} at {r['train_images']} (exit {r['exit']})" for r in rows
+              if r["exit"]]
+    if failed:
+        lines += ["", "FAILED: " + "; ".join(failed) + " (the JSON keeps the end of the output)"]
+    lines += ["", "Commands, run in the repo:", ""]
+    lines += [f"    {r['command_line']}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def bench_loader(dataset, n_images=512, batch_size=64):
+    """data.batches' decoding speed at 224 px with random-resized crops (imagenet-retrofit's
+    crop_pct), by number of worker processes: images/s and images/s per worker over the first
+    n_images of the synthetic folder's train split. This process only waits (as a GPU would)."""
+    loaded = data.load_dataset("folder", dataset, 224, crop_pct=0.875, progress=False)
+    rows = torch.arange(n_images).view(-1, batch_size)           # (steps, B) image indices
+    results = []
+    for workers in sorted({1, 2, os.cpu_count() or 1}):
+        procs = types.SimpleNamespace(device=torch.device("cpu"), workers=workers)
+        start = time.perf_counter()
+        waited = sum(wait for _, _, wait in data.batches(loaded.train, rows, 0, procs))
+        seconds = time.perf_counter() - start
+        results.append(dict(workers=workers, images=n_images, seconds=round(seconds, 2),
+                            img_per_s=round(n_images / seconds, 1),
+                            img_per_s_per_worker=round(n_images / seconds / workers, 1),
+                            waited_s=round(waited, 2)))
+    return results
+
+
+def loader_markdown(rows):
+    lines = ["", "The loader alone (data.batches, 224 px, random-resized crops, batches of 64):",
+             "", "| workers | images/s | per worker |", "|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['img_per_s']} | {r['img_per_s_per_worker']} |"
+              for r in rows]
+    return lines
+
+
+def data_scale_main(args):
+    """--data-scale: bench_data_scale, its markdown on stdout, and --json."""
+    settings = dict(date=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__,
+                    cpu=utils.cpu_name(), threads=os.cpu_count(), python=sys.version.split()[0],
+                    repo=str(Path(args.repo).resolve()), repo_commit=git_state(args.repo),
+                    sizes=args.sizes, val_images=DATA_SCALE_VAL, classes=DATA_SCALE_CLASSES,
+                    jpeg_size=f"{DATA_SCALE_WIDTHS[0]}-{DATA_SCALE_WIDTHS[1]} x "
+                              f"{DATA_SCALE_HEIGHTS[0]}-{DATA_SCALE_HEIGHTS[1]} px",
+                    data_root=str(args.data_root), sample_every_s=SAMPLE_EVERY_S,
+                    oracle_cache=args.oracle_cache,
+                    command=" ".join(["python -m experiments.bench", *sys.argv[1:]]))
+    print("[data-scale]", file=sys.stderr)
+    rows = bench_data_scale(args)
+    settings["load_average"] = {"data-scale": round(os.getloadavg()[0], 2)}
+    print("[loader]", file=sys.stderr)
+    loader = bench_loader(folder_dataset(int(args.sizes[0]), args.data_root)[0])
+    text = data_scale_markdown(rows, settings) + "\n".join(loader_markdown(loader)) + "\n"
+    print(text)
+    if args.json:
+        report = dict(settings=settings, results={"data-scale": rows, "loader": loader},
+                      markdown=text)
+        utils.write_atomic(args.json, json.dumps(report, indent=1))
+    return 1 if any(r["exit"] for r in rows) else 0
+
+
+# -----------------------------------------------------------------------------
 # Report
 
 def rows_table(rows):
@@ -694,6 +1066,8 @@ def main(argv=None):
     """The sections of --only, in order; each reads what it needs from args, which also carries
     the run's sync(), bf16, the loaded checkpoint (model, dataset, train args) and settings."""
     args = parse_args(argv)
+    if args.data_scale:                         # subprocesses, not sections of this process
+        return data_scale_main(args)
     torch.set_num_threads(args.threads or torch.get_num_threads())     # --threads, else all cores
     torch.set_flush_denormal(True)       # as train.py: denormal Adam moments are slow on x86
     args.sync = torch.cuda.synchronize if args.device.type == "cuda" else (lambda: None)

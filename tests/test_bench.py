@@ -207,3 +207,44 @@ def test_measured_precision_probes_bf16_on_an_eighth_of_the_batch_first():
     assert said == ["precision: bf16 (probe: fp32 63 ms/step, bf16 41 ms/step)",
                     "precision: fp32 (probe: fp32 41 ms/step, bf16 63 ms/step)",
                     "precision: fp32 (probe: fp32 41 ms/step, bf16 250 ms for 1/8 of the batch)"]
+
+
+# -----------------------------------------------------------------------------
+# data-scale: the PSS sampler and the synthetic folders
+
+import os      # noqa: E402  (appended section)
+import shlex   # noqa: E402
+import sys     # noqa: E402
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"),
+                    reason="needs Linux's /proc/PID/smaps_rollup")
+def test_tree_pss_counts_a_grandchilds_memory():
+    """bench.run_sampled sums PSS over the whole process tree: a shell (the child) starts python
+    (the grandchild), which holds 100 MB of written bytes for a second. The peak must see them,
+    and the sampler's own process (this one) is not part of the sum."""
+    assert bench.pss_bytes(os.getpid()) > 0 and bench.pss_bytes(-1) == 0
+    holder = "import time; b = b'x' * (100 * 2**20); time.sleep(1)"
+    command = ["sh", "-c", f'{shlex.quote(sys.executable)} -c "{holder}"; true']  # sh stays parent
+    result = bench.run_sampled(command, every=0.05)
+    assert result["returncode"] == 0 and result["samples"] >= 5
+    assert 100 * 2**20 < result["peak_pss_bytes"] < 300 * 2**20     # python + 100 MB, sh
+    assert os.getpid() in bench.process_tree(os.getppid())
+
+
+def test_folder_dataset_layout(tmp_path):
+    """bench.folder_dataset: DIR/{train,val}/<class>/*.jpg of random sizes, made once, reused,
+    and a smaller dataset is the first images of a larger one."""
+    Image = pytest.importorskip("PIL.Image")
+    folder, made = bench.folder_dataset(30, tmp_path, n_val=10, classes=3)
+    assert made and bench.folder_dataset(30, tmp_path, n_val=10, classes=3) == (folder, False)
+    train_files = sorted(folder.glob("train/*/*.jpg"))
+    assert len(train_files) == 30 and len(list(folder.glob("val/*/*.jpg"))) == 10
+    assert sorted(p.name for p in (folder / "train").iterdir()) == ["c00", "c01", "c02"]
+    for path in train_files[:5]:
+        width, height = Image.open(path).size
+        assert 300 <= width <= 460 and 250 <= height <= 420
+    small, _ = bench.folder_dataset(12, tmp_path, n_val=10, classes=3)
+    same = small / "train/c01/train000004.jpg"
+    assert same.read_bytes() == (folder / "train/c01/train000004.jpg").read_bytes()
+    assert not list(tmp_path.glob("*.partial"))

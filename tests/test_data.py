@@ -12,6 +12,7 @@ import struct
 import tarfile
 import threading
 import time
+import types
 import urllib.error
 
 import numpy as np
@@ -827,3 +828,91 @@ def test_class_folders_come_out_in_a_fixed_mixed_order(shared_data):
     train, val = data.split_validation(first.train, 5000)      # what load_dataset(val_size=)
     assert torch.bincount(val.labels).tolist() == [500] * 10 and len(train) == 45_000
     assert len(torch.unique(val.labels[:100])) == 10           # still a mix of every class
+
+
+# -----------------------------------------------------------------------------
+# Streamed folders: above utils.STREAMED_ABOVE pixels the images stay on disk (utils.ImageFiles)
+
+def streamed_and_in_memory(tmp_path, monkeypatch, crop_pct=None):
+    """One folder dataset loaded twice at 16 px: streamed (the threshold lowered to 8 px) and
+    decoded into memory (the usual path at this size)."""
+    root = tmp_path / "ds"
+    write_class_folders(root, ["train", "val"], ["a", "b", "c"], [(20, 30), (30, 20), (24, 24)])
+    kept = load_dataset("folder", root, 16, crop_pct=crop_pct, cache_dir=tmp_path / "c",
+                        progress=False)
+    monkeypatch.setattr(utils, "STREAMED_ABOVE", 8)
+    streamed = load_dataset("folder", root, 16, crop_pct=crop_pct, cache_dir=tmp_path / "c2",
+                            progress=False)
+    return streamed, kept
+
+
+def test_streamed_folders_read_the_same_images_and_write_nothing(tmp_path, monkeypatch):
+    streamed, kept = streamed_and_in_memory(tmp_path, monkeypatch)
+    assert isinstance(streamed.train.images, utils.ImageFiles)
+    assert torch.is_tensor(kept.train.images)
+    assert streamed.train.images.shape == kept.train.images.shape == (9, 3, 16, 16)
+    assert torch.equal(streamed.train.images[:], kept.train.images)     # same order, same pixels
+    assert torch.equal(streamed.train.images[4], kept.train.images[4])   # an int: one image
+    assert torch.equal(streamed.test.labels, kept.test.labels)
+    assert (streamed.mean, streamed.std) == (kept.mean, kept.std)
+    assert not (tmp_path / "c2").exists()                  # streamed: no decode cache written
+    # subset keeps the files on disk; a mask, indices and a slice pick the same images
+    part = streamed.train.take(torch.tensor([True, False] * 4 + [True]))
+    assert isinstance(part.images, utils.ImageFiles) and len(part) == 5
+    assert torch.equal(part.images[:], kept.train.images[::2])
+    chunks = streamed.train.images.split(4)                # like tensor.split: 4, 4, 1 images
+    assert [len(c) for c in chunks] == [4, 4, 1]
+    assert torch.equal(chunks[2].to("cpu"), kept.train.images[8:])
+
+
+def test_crop_pct_scales_before_the_centre_crop(tmp_path, monkeypatch):
+    """timm's evaluation crop: the shorter side scaled to size / crop_pct, then the centre cut."""
+    streamed, kept = streamed_and_in_memory(tmp_path, monkeypatch, crop_pct=0.5)
+    path = streamed.train.images.paths[0]
+    want = torch.from_numpy(utils._decode_image(path, (32, 32))[8:24, 8:24].copy())
+    # decoding at 32 px and cutting the centre 16 px is the same as crop_pct 0.5 at 16 px (both
+    # scale the shorter side to 32 px), up to rounding of the resized size
+    got = streamed.train.images[0].permute(1, 2, 0)
+    assert (got.int() - want.int()).abs().max() <= 1
+    assert torch.equal(kept.train.images[0], streamed.train.images[0])    # both paths crop alike
+
+
+def test_random_resized_crops_are_reproducible_and_inside(tmp_path):
+    for seed in range(200):
+        draw = torch.rand(4, generator=torch.Generator().manual_seed(seed)).tolist()
+        left, top, right, bottom = utils._random_box(40, 30, draw)
+        assert 0 <= left < right <= 40 and 0 <= top < bottom <= 30
+        assert (right - left) * (bottom - top) >= 0.08 * 40 * 30 * 0.9   # rounding
+    root = tmp_path / "ds"
+    write_class_folders(root, ["train", "val"], ["a", "b"], [(40, 30), (30, 50)])
+    files = utils.ImageFiles(sorted((root / "train").rglob("*.png")), (16, 16), 0.875)
+    one = files.decode(torch.Generator().manual_seed(5))
+    assert one.shape == (4, 3, 16, 16)
+    assert torch.equal(one, files.decode(torch.Generator().manual_seed(5)))
+    assert not torch.equal(one, files.decode(torch.Generator().manual_seed(6)))
+    assert not torch.equal(one, files.decode())            # no generator: the centre crop
+
+
+def test_batches_decode_in_workers_and_resume_mid_epoch(tmp_path, monkeypatch):
+    """data.batches: streamed images decoded in worker processes give the in-memory batches;
+    with random-resized crops, an epoch resumed at step 2 decodes the crops of the whole epoch."""
+    streamed, kept = streamed_and_in_memory(tmp_path, monkeypatch)
+    procs = types.SimpleNamespace(device=torch.device("cpu"), workers=2)
+    rows = torch.randperm(9, generator=torch.Generator().manual_seed(1))[:8].view(4, 2)
+    got = list(data.batches(streamed.train, rows, 0, procs))
+    want = list(data.batches(kept.train, rows, 0, procs))
+    for (images, labels, wait), (images2, labels2, _) in zip(got, want, strict=True):
+        assert torch.equal(images, images2) and torch.equal(labels, labels2) and wait >= 0
+    streamed.train.images.crop_pct = 0.875                 # random-resized crops from here on
+    whole = [b[0] for b in data.batches(streamed.train, rows, 7, procs)]
+    resumed = [b[0] for b in data.batches(streamed.train, rows[2:], 7 + 2, procs)]
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], resumed, strict=True))
+    assert not torch.equal(whole[0], want[0][0])
+
+
+def test_a_flat_val_folder_is_refused_with_the_layout(tmp_path):
+    root = tmp_path / "imagenet"
+    write_class_folders(root, ["train"], ["n01", "n02"], [(20, 20)])
+    save_image(root / "val" / "ILSVRC2012_val_00000001.JPEG", np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(DataError, match="holds images directly.*one folder per class"):
+        load_dataset("folder", root, 16, progress=False)

@@ -535,3 +535,21 @@ def test_results_table_with_an_eval_config_fills_per_image():
     assert per_image["saliency-model", "read", "spot-on", 32].shape == (3,)
     assert len(results["transfer_reverse"]) == 2 and {r["n_images"] for r in results["saliency"]} == {3}
     json.dumps(results)                                                  # the schema main writes
+
+
+def test_cli_precision_and_rows_on_fewer_images_say_so(tmp_path, patched_data, capsys):
+    """--precision bf16 runs the model's forward in bf16 (positions stay fp32) and changes no
+    table's shape; the printed summary names a row read on fewer images than its table."""
+    ckpt = write_checkpoint(tmp_path / "a.pt", 0)
+    argv = ["--checkpoint", ckpt, "--tokens", "4", "--priors", "grid,isotropic", "--limit", "8",
+            "--knn-limit", "0", "--search-steps", "2", "--saliency-limit", "3", "--no-progress"]
+    assert oracle.main(argv + ["--out", str(tmp_path / "fp32")]) == 0
+    summary = capsys.readouterr().out
+    assert "top-1 % (8 images)" in summary and "salient-model (3 images)" in summary
+    assert oracle.main(argv + ["--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    rows = [json.loads((tmp_path / run / "results.json").read_text())["rows"]
+            for run in ("fp32", "bf16")]
+    assert [(r["method"], r["prior"], r["n_images"]) for r in rows[0]] == [
+        (r["method"], r["prior"], r["n_images"]) for r in rows[1]]
+    settings = json.loads((tmp_path / "bf16" / "results.json").read_text())["settings"]
+    assert settings["precision"] == "bf16" and settings["bf16"] is True

@@ -21,7 +21,7 @@ TINY = ["--dataset", "shapes", "--image-size", "16", "--window", "4", "--dim", "
         "--heads", "2", "--mlp-ratio", "2", "--batch-size", "32", "--train-limit", "192",
         "--test-limit", "64", "--tokens", "4-16", "--eval-tokens", "4", "--lr", "3e-3",
         "--warmup-epochs", "0.5", "--no-progress", "--threads", "1", "--precision", "fp32"]
-TIMING = {"img_per_s", "elapsed_s"}
+TIMING = {"img_per_s", "elapsed_s", "data_wait"}
 
 
 def read_metrics(run_dir):
@@ -260,6 +260,25 @@ def test_data_errors_are_messages(tmp_path, capsys):
                     str(tmp_path / "z"), "--no-progress"] + ["--cache-dir", str(tmp_path / "cache")])
 
 
+DDP_PROBE = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import data, spot, train
+log = open({log!r} + "-" + os.environ["RANK"] + ".jsonl", "w")
+batches, sample = data.batches, spot.sample_positions
+
+def logged_batches(split, rows, seed, procs):
+    print(json.dumps({{"rows": rows.tolist()}}), file=log, flush=True)
+    return batches(split, rows, seed, procs)
+
+def logged_sample(prior, n, n_tokens, *args, **kwargs):
+    print(json.dumps({{"prior": prior, "tokens": n_tokens}}), file=log, flush=True)
+    return sample(prior, n, n_tokens, *args, **kwargs)
+data.batches, spot.sample_positions = logged_batches, logged_sample
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     """DistributedDataParallel on the CPU: two gloo processes train, rank 0 logs and saves."""
     out = tmp_path / "ddp"
@@ -267,11 +286,22 @@ def test_torchrun_two_processes_gloo(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    probe = tmp_path / "probe.py"          # train.py, recording what each process draws
+    probe.write_text(DDP_PROBE.format(root=str(ROOT), log=str(tmp_path / "drawn")))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
-               "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py")] + TINY + [
+               "127.0.0.1", "--master_port", str(port), str(probe)] + TINY + [
                "--epochs", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    drawn = [[json.loads(line) for line in open(f"{tmp_path}/drawn-{rank}.jsonl")]
+             for rank in (0, 1)]
+    # Every step draws one prior and budget for both processes (no process waits for a bigger
+    # one), and the budgets vary; each epoch, the two processes read disjoint images.
+    steps = [[(d["prior"], d["tokens"]) for d in ranks if "tokens" in d] for ranks in drawn]
+    assert steps[0] == steps[1] and len({tokens for _, tokens in steps[0]}) > 1
+    rows = [[d["rows"] for d in ranks if "rows" in d] for ranks in drawn]
+    for epoch0, epoch1 in zip(*rows, strict=True):
+        assert not set(sum(epoch0, [])) & set(sum(epoch1, []))
     metrics = read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 2]
     assert result.stdout.count("done:") == 1            # only rank 0 logs
@@ -478,8 +508,9 @@ def test_a_crash_at_a_checkpoint_loses_no_metrics_line_and_doubles_none(tmp_path
     assert train.main(["--out", str(crashed), "--resume"]) == 0
     assert comparable(read_metrics(crashed)) == comparable(read_metrics(full))
     assert not (crashed / ".checkpoint-a1b2c3d4.pt").exists()
-    assert train.main(["--out", str(crashed), "--resume"]) == 0          # a finished run: its
-    assert comparable(read_metrics(crashed)) == comparable(read_metrics(full))   # test, once
+    with pytest.raises(SystemExit, match="2"):          # a finished run is refused, and its
+        train.main(["--out", str(crashed), "--resume"])  # test line stays once
+    assert comparable(read_metrics(crashed)) == comparable(read_metrics(full))
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
@@ -604,3 +635,34 @@ def test_a_full_disk_and_a_checkpoint_without_args_are_one_line_messages(tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no 'args'" in err.splitlines()[-1]
     assert "Traceback" not in err
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, capsys):
+    out = tmp_path / "done"
+    assert train.main(TINY + ["--epochs", "1", "--val-size", "32", "--out", str(out)]) == 0
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--out", str(out)])
+    error = capsys.readouterr().err
+    assert "is finished" in error and "oracle.py --checkpoint" in error and "--init-from" in error
+    # A run stopped by --max-steps is not finished: it goes on.
+    part = tmp_path / "part"
+    train.main(TINY + ["--epochs", "2", "--max-steps", "2", "--out", str(part)])
+    assert train.main(["--resume", "--out", str(part), "--no-progress"]) == 0
+
+
+def test_init_from_says_what_it_loaded(tmp_path, caplog):
+    caplog.set_level("INFO", logger="spot")
+    source = ROOT / "tests" / "fixtures" / "vit_token.pt"
+    train.main(RETRO + ["--init-from", str(source), "--max-steps", "1", "--out",
+                        str(tmp_path / "r")])
+    # (the last: the flags' defaults read the source once before, with no logging set up)
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded")][-1]
+    assert "vit_token.pt" in line and "pretrained ViT" in line and "dim 48" in line
+    assert "image_mean" in line and line.endswith("its head")    # 10 classes, as shapes
+
+
+def test_crop_pct_needs_streamed_images(tmp_path):
+    """Random-resized crops are cut from the file as it is decoded: data held in memory (shapes,
+    CIFAR-10, folders up to 128 px) is refused with the reason, before any step."""
+    with pytest.raises(SystemExit, match="--crop-pct: random-resized crops need"):
+        train.main(TINY + ["--crop-pct", "0.875", "--out", str(tmp_path / "r")])
