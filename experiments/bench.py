@@ -1041,6 +1041,9 @@ def markdown(results, settings):
 def run_settings(args, decided):
     """Everything a reader needs to judge the numbers: machine, versions, sizes, the command."""
     config, loaded = preset_config(args.model), args.loaded or (None, None, {})
+    # model: what the timing sections build (--model's preset); checkpoint_model: what
+    # oracle-sweep searches with (--checkpoint's own model), when there is one.
+    checkpoint_model = None if loaded[0] is None else vars(loaded[0].config)
     cuda = args.device.type == "cuda"
     flags = ("repeats", "warmup", "quick", "batch_size", "tokens", "checkpoint", "limit",
              "search_from")
@@ -1050,6 +1053,7 @@ def run_settings(args, decided):
                 cpu=utils.cpu_name(), threads=torch.get_num_threads(),
                 precision=decided.split()[1], precision_choice=decided, goals=GOALS,
                 load_average={}, model={"preset": args.model, **vars(config)},
+                checkpoint_model=checkpoint_model,
                 **{k: getattr(args, k) for k in flags},
                 command=" ".join(["python -m experiments.bench", *sys.argv[1:]]),
                 dataset=getattr(loaded[1], "name", None),

@@ -157,6 +157,10 @@ def test_cli_oracle_sweep(tmp_path, checkpoint):
     settings = json.loads((tmp_path / "bench.json").read_text())["settings"]
     markdown = json.loads((tmp_path / "bench.json").read_text())["markdown"]
     assert "## SPoT-ON (steps, lr) sweep" in markdown and settings["cpu"] == utils.cpu_name()
+    # the searched model is the checkpoint's, recorded beside --model's preset
+    searched = spot.load_checkpoint(checkpoint).config
+    assert settings["checkpoint_model"]["dim"] == searched.dim
+    assert settings["model"]["preset"] == "cifar10"
 
 
 def test_cli_bad_checkpoint_is_a_message(tmp_path, capsys):
