@@ -1,0 +1,657 @@
+"""
+experiments/frontier.py -- does a label-free placement rise above the priors' accuracy-vs-compute
+curve? The frontier evaluation, for any checkpoint.
+
+SPoT (arXiv 2507.01654) shows that a frozen model is almost always right when its tokens are
+well placed (SPoT-ON, the label oracle), and leaves open how to place them without the label.
+Any label-free method spends compute to choose its placement (more forward passes, a search, a
+saliency map), and compute could instead buy more tokens from a fixed prior. So the fair question
+is not "does it beat the prior at N tokens?" but "does it beat the best prior at the SAME
+compute?": the prior's accuracy-vs-compute curve is the frontier a method must rise above.
+
+    FLOPs       compute(config, N): every operation of one SPoTViT forward pass at N tokens,
+                counted from the config; backward_compute, search_compute (SPoT-ON),
+                saliency_compute (spot.saliency_map), mlp_compute (a small head);
+                compute_tokens(flops, config): FLOPs in tokens' worth (see token_fit)
+    the curve   every prior's top-1 at every token count (--tokens), per image, read by
+                train.predict through train.draw_positions (the project's one evaluation loop)
+    controls    at each per-pass budget N (--budgets), label-free unless marked: the best prior
+                at 2N tokens; the best of K placements by max-softmax and by a normalised
+                max-logit; the mean of two prior passes' logits; SPoT-ON's positions found for
+                another image (a gain that is per image must lose them); and two ceilings that
+                read the label: oracle-of-K (right when any of K fixed placements is right) and
+                SPoT-ON from the prior (oracle.oracle_search)
+    rows        each against the best prior at no more compute: the curve's point of highest
+                top-1 on the validation split (when the run has one) among those whose read
+                costs at most the row's compute rounded up to a whole token's worth, on the same
+                images, paired: the difference, its 95 % bootstrap interval and the exact test's
+                verdict on "row > prior" (experiments/stats.py: McNemar's for right/wrong rows)
+
+Writes OUT/frontier.json (rows, the curve, settings), OUT/frontier.md, OUT/frontier.png
+(accuracy vs compute, log x) and OUT/per_image.npz (every row's right/wrong per image):
+
+    python -m experiments.frontier --checkpoint runs/cifar10-spot/checkpoint.pt --split val \\
+        --limit 2000 --search-limit 500 --out runs/cifar10-spot/frontier-val
+    python -m experiments.frontier --checkpoint runs/cifar10-spot/checkpoint.pt --split test \\
+        --out runs/cifar10-spot/frontier
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import oracle
+import spot
+import train
+import utils
+from experiments import stats
+
+# -----------------------------------------------------------------------------
+# FLOPs: what one forward pass costs, counted from the config
+#
+# The convention: a multiply-add is 2 FLOPs (so an (m x k) @ (k x n) product is 2 m k n, as
+# torch.utils.flop_counter counts it); every other elementary operation -- an add, a multiply, a
+# divide, and each exp, log, sqrt, sin, cos or erf -- is 1 FLOP; copies, indexing, concatenation,
+# comparisons and random draws are free. Per element (or per value) that gives:
+BILINEAR_VALUE = 8     # one channel's value of a bilinear read: its 4 neighbours, 4 multiply-adds
+BILINEAR_POINT = 14    # one sample point: 2 coordinates to pixels (3 each), the fractions and
+                       # their complements (4), the 4 corner weights (4 multiplies)
+LAYERNORM = 7          # per element: mean, centre, square, variance, 1/sigma, gamma, beta
+LAYERNORM_ROW = 3      # per row: the two divisions by the width and the rsqrt
+SOFTMAX = 6            # per score: the 1/sqrt(d) scale, max, subtract, exp, sum, divide
+GELU = 5               # per element, the exact GELU 0.5 x (1 + erf(x / sqrt 2))
+ADAM = 16              # per coordinate of one Adam step (oracle.oracle_search writes it out)
+FFT = 5                # a complex FFT of n points: 5 n log2(n) (the radix-2 count, FFTW's
+                       # convention; a real input is counted as complex)
+# torch.utils.flop_counter.FlopCounterMode counts the matrix products only (mm, addmm, bmm,
+# convolutions, fused attention) at 2 FLOPs per multiply-add; it ignores bias adds, norms,
+# softmax, GELU, grid_sample and every elementwise op. The operations below that it counts:
+MATMULS = ("patch_embed", "qkv", "scores", "weighted_sum", "proj", "mlp", "head")
+
+
+def compute(config, n_tokens):
+    """FLOPs of every operation of one SPoTViT(config) forward pass on one image at n_tokens
+    positions -> {operation: FLOPs}, each summed over the blocks (see the convention above; a
+    batch of B images costs B times as much). T = N + 1 tokens go through the blocks (the class
+    token joins the N position tokens), so attention's scores grow with T^2."""
+    n, d, depth, classes = n_tokens, config.dim, config.depth, config.num_classes
+    hidden, k, c = int(config.dim * config.mlp_ratio), config.window, config.in_chans
+    t = n + 1
+    if config.position_embedding == "learned":
+        position = n * (6 + 3 * 3 * d)         # p and its fractions; 3 lerps of 3 FLOPs per channel
+    else:
+        position = n * (4 + d // 2 + d)        # p; the angles p * omega; their sin and cos
+    avg = config.pool == "avg"
+    return {
+        "normalize": 2 * c * math.prod(config.image_size),       # (image - mean) / std, all pixels
+        "patch_extraction": n * (k * k * (BILINEAR_POINT + c * BILINEAR_VALUE) + 6 * k),
+        "patch_embed": 2 * n * (c * k * k) * d,
+        "pos_embed": position + n * d,                          # ... and adding it to the tokens
+        "qkv": depth * 2 * t * d * 3 * d,
+        "scores": depth * 2 * t * t * d,                         # q k^T, all heads: h T^2 (d/h)
+        "softmax": depth * SOFTMAX * config.heads * t * t,
+        "weighted_sum": depth * 2 * t * t * d,                   # softmax(.) v
+        "proj": depth * 2 * t * d * d,
+        "mlp": depth * 2 * 2 * t * d * hidden,                   # fc1 and fc2
+        "gelu": depth * GELU * t * hidden,
+        "norms": (2 * depth * t + (1 if avg else t)) * (LAYERNORM * d + LAYERNORM_ROW),
+        "residual": depth * 2 * t * d,
+        "biases": n * d + depth * t * (3 * d + d + hidden + d) + classes,
+        "pool": n * d + d if avg else 0,                          # the mean of the N tokens
+        "head": 2 * d * classes,
+    }
+
+
+def forward_flops(config, n_tokens):
+    """FLOPs of one forward pass on one image at n_tokens (the sum of compute())."""
+    return sum(compute(config, n_tokens).values())
+
+
+def backward_compute(config, n_tokens):
+    """FLOPs of the backward pass SPoT-ON takes: the gradient of the loss w.r.t. the POSITIONS
+    only, the weights frozen -> {operation: FLOPs}. A matrix product needs its input's gradient
+    only (as many FLOPs as its forward: autograd skips the weights' gradients), except attention,
+    whose two products have both factors depending on the positions (twice the forward); every
+    other operation is counted at twice its forward (it reads what it saved and the upstream
+    gradient), but the image normalisation, which needs no gradient."""
+    forward = compute(config, n_tokens)
+    doubled = ("scores", "weighted_sum")
+    return {op: (2 * f if op in doubled else f) if op in MATMULS else 2 * f * (op != "normalize")
+            for op, f in forward.items()}
+
+
+def search_compute(config, n_tokens, steps=oracle.DEFAULT_STEPS):
+    """FLOPs of SPoT-ON (oracle.oracle_search) on one image: `steps` forward and backward passes,
+    one Adam step per coordinate each, and the final forward pass that classifies the image at
+    the found positions -> {"forward", "backward", "objective_and_adam": FLOPs}."""
+    classes = config.num_classes
+    return {"forward": (steps + 1) * forward_flops(config, n_tokens),
+            "backward": steps * sum(backward_compute(config, n_tokens).values()),
+            "objective_and_adam": (steps + 1) * 4 * classes + steps * ADAM * 2 * n_tokens}
+
+
+def saliency_compute(image_size, in_chans=3, size=64):
+    """FLOPs of spot.saliency_map on one image (spectral residual at size x size, mirror-padded by
+    size // 4 on each side: P = size + 2 (size // 4)) -> {operation: FLOPs}."""
+    height, width = utils.to_hw(image_size)
+    p = size + 2 * (size // 4)
+    radius = int(3 * max(size * 0.025, 0.5))
+    resize = BILINEAR_POINT + BILINEAR_VALUE                  # one channel per output pixel
+    return {
+        "gray": in_chans * height * width,                    # the channel mean
+        "resize": resize * size * size + resize * height * width,      # down to s, back up
+        "fft": 2 * FFT * p * p * math.log2(p * p),            # fft2 and ifft2
+        # per frequency: |F| (4), log(. + eps) (2), exp(-local mean) (2), F times it (2), |.|^2 (5)
+        "spectrum": 15 * p * p,
+        "local_mean": 10 * p * p,                             # 3 x 3 box: 9 adds, 1 divide
+        "blur": 2 * (2 * radius + 1) ** 2 * p * p,            # the Gaussian conv, p x p outputs
+        "normalise": 3 * height * width,                      # clamp, sum, divide
+    }
+
+
+def mlp_compute(widths, rows=1, activation=GELU):
+    """FLOPs of a small MLP head (Linear, activation, ..., Linear) of layer widths
+    [in, hidden, ..., out] on `rows` inputs -> {"matmul", "biases", "activation": FLOPs}."""
+    pairs = list(zip(widths[:-1], widths[1:]))
+    return {"matmul": rows * sum(2 * a * b for a, b in pairs),
+            "biases": rows * sum(b for _, b in pairs),
+            "activation": rows * activation * sum(widths[1:-1])}
+
+
+# -----------------------------------------------------------------------------
+# Tokens' worth: FLOPs in the currency of the frontier
+#
+# The definition: a model's marginal cost of a token, a, is the slope of the least-squares line
+# forward_flops(config, N) ~ a N + b over N = 4, 5, ..., G (every integer; G = the model's full
+# patch grid, the top of its budgets, at least 16): the price of one more token at the budgets
+# the model is used at. A cost of F FLOPs is then worth F / a tokens. It is additive (two passes
+# are worth twice one), and a pass at N tokens is worth about N: N + b / a on the line, where the
+# offset b / a is what a pass costs besides its tokens (the class token, the head, the image
+# normalisation) less what the line's fit to a slightly convex curve (attention is quadratic in
+# N) takes off. For the CPU presets' model (6 blocks of width 192, an 8 x 8 grid) a = 3.93 M
+# FLOPs (CIFAR-10, 32 px) and 4.21 M (Imagenette, 128 px), the offset -0.10 and -0.07 tokens, and
+# a pass at 4 / 16 / 64 tokens is worth 4.61 / 15.92 / 64.61 (4.59 / 15.94 / 64.59): within 0.65
+# of N everywhere in 4..64 (tests/test_frontier.py checks it). frontier.json's
+# settings["tokens_worth"] holds a, b and the offset of the model at hand.
+
+def token_fit(config):
+    """-> (a: FLOPs per token, b: FLOPs of a pass besides its tokens), the least-squares line of
+    forward_flops(config, N) over N = 4..G (G = the patch grid's size, at least 16)."""
+    grid = math.prod(side // config.window for side in config.image_size)
+    n = np.arange(4, max(grid, 16) + 1, dtype=np.float64)
+    flops = np.array([forward_flops(config, int(x)) for x in n], dtype=np.float64)
+    a, b = np.polyfit(n, flops, 1)
+    return float(a), float(b)
+
+
+def compute_tokens(flops, config):
+    """FLOPs -> tokens' worth: flops / a, a = the marginal FLOPs per token of token_fit."""
+    return flops / token_fit(config)[0]
+
+
+# -----------------------------------------------------------------------------
+# What the frontier evaluation computes: its flags (each field made by utils.option is a flag)
+
+option = utils.option
+DEFAULT_TOKENS = (4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+
+
+@dataclass
+class FrontierConfig:
+    """The settings of one frontier evaluation; frontier.json keeps them all."""
+    checkpoint: str = option(None, "checkpoint.pt written by train.py", required=True)
+    tokens: tuple = option(DEFAULT_TOKENS, "the prior curve's token counts ('all' = the grid); "
+                           "2N of every --budgets is added")
+    budgets: tuple = option((4, 8, 16, 32), "per-pass token budgets N of the controls")
+    priors: tuple = option(spot.PRIORS, "priors on the curve",
+                           type=utils.name_list(spot.PRIORS))
+    k: tuple = option((2, 4, 8, 16, 20, 32), "K of best-of-K and oracle-of-K (K >= 2)")
+    split: str = option("test", "test, or val: the images train.py --val-size held out; the "
+                        "best prior is chosen on val when --split test", choices=("test", "val"))
+    limit: int = option(None, "the first N images of --split, and of val to choose on",
+                        type=oracle.ONE_OR_MORE)
+    search_limit: int = option(None, "SPoT-ON and its shuffled control on the first N of those "
+                               "(None: all; 0: neither)", type=oracle.COUNT)
+    search_from: str = option("isotropic", "SPoT-ON's start", choices=spot.PRIORS)
+    search_steps: int = option(oracle.DEFAULT_STEPS, "Adam steps of SPoT-ON", type=oracle.COUNT)
+    search_lr: float = option(oracle.DEFAULT_LR, "Adam lr (normalized coordinates)",
+                              type=oracle.POSITIVE)
+    batch_size: int = option(128, "images per forward pass", type=oracle.ONE_OR_MORE)
+    seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
+    progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
+    device: str = "cpu"
+    bf16: bool = False
+
+
+# -----------------------------------------------------------------------------
+# The prior curve, and the best prior at a given compute
+
+def prior_cost(model_config, prior, n_tokens):
+    """FLOPs of reading one image through `prior` at n_tokens: one forward pass, plus the
+    saliency map for "salient" (drawing positions from the other priors is free)."""
+    flops = forward_flops(model_config, n_tokens)
+    if prior == "salient":
+        size = model_config.image_size
+        flops += sum(saliency_compute(size, model_config.in_chans).values())
+    return flops
+
+
+def prior_curve(model, split, counts, config, desc="curve"):
+    """Every prior of config at every count -> {(prior, N): (n,) bool right/wrong} on split =
+    (uint8 images, labels). One draw per prior and count, seeded as oracle.py's prior rows (draw
+    0), so a row here is oracle.py's on the same images; "grid" stops at the grid's size."""
+    n_grid = len(oracle.patch_grid(model))
+    cells = [(p, n) for p in config.priors for n in counts if p != "grid" or n <= n_grid]
+    curve = {}
+    for prior, tokens in tqdm(cells, desc, leave=False, disable=not config.progress):
+        seed = train.seed_for(config.seed, prior, tokens, "test")
+        positions = train.draw_positions(prior, split[0], tokens, model.config.window, seed,
+                                         config.device)
+        curve[prior, tokens] = oracle.hits(model, split, positions, config)
+    return curve
+
+
+@dataclass
+class Reference:
+    """The prior side of every comparison: the curve on the evaluated images, the top-1 it is
+    chosen by (on the validation split when the run has one), and what each point costs. It
+    also collects every judged row's right/wrong per image (per_image)."""
+    dataset: str
+    model_config: spot.SPoTConfig
+    curve: dict           # (prior, N) -> (n,) bool on the evaluated images
+    chooser: dict         # (prior, N) -> top-1 on the images the best prior is chosen on
+    chosen_on: str
+    seed: int = 0
+
+    def __post_init__(self):
+        self.per_token = token_fit(self.model_config)[0]       # a of the tokens' worth
+        self.per_image = {("top1", "prior", p, n): v for (p, n), v in self.curve.items()}
+
+    def cost(self, prior, tokens):
+        """Tokens' worth of one read of an image through `prior` at `tokens`."""
+        return prior_cost(self.model_config, prior, tokens) / self.per_token
+
+    def best(self, compute):
+        """The best prior (highest chooser top-1; on a tie the cheaper, then the first) among the
+        curve's points that cost at most `compute` tokens' worth rounded up to a whole token ->
+        (prior, N), or None when every point costs more."""
+        limit = math.ceil(round(compute, 6)) + 1e-9
+        return self.choose([key for key in self.curve if self.cost(*key) <= limit])
+
+    def best_at(self, tokens):
+        """The best prior among the curve's points at `tokens` -> (prior, tokens), or None."""
+        return self.choose([key for key in self.curve if key[1] == tokens])
+
+    def choose(self, points):
+        if not points:
+            return None
+        return max(points, key=lambda key: (self.chooser[key], -self.cost(*key)))
+
+    def frontier(self):
+        """The curve the methods must rise above: per token count, the prior chosen there ->
+        [{"tokens", "prior", "compute_tokens", "top1", "top1_low", "top1_high"}]."""
+        out = []
+        for tokens in sorted({n for _, n in self.curve}):
+            prior = self.best_at(tokens)[0]
+            correct = self.curve[prior, tokens]
+            _, low, high = utils.bootstrap_interval(correct, seed=self.seed)
+            out.append({"tokens": tokens, "prior": prior, "top1": top1(correct),
+                        "compute_tokens": self.cost(prior, tokens), "top1_low": low,
+                        "top1_high": high})
+        return out
+
+
+def top1(correct):
+    return 100 * correct.float().mean().item()
+
+
+def judge(reference, method, budget, correct, flops, label_free):
+    """One row: `method` at per-pass budget N (`correct`: right/wrong on the first n evaluated
+    images, `flops`: its cost per image) against the best prior at no more compute, on the same
+    n images: their paired difference in points, its 95 % bootstrap interval and the exact
+    test's verdict on "method > prior" (stats.paired) -> the row's dict."""
+    worth = flops / reference.per_token
+    n = len(correct)
+    _, low, high = utils.bootstrap_interval(correct, seed=reference.seed)
+    reference.per_image["top1", method, budget] = correct
+    row = {"dataset": reference.dataset, "method": method, "budget": budget,
+           "label_free": label_free, "compute_tokens": worth, "flops": flops,
+           "top1": top1(correct), "top1_low": low, "top1_high": high, "n_images": n,
+           "chosen_on": reference.chosen_on}
+    best = reference.best(worth)
+    if best is None:       # cheaper than every point of the curve: nothing to compare with
+        return {**row, **dict.fromkeys(("prior", "prior_tokens", "prior_compute_tokens",
+                                        "prior_top1", "diff", "ci", "p", "test", "verdict"))}
+    prior = reference.curve[best][:n]
+    found = stats.paired(correct.numpy(), prior.numpy(), seed=reference.seed).scaled(100)
+    return {**row, "prior": best[0], "prior_tokens": best[1],
+            "prior_compute_tokens": reference.cost(*best), "prior_top1": top1(prior),
+            "diff": found.mean, "ci": [found.low, found.high], "p": found.p,
+            "test": found.test, "verdict": found.verdict}
+
+
+# -----------------------------------------------------------------------------
+# The controls at each per-pass budget N
+
+def normalised_max_logit(logits):
+    """(n, classes) -> (n,): (max logit - mean logit) / std of the logits over the classes
+    (population std): how far the top class stands out, in units of the logits' own spread.
+    Unlike max-softmax it does not saturate when one logit is far ahead."""
+    logits = logits.float()
+    spread = logits.std(1, correction=0).clamp_min(1e-12)
+    return (logits.amax(1) - logits.mean(1)) / spread
+
+
+def candidate_reads(model, split, tokens, k_max, config):
+    """k_max fixed placements of every image, each read once: the isotropic lattice, the centre
+    lattice, then Sobol draws (experiments.label_free's candidates, seeded as there, so that its
+    best-of-K is ours) -> (right (K, n), max-softmax (K, n), normalised max-logit (K, n),
+    right of the mean of the first two passes' logits (n,))."""
+    candidates = ["isotropic", "center"] + ["sobol"] * (k_max - 2)
+    right, softmax, normalised, pair = [], [], [], 0
+    for index, prior in enumerate(candidates):
+        key = (prior, tokens, config.split) + ((index,) if prior == "sobol" else ())
+        positions = train.draw_positions(prior, split[0], tokens, model.config.window,
+                                         train.seed_for(config.seed, *key), config.device)
+        logits = train.predict(model, split[0], positions, config.device, config.batch_size,
+                               bf16=config.bf16)[0]                       # (n, classes)
+        right.append(logits.argmax(1) == split[1])
+        softmax.append(logits.softmax(1).amax(1))
+        normalised.append(normalised_max_logit(logits))
+        if index < 2:                                    # the mean of the first two passes
+            pair = pair + logits / 2
+    mean_right = pair.argmax(1) == split[1]
+    return torch.stack(right), torch.stack(softmax), torch.stack(normalised), mean_right
+
+
+def pick(right, score, k):
+    """(K, n) right/wrong and scores -> (n,): right/wrong of each image's highest-scoring
+    placement among the first k."""
+    choice = score[:k].argmax(0, keepdim=True)                            # (1, n)
+    return right[:k].gather(0, choice)[0]
+
+
+def budget_rows(model, split, tokens, reference, config):
+    """Every control and ceiling at per-pass budget `tokens` -> rows (judge)."""
+    mc, pass_flops = model.config, forward_flops(model.config, tokens)
+    ks = sorted(k for k in config.k if k >= 2)
+    right, softmax, normalised, mean_right = candidate_reads(model, split, tokens, max(ks),
+                                                             config)
+    rows = []
+    double = reference.best_at(2 * tokens)
+    if double is not None:
+        rows.append(judge(reference, "best-prior-2n", tokens, reference.curve[double],
+                          prior_cost(mc, double[0], 2 * tokens), True))
+        rows[-1]["method_prior"] = double[0]          # the prior it reads at 2N
+    for k in ks:
+        for name, score in ("softmax", softmax), ("normlogit", normalised):
+            rows.append(judge(reference, f"best-of-{k}-{name}", tokens, pick(right, score, k),
+                              k * pass_flops, True))
+    rows.append(judge(reference, "mean-logits-2", tokens, mean_right,
+                      2 * pass_flops + 2 * mc.num_classes, True))
+    for k in ks:
+        rows.append(judge(reference, f"oracle-of-{k}", tokens, right[:k].any(0),
+                          k * pass_flops, False))
+    return rows + search_rows(model, split, tokens, reference, config)
+
+
+def search_rows(model, split, tokens, reference, config):
+    """SPoT-ON from the search_from prior's draw (oracle.py's start, the same seed) on the first
+    config.search_limit images, and its shuffled control: image i read at the positions SPoT-ON
+    found for image i - 1 (one pass; the search is paid by another image) -> rows."""
+    m = len(split[1]) if config.search_limit is None else min(config.search_limit, len(split[1]))
+    if m == 0 or (config.search_from == "grid" and tokens > len(oracle.patch_grid(model))):
+        return []
+    images, labels = split[0][:m], split[1][:m]
+    seed = train.seed_for(config.seed, config.search_from, tokens, "test")
+    start = train.draw_positions(config.search_from, images, tokens, model.config.window, seed,
+                                 config.device)
+    found = oracle.search_split(model, images, labels, start, config, "label",
+                                f"SPoT-ON {tokens}T")
+    mc = model.config
+    search = sum(search_compute(mc, tokens, config.search_steps).values())
+    search += prior_cost(mc, config.search_from, tokens) - forward_flops(mc, tokens)   # saliency
+    rows = [judge(reference, "spot-on", tokens, oracle.hits(model, (images, labels), found,
+                                                            config), search, False)]
+    if m > 1:                                  # another image's positions need another image
+        shuffled = found.roll(1, 0)            # image i <- the positions found for image i - 1
+        rows.append(judge(reference, "spot-on-shuffled", tokens,
+                          oracle.hits(model, (images, labels), shuffled, config),
+                          forward_flops(mc, tokens), True))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The whole evaluation
+
+def curve_counts(config):
+    """The curve's token counts: --tokens and 2N of every --budgets (the 2N control)."""
+    return sorted(set(config.tokens) | {2 * n for n in config.budgets})
+
+
+def evaluate(model, dataset, config, name=None):
+    """The frontier evaluation of `model` on config.split -> (results {"settings", "rows",
+    "curve", "frontier"}, per_image {key tuple: (n,) bool} for utils.save_per_image)."""
+    split = getattr(dataset, config.split)
+    evaluated = split.images[:config.limit], split.labels[:config.limit]
+    counts = curve_counts(config)
+    curve = prior_curve(model, evaluated, counts, config)
+    if config.split == "test" and dataset.val is not None:
+        val = dataset.val.images[:config.limit], dataset.val.labels[:config.limit]
+        val_curve = prior_curve(model, val, counts, config, "curve (val)")
+        chooser = {key: top1(v) for key, v in val_curve.items()}
+        chosen_on = f"val ({len(val[1])} images)"
+    else:
+        val_curve, chooser = {}, {key: top1(v) for key, v in curve.items()}
+        chosen_on = (f"{config.split}: the evaluated images themselves"
+                     + (" (no validation split)" if config.split == "test" else "")
+                     + ", which favours the prior")
+    dataset_name = dataset.name if dataset.name != "folder" else (name or "folder")
+    reference = Reference(dataset_name, model.config, curve, chooser, chosen_on, config.seed)
+    rows = []
+    for tokens in config.budgets:
+        rows += budget_rows(model, evaluated, tokens, reference, config)
+    reference.per_image |= {("val-top1", "prior", p, n): v for (p, n), v in val_curve.items()}
+    a, b = token_fit(model.config)
+    curve_rows = [{"prior": p, "tokens": n, "compute_tokens": reference.cost(p, n),
+                   "top1": top1(v), "chooser_top1": chooser[p, n]} for (p, n), v in curve.items()]
+    settings = {**asdict(config), "device": str(config.device), "dataset": dataset_name,
+                "split": config.split, "n_images": len(evaluated[1]), "chosen_on": chosen_on,
+                "model_config": asdict(model.config), "curve_tokens": counts,
+                "tokens_worth": {"flops_per_token": a, "flops_besides_tokens": b,
+                                 "offset_tokens": b / a, "fit": "least squares over N = 4..G",
+                                 "forward_flops": {n: forward_flops(model.config, n)
+                                                   for n in counts}},
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__}
+    return {"settings": settings, "rows": rows, "curve": curve_rows,
+            "frontier": reference.frontier()}, reference.per_image
+
+
+# -----------------------------------------------------------------------------
+# Rendering: a markdown table and one figure
+
+def markdown(results):
+    """frontier.json -> markdown: the settings in a sentence, the prior curve (top-1 % per prior
+    and count, and the best prior per count), then one line per row."""
+    s, rows = results["settings"], results["rows"]
+    worth = s["tokens_worth"]
+    counts = s["curve_tokens"]
+    lines = [f"# Frontier: {s['dataset']}, {s['split']} split, {s['n_images']} images",
+             "", f"Compute in tokens' worth: FLOPs / {worth['flops_per_token']:,.0f} FLOPs per "
+             f"token (a pass at N tokens = N {worth['offset_tokens']:+.2f}); the best prior at no "
+             f"more compute (rounded up to a whole token) chosen on {s['chosen_on']}.", "",
+             "| prior | " + " | ".join(map(str, counts)) + " |",
+             "|---|" + "---|" * len(counts)]
+    table = {(c["prior"], c["tokens"]): c["top1"] for c in results["curve"]}
+    for prior in dict.fromkeys(c["prior"] for c in results["curve"]):
+        cells = [stats.number(table[prior, n]) if (prior, n) in table else "n/a" for n in counts]
+        lines.append(f"| {prior} | " + " | ".join(cells) + " |")
+    best = {f["tokens"]: f for f in results["frontier"]}
+    lines.append("| **best (chosen)** | " + " | ".join(
+        f"{stats.number(best[n]['top1'])} {best[n]['prior']}" if n in best else "n/a"
+        for n in counts) + " |")
+    lines += ["", "| method | N | label-free | compute | images | top-1 | best prior at no more "
+              "compute | its top-1 | method - prior [95 %] verdict |", "|---|" + "---|" * 8]
+    for r in rows:
+        versus = ("no prior costs as little", "", "") if r["prior"] is None else (
+            f"{r['prior']} @ {r['prior_tokens']}", stats.number(r["prior_top1"]),
+            f"{stats.signed(r['diff'], 1)} [{stats.signed(r['ci'][0], 1)}, "
+            f"{stats.signed(r['ci'][1], 1)}] {r['verdict']} (p {r['p']:.3g})")
+        cells = [r["method"], r["budget"], "yes" if r["label_free"] else "no (ceiling)",
+                 f"{r['compute_tokens']:.1f}", r["n_images"], stats.number(r["top1"]), *versus]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# Each row's family (matched in this order: a substring of its method) -> colour, marker, label
+FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
+            "softmax": ("tab:blue", "o", "best of K by max-softmax"),
+            "normlogit": ("tab:cyan", "D", "best of K by normalised max-logit"),
+            "mean-logits": ("tab:green", "^", "mean logits of 2 prior passes"),
+            "shuffled": ("tab:brown", "v", "SPoT-ON's positions of another image"),
+            "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
+            "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
+
+
+def family(method):
+    """A row's method -> its FAMILIES key (best-of-K by score, oracle-of-K, ...)."""
+    return next(f for f in FAMILIES if f in method)
+
+
+def figure(results, path):
+    """One figure, written to `path` (never a window): top-1 % vs compute in tokens' worth (log
+    x); the frontier (the best prior at each count) as a line with its 95 % band, every row a
+    point with its 95 % interval: filled when label-free, hollow for the ceilings."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    fig = Figure(figsize=(8, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    front = results["frontier"]
+    x = [f["compute_tokens"] for f in front]
+    ax.plot(x, [f["top1"] for f in front], "k-", lw=1.5, label="best prior (the frontier)")
+    ax.fill_between(x, [f["top1_low"] for f in front], [f["top1_high"] for f in front],
+                    color="k", alpha=0.1, lw=0)
+    seen = set()
+    for r in results["rows"]:
+        name = family(r["method"])
+        color, marker, label = FAMILIES[name]
+        ax.errorbar(r["compute_tokens"], r["top1"], color=color, marker=marker, ms=6,
+                    yerr=[[r["top1"] - r["top1_low"]], [r["top1_high"] - r["top1"]]],
+                    elinewidth=0.8, alpha=0.85, mfc=color if r["label_free"] else "white",
+                    ls="none", label=None if name in seen else label)
+        seen.add(name)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([2 ** i for i in range(-2, 21)]))  # 1, 2, 4, ...
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}")       # 16, not 1.6x10^1
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("compute per image, tokens' worth (FLOPs / marginal FLOPs per token)")
+    ax.set_ylabel("top-1 %")
+    s = results["settings"]
+    ax.set_title(f"{s['dataset']} ({s['split']}, {s['n_images']} images); hollow markers read "
+                 "the label; bars: 95 % intervals", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    utils.write_atomic(path, fig.savefig)
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# The command line: oracle.py's conventions (the same flags where they mean the same)
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: 'python -m experiments.frontier: error: ...'."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every default shown and the description as written."""
+
+
+def parse_args(argv=None):
+    """The command line -> (parser, args): FrontierConfig's flags and utils.parse_eval_args's
+    (--name, --data-dir, --device, --threads, --precision, --out), --device resolved and --out
+    proven writable before any model or image is loaded."""
+    paragraphs = __doc__.split("\n\n")
+    parser = Parser(prog="python -m experiments.frontier", formatter_class=Formatter,
+                    description="\n\n".join(paragraphs[1:3]),
+                    epilog="\n\n".join(paragraphs[3:]))
+    utils.add_fields(parser, FrontierConfig)
+    add = parser.add_argument
+    add("--name", help="a folder dataset's name in the rows (None: the data folder's name)")
+    add("--data-dir", help="dataset folder (None: the one the checkpoint was trained on)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add("--threads", type=utils.int_at_least(1), help="CPU threads for torch (None: all cores)")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        help="the model's forward (auto: bf16 on CUDA)")
+    add("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    with utils.usage_errors(parser):
+        args.device = utils.resolve_device(args.device)
+        args.bf16 = utils.choose_precision(args.precision, args.device) == "bf16"
+        utils.check_out_dir(args.out, "--out")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    return parser, args
+
+
+def parse_k(text):
+    """--k '2,4,8' -> (2, 4, 8); ValueError naming the flag unless every K is an int >= 2."""
+    try:
+        ks = sorted({int(v) for v in str(text).split(",") if v.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 2:
+        raise ValueError(f"--k must be comma-separated ints >= 2, e.g. 2,4,8; got {text!r}")
+    return tuple(ks)
+
+
+def setup(argv=None):
+    """Flags checked, then the checkpoint and its dataset loaded -> (args, model, dataset,
+    FrontierConfig). Every bad flag or file is a one-line error (exit 2)."""
+    parser, args = parse_args(argv)
+    with utils.usage_errors(parser):
+        args.k = parse_k(args.k)
+        model, dataset, train_args = data.load_model_and_data(args.checkpoint, args.device,
+                                                              args.data_dir, args.progress)
+        args.data_dir = args.data_dir or train_args.get("data_dir")
+        n_grid = len(oracle.patch_grid(model))
+        args.tokens = tuple(utils.parse_tokens(args.tokens, n_grid))
+        args.budgets = tuple(utils.parse_tokens(args.budgets, n_grid, "--budgets"))
+        if 2 * max(args.budgets) > 4 * n_grid:
+            raise ValueError(f"--budgets up to {max(args.budgets)}: the 2N control would read "
+                             f"{2 * max(args.budgets)} tokens, more than 4x the grid ({n_grid})")
+        if args.split == "val" and dataset.val is None:
+            raise ValueError("--split val: this run held out no validation images (train.py "
+                             "--val-size 0)")
+    return args, model, dataset, utils.config_from(FrontierConfig, args)
+
+
+def main(argv=None):
+    """Entry point -> 0; writes OUT/frontier.json, frontier.md, frontier.png, per_image.npz."""
+    args, model, dataset, config = setup(argv)
+    name = args.name or (Path(args.data_dir).name if args.data_dir else None)
+    results, per_image = evaluate(model, dataset, config, name)
+    results["settings"] |= {"out": args.out, "run": utils.run_name(args.checkpoint)}
+    out = Path(args.out)
+    utils.write_atomic(out / "frontier.json", json.dumps(results, indent=2))
+    utils.write_atomic(out / "frontier.md", markdown(results))
+    figure(results, out / "frontier.png")
+    utils.save_per_image(out / "per_image.npz", per_image)
+    print(markdown(results))
+    print(f"wrote {out}/frontier.json, frontier.md, frontier.png and per_image.npz")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
