@@ -413,9 +413,9 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
-        crops = self.split.images.crop_pct and torch.Generator().manual_seed(self.seed + i)
-        return self.split.images.subset(row).decode(crops or None), self.split.labels[row]
+        row, images = self.rows[i], self.split.images
+        crops = torch.Generator().manual_seed(self.seed + i) if images.crop_pct else None
+        return images.subset(row).decode(crops), self.split.labels[row]
 
 
 def load_for_training(args, procs):
