@@ -3,9 +3,10 @@
 # dataset, in the order the evaluations need: the grid ViT, its retrofit (retrofitting), SPoT from
 # scratch; SPoT-ON's lr sweep on validation images; oracle.py's table for each (SPoT-ON, transfer
 # from the retrofit, finding 3); the learned placer; the label-free evaluation against SPoT's
-# table. Checkpoints are not committed, so this is how the committed results/ are remade; every
-# command is the one RESULTS.md prints, with the recipe pinned (fp32 and the preset's seven
-# training priors, as the first runs had them).
+# table; then each model's weights and card beside its results (experiments/models.py: export,
+# check). This is how the committed results/ are remade; every command is the one RESULTS.md
+# prints, with the recipe pinned (fp32 and the preset's seven training priors, as the first runs
+# had them).
 #
 #     bash experiments/rerun.sh cifar10 ../data/cifar10            # about 2.5 hours on 2 CPU cores
 #     bash experiments/rerun.sh imagenette ../data/imagenette-128
@@ -85,4 +86,28 @@ step "label-free" "results/$dataset-label-free/per_image.npz" python -m experime
   --against "results/$dataset-spot" --tokens 4,8,16 --search-lr 0.03 --draws 2 --threads 2 --no-progress \
   --out "results/$dataset-label-free"
 python -m experiments.tables
-echo "$(date +%H:%M:%S) done: results/ and RESULTS.md's tables are remade; commit them"
+echo "$(date +%H:%M:%S) results/ and RESULTS.md's tables are remade"
+
+# The trained models beside their results (experiments/models.py): each finished run's weights
+# and card (results/NAME/model.pt or placer.pt, and MODEL.md), then the check that they
+# reproduce the committed per-image results on 200 test images. An export is skipped when it is
+# newer than the run's weights; CIFAR-10's second seeds are exported when their runs are here.
+export_model() {  # export_model RUN RESULTS: runs/RUN -> results/RESULTS
+  local weights=runs/$1/checkpoint.pt file=results/$2/model.pt
+  if [[ -e runs/$1/placer.pt ]]; then weights=runs/$1/placer.pt file=results/$2/placer.pt; fi
+  if [[ -e $file && $file -nt $weights ]]; then echo "skip export-$2: $file is newer"; return; fi
+  step "export-$2" "$file.never" \
+    python -m experiments.models export --run "runs/$1" --to "results/$2"
+}
+for run in "$dataset"-{grid-vit,retrofit,spot}; do export_model "$run" "$run"; done
+export_model "$placer" "$dataset-placer"
+for run in "$dataset-grid-vit-seed1" "$dataset-spot-seed1"; do
+  if grep -qs '"final": true' "runs/$run/metrics.jsonl"; then export_model "$run" "$run"; fi
+done
+data_flag=--data-dir-folder
+if [[ $dataset == cifar10 ]]; then data_flag=--data-dir-cifar10; fi
+checked=("$dataset"-{grid-vit,retrofit,spot,placer} "$dataset"-{grid-vit,spot}-seed1)
+echo "$(date +%H:%M:%S) check-models: the exported models against their per-image results"
+python -m experiments.models check "${checked[@]}" "$data_flag" "$data_dir" --limit 200 \
+  | tee "$logs/check-models.log"
+echo "$(date +%H:%M:%S) done: the models (model.pt, placer.pt, MODEL.md) are exported and checked"

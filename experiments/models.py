@@ -1,0 +1,448 @@
+"""
+experiments/models.py -- the trained models beside their results: export them, check them.
+
+Every number of README.md and RESULTS.md comes from a trained model, and train.py's checkpoint
+(runs/NAME/checkpoint.pt) is too big to commit: it holds the optimizer's moments, the random
+streams and the run's position beside the weights. This file keeps what a reader needs:
+
+    export   runs/NAME -> results/NAME/model.pt: the model only (its config, fp32 weights, its
+             classes and the train args that find its data), read back by spot.load_checkpoint
+             and data.load_model_and_data exactly as a checkpoint is (weights_only=True); and
+             results/NAME/MODEL.md, its card: command, data, parameters, test accuracy, sha256.
+             A placer's run (experiments.placement: runs/NAME/placer.pt) -> results/NAME/
+             placer.pt (config and weights) and its card, the same way.
+    check    re-evaluate the first --limit test images of every committed model at the cells of
+             its committed per-image results (per_image.npz, written by oracle.py) and compare
+             the right/wrong bits, image by image; and all models together fit 80 MB.
+
+    python -m experiments.models export --run runs/cifar10-spot --to results/cifar10-spot
+    python -m experiments.models check --data-dir-cifar10 ../shared/data/cifar10 --limit 200
+
+Which cells `check` reads. A model's oracle.py table has one row per (prior, budget); its first
+position draw, "top1/prior/PRIOR/TOKENS" row 0, is redrawn here from the same seed,
+train.seed_for(seed, prior, tokens, "test"), as oracle.prior_rows draws it (the deterministic
+isotropic and center lattices ignore the seed). A placer's cells are the label-free table's
+"top1/spot-learned/isotropic/TOKENS" (experiments.label_free): glance-then-place, then read.
+The kNN and SPoT-ON rows are not re-run (they need the train split, and minutes).
+
+The rule for agreement. A float computation is exact only under the same conditions, so check
+recreates the recorded ones: the same images in the same batches (the first --limit images,
+rounded up to whole batches of the recorded --batch-size: a CPU kernel may add up a row in
+another order when the batch has another size), the positions drawn in the same chunks
+(train.POSITION_CHUNK), the recorded thread count. On the recording machine (the CPU that
+run.json names: rerun.sh trains and evaluates on one machine, and the torch version that
+results.json names) every bit must agree: one differing image fails the check (exit 1). On
+another machine float kernels differ (SIMD width, fused multiply-adds), and an image whose two
+best logits are within round-off may flip: there --tolerance differing images per cell pass
+(default: 1 % of the checked images, at least 1), and every mismatch is still counted in the
+report. A tampered weight flips far more, and the sha256 of MODEL.md catches any change at all.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import spot
+import train
+import utils
+from experiments import placement
+
+MAX_TOTAL_BYTES = 80 * 10**6        # every results/*/model.pt and placer.pt together
+DATA_ARGS = ("dataset", "data_dir", "seed", "val_size", "crop_pct", "image_size")
+FILES = {"model": "model.pt", "placer": "placer.pt"}        # what export writes, per kind of run
+
+
+# -----------------------------------------------------------------------------
+# export: a finished run -> results/NAME/model.pt (or placer.pt) and MODEL.md
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: the run folder holds no metrics")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is missing or not JSON ({error})") from None
+
+
+def finished_run(run):
+    """A run folder -> (kind "model" or "placer", its weights file, run.json, last metrics line).
+    Refuses (ValueError naming the file) a run that has not finished: train.py writes a final
+    line with the test accuracy; a placer's last line is its --epochs-th epoch."""
+    run = Path(run)
+    if (run / "placer.pt").is_file():
+        info, lines = read_json(run / "run.json"), read_jsonl(run / "metrics.jsonl")
+        epochs = info.get("args", {}).get("epochs")
+        if not lines or lines[-1].get("epoch") != epochs:
+            raise ValueError(f"{run}/metrics.jsonl does not reach epoch {epochs}: the placer's "
+                             f"training has not finished")
+        return "placer", run / "placer.pt", info, lines[-1]
+    if not (run / "checkpoint.pt").is_file():
+        raise ValueError(f"{run}/checkpoint.pt does not exist: pass a run folder of train.py "
+                         f"(or experiments.placement) that has finished")
+    lines = read_jsonl(run / "metrics.jsonl")
+    if not lines or not lines[-1].get("final"):
+        raise ValueError(f"{run}/metrics.jsonl has no final test line: the run has not finished "
+                         f"(python train.py --resume --out {run})")
+    return "model", run / "checkpoint.pt", read_json(run / "run.json"), lines[-1]
+
+
+def given_data_dir(command, args):
+    """The data folder as the command gave it (relative to the repository root, so it works on
+    every machine with the same layout), else as train.py recorded it (resolved)."""
+    words = shlex.split(command or "")
+    for i, word in enumerate(words):
+        if word == "--data-dir" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--data-dir="):
+            return word.split("=", 1)[1]
+    return args.get("data_dir")
+
+
+def fp32(state):
+    """A state dict with float tensors in fp32, each a clone: torch.save writes a view's whole
+    storage, so a slice of a bigger tensor would carry all of it."""
+    return {k: (v.float() if v.is_floating_point() else v).clone().contiguous()
+            for k, v in state.items()}
+
+
+def model_content(checkpoint_path, info):
+    """train.py's checkpoint -> what model.pt holds: exactly what spot.load_checkpoint and
+    data.load_model_and_data read, nothing that only --resume needs."""
+    saved = utils.read_checkpoint(checkpoint_path)
+    args = saved.get("args") or {}
+    kept = {k: args[k] for k in DATA_ARGS if k in args}
+    kept["data_dir"] = given_data_dir(info.get("command"), args)
+    return {"model_config": saved["model_config"], "model": fp32(saved["model"]),
+            "classes": saved.get("classes"), "args": kept}
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def accuracy_lines(kind, last, args):
+    """The card's accuracy line(s), from the run's last metrics line."""
+    if kind == "placer":
+        return [f"- validation accuracy, final epoch: placed {last[f'val_placed@{n}']:.2f} % vs "
+                f"isotropic {last[f'val_isotropic@{n}']:.2f} % at {n} tokens"
+                for n in args.get("tokens", [])]
+    budgets = sorted(int(k.split("@")[1]) for k in last if k.startswith("test_acc@"))
+    line = f"- test accuracy: {last['test_acc']:.2f} % (every patch-grid token)"
+    if budgets:
+        at = " / ".join(f"{last[f'test_acc@{n}']:.2f}" for n in budgets)
+        line += (f"; {at} % at {' / '.join(map(str, budgets))} tokens "
+                 f"({args.get('eval_prior', 'isotropic')} prior)")
+    return [line]
+
+
+def card(name, kind, info, last, written):
+    """MODEL.md: a short card of the exported file `written` (model.pt or placer.pt)."""
+    args = info.get("args", {})
+    if kind == "model":
+        command = "python " + info.get("command", "")
+        loaded = spot.load_checkpoint(written)
+        what = (f"A SPoT ViT trained by train.py (arXiv 2507.01654). Load it with "
+                f"`spot.load_checkpoint(\"{written}\")`, or evaluate it with "
+                f"`python oracle.py --checkpoint {written} --name {name}`.")
+        folder = given_data_dir(command, args)
+        data_line = (f"- data: {args.get('dataset')}, " + (
+            f"folder `{folder}` (as the command gave it; --data-dir moves it)" if folder else
+            f"built in (generated from seed {args.get('seed', 0)})"))
+    else:
+        command = shlex.join(info.get("argv", []))
+        loaded = placement.load_placer(written)[0]
+        what = (f"A glance-then-place head (experiments.placement) for a frozen SPoT model. Load "
+                f"it with `experiments.placement.load_placer(\"{written}\")`.")
+        data_line = (f"- data: that of its frozen model, `{args.get('checkpoint')}` (exported as "
+                     f"a model.pt beside its results)")
+    parameters = sum(p.numel() for p in loaded.parameters())
+    lines = [f"# {name}", "", what, "", f"- command: `{command}`", data_line,
+             f"- parameters: {parameters:,}", *accuracy_lines(kind, last, args),
+             f"- trained on: {info.get('cpu', 'an unrecorded CPU')}"
+             + (f", torch {info['torch']}" if "torch" in info else ""),
+             f"- file: {written.name}, {written.stat().st_size:,} bytes, "
+             f"sha256 `{sha256(written)}`", "",
+             "Checked against the committed per-image results by "
+             "`python -m experiments.models check`.", ""]
+    return "\n".join(lines)
+
+
+def export(run, to):
+    """runs/NAME (finished) -> to/model.pt or to/placer.pt, then to/MODEL.md; -> the file.
+    Each is written atomically, the weights first: a card never describes a file not there."""
+    kind, source, info, last = finished_run(run)
+    target = Path(to) / FILES[kind]
+    if kind == "model":
+        content = model_content(source, info)
+    else:
+        saved = torch.load(source, map_location="cpu", weights_only=True)
+        content = {"placer_config": saved["placer_config"], "placer": fp32(saved["placer"])}
+    utils.write_atomic(target, content)
+    # Read it back the way users will, and prove that nothing was lost on the way.
+    loaded = (spot.load_checkpoint(target).state_dict() if kind == "model"
+              else placement.load_placer(target)[0].state_dict())
+    original = content["model" if kind == "model" else "placer"]
+    if any(not torch.equal(loaded[k], original[k]) for k in original):
+        raise ValueError(f"{target}: its weights do not read back as written")
+    utils.write_atomic(Path(to) / "MODEL.md", card(Path(to).name, kind, info, last, target))
+    return target
+
+
+# -----------------------------------------------------------------------------
+# check: re-evaluate the committed models on their committed per-image results
+
+def card_sha256(folder):
+    """The sha256 MODEL.md gives, or None."""
+    path = Path(folder) / "MODEL.md"
+    found = path.is_file() and re.search(r"sha256 `([0-9a-f]{64})`", path.read_text())
+    return found.group(1) if found else None
+
+
+def same_path(a, b):
+    return a is not None and b is not None and os.path.normpath(a) == os.path.normpath(b)
+
+
+def folder_of_run(root, out):
+    """The results folder whose run.json says the run was written to `out` (its args.out)."""
+    for path in sorted(Path(root).glob("*/run.json")):
+        if same_path(read_json(path).get("args", {}).get("out"), out):
+            return path.parent
+    return None
+
+
+def on_recording_machine(folder, settings):
+    """Whether this machine is the one that recorded the per-image results (see the module's
+    docstring): the CPU of results/NAME/run.json, torch's version, and a CPU evaluation."""
+    info = read_json(folder / "run.json") if (folder / "run.json").is_file() else {}
+    version = settings.get("torch") or info.get("torch")
+    return (info.get("cpu") == utils.cpu_name() and version in (None, torch.__version__)
+            and settings.get("device", "cpu") == "cpu")
+
+
+def batched(limit, settings):
+    """(images compared, images evaluated): the first `limit` of the recorded ones, evaluated
+    in whole recorded batches, so that every batch is the one oracle.py computed."""
+    n_test = settings.get("n_test") or math.inf
+    n = int(min(limit, n_test))
+    size = settings.get("batch_size") or n
+    return n, int(min(n_test, math.ceil(n / size) * size))
+
+
+@contextlib.contextmanager
+def threads(count):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare(per_image, hits, n):
+    """{cell: (n_eval,) bool hits} vs the committed bits -> {cell: differing images of n}."""
+    differ = {}
+    for cell, right in hits.items():
+        committed = torch.as_tensor(per_image[cell]).reshape(-1, per_image[cell].shape[-1])[0]
+        differ[cell] = int((right[:n] != committed[:n]).sum())
+    return differ
+
+
+def prior_hits(model, split, settings, per_image, n_eval):
+    """Every plain prior row of per_image, its first draw, re-run on the first n_eval images."""
+    images, labels = split.images[:settings.get("limit")], split.labels[:settings.get("limit")]
+    # positions are drawn chunk by chunk from one generator: the first chunks are the same
+    # whether all the images are drawn or only these
+    chunk = train.POSITION_CHUNK
+    drawn = images[:math.ceil(n_eval / chunk) * chunk]
+    hits, seed, size = {}, settings.get("seed", 0), settings.get("batch_size") or n_eval
+    for prior in settings["priors"]:
+        for tokens in settings["tokens"]:
+            if ("top1", "prior", prior, tokens) not in per_image:    # the grid above its size
+                continue
+            positions = train.draw_positions(prior, drawn, tokens, model.config.window,
+                                             train.seed_for(seed, prior, tokens, "test"))
+            logits, _ = train.predict(model, images[:n_eval], positions[:n_eval], "cpu", size,
+                                      bf16=settings.get("bf16", False))
+            hits["top1", "prior", prior, tokens] = logits.argmax(1) == labels[:n_eval]
+    return hits
+
+
+def placer_hits(model, placer, split, settings, per_image, n_eval):
+    """The label-free table's learned rows: glance, place, read (label_free.learned_rows)."""
+    images, labels = split.images[:n_eval], split.labels[:n_eval]
+    hits, size = {}, settings.get("batch_size") or n_eval
+    for tokens in settings["tokens"]:
+        cell = ("top1", "spot-learned", "isotropic", tokens)
+        if cell in per_image:
+            positions = placement.place_split(model, placer, images, tokens, "cpu", size)
+            logits, _ = train.predict(model, images, positions, "cpu", size)
+            hits[cell] = logits.argmax(1) == labels
+    return hits
+
+
+def placer_sources(root, folder):
+    """A committed placer -> (the label-free results that used it, its model's results folder),
+    found through the run folders that run.json and results.json record."""
+    out = read_json(folder / "run.json").get("args", {}).get("out")
+    for path in sorted(Path(root).glob("*/results.json")):
+        settings = read_json(path)["settings"]
+        if same_path(os.path.dirname(settings.get("placer") or ""), out):
+            model = folder_of_run(root, os.path.dirname(settings["checkpoint"]))
+            if model is None or not (model / "model.pt").is_file():
+                raise ValueError(f"{path}: the model it evaluated, {settings['checkpoint']}, "
+                                 f"has no committed model.pt")
+            return path.parent, model
+    raise ValueError(f"{folder}/placer.pt: no results.json in {root} names it (label_free "
+                     f"evaluate --placer {out}/placer.pt)")
+
+
+def reevaluate(root, folder, kind, options):
+    """One committed model (or placer) -> (report lines, {cell: differing}, images compared,
+    on the recording machine?). Raises ValueError or DataError naming a file."""
+    evaluated, model_folder = (folder, folder) if kind == "model" else placer_sources(root, folder)
+    settings = read_json(evaluated / "results.json")["settings"]
+    per_image = utils.load_per_image(evaluated / "per_image.npz")
+    n, n_eval = batched(options.limit, settings)
+    name = settings.get("dataset")
+    model, dataset, _ = data.load_model_and_data(model_folder / "model.pt", "cpu",
+                                                 options.data_dirs.get(name))
+    split = getattr(dataset, settings.get("split", "test"))
+    with threads(options.threads or settings.get("threads")):
+        if kind == "model":
+            hits = prior_hits(model, split, settings, per_image, n_eval)
+        else:
+            placer = placement.load_placer(folder / "placer.pt")[0]
+            hits = placer_hits(model, placer, split, settings, per_image, n_eval)
+    exact = on_recording_machine(folder, settings)
+    lines = [f"  {name}: the first {n} {settings.get('split', 'test')} images (evaluated in "
+             f"batches of {settings.get('batch_size')}: {n_eval}) against {evaluated}/"
+             f"per_image.npz; " + ("recorded on this machine: every bit must agree" if exact
+                                   else "recorded on another machine")]
+    return lines, compare(per_image, hits, n), n, exact
+
+
+def cell_lines(differ, n):
+    """Agreement per cell, one line per (method, prior): '4: 200/200  8: 199/200 ...'."""
+    rows = {}
+    for (_, method, prior, tokens), count in differ.items():
+        rows.setdefault(f"{method} {prior}", []).append(f"{tokens}: {n - count}/{n}")
+    return [f"    {row:<24} " + "  ".join(cells) for row, cells in rows.items()]
+
+
+def check_one(root, folder, kind, options):
+    """-> (report lines, problems: one line each)."""
+    path = folder / FILES[kind]
+    size = path.stat().st_size
+    lines, problems = [f"{path}: {size / 1e6:.1f} MB"], []
+    recorded = card_sha256(folder)
+    if recorded != sha256(path):
+        problems.append(f"{path}: its sha256 is not the one {folder}/MODEL.md gives "
+                        f"({recorded or 'none'}): the file changed after export")
+    try:
+        more, differ, n, exact = reevaluate(root, folder, kind, options)
+    except (ValueError, data.DataError, OSError, KeyError) as error:
+        return lines, problems + [f"{path}: {str(error).splitlines()[0]}"]
+    allowed = 0 if exact else (options.tolerance if options.tolerance is not None
+                               else max(1, n // 100))
+    lines += more + cell_lines(differ, n)
+    total = sum(differ.values())
+    lines.append(f"  {len(differ)} cells, {total} differing image(s) in all; at most {allowed} "
+                 f"per cell may differ here")
+    over = [f"{'/'.join(map(str, c))} ({d})" for c, d in differ.items() if d > allowed]
+    if over:
+        problems.append(f"{path}: {len(over)} cell(s) differ from the committed per-image "
+                        f"results beyond {allowed} image(s): {', '.join(over[:6])}")
+    if not differ:
+        problems.append(f"{path}: its per-image results hold no cell to check")
+    return lines, problems
+
+
+def committed(root):
+    """[(folder, kind)] of every exported model under root, models before placers."""
+    return [(path.parent, kind) for kind, name in FILES.items()
+            for path in sorted(Path(root).glob(f"*/{name}"))]
+
+
+def check(root, options, names=(), log=print):
+    """Check every committed model (or those named) -> the problems found (empty: all agree)."""
+    found, problems = committed(root), []
+    total = sum((folder / FILES[kind]).stat().st_size for folder, kind in found)
+    for card_path in sorted(Path(root).glob("*/MODEL.md")):
+        if not any((card_path.parent / name).is_file() for name in FILES.values()):
+            problems.append(f"{card_path}: a card without its model.pt or placer.pt")
+    if not found:
+        log(f"no committed models in {root} (python -m experiments.models export --run "
+            f"runs/NAME --to {root}/NAME writes one)")
+    for folder, kind in found:
+        if names and folder.name not in names:
+            continue
+        lines, more = check_one(root, folder, kind, options)
+        log("\n".join(lines + [f"  FAIL {p}" for p in more]))
+        problems += more
+    log(f"all models together: {total / 1e6:.1f} MB (at most {MAX_TOTAL_BYTES / 1e6:.0f} MB)")
+    if total > MAX_TOTAL_BYTES:
+        problems.append(f"{root}: the models together are {total / 1e6:.1f} MB, more than "
+                        f"{MAX_TOTAL_BYTES / 1e6:.0f} MB")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.models",
+                                     description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    out = commands.add_parser("export", help="runs/NAME -> results/NAME/model.pt and MODEL.md")
+    out.add_argument("--run", required=True, help="a finished run folder (train.py's --out, or "
+                     "experiments.placement's)")
+    out.add_argument("--to", required=True, help="its results folder, e.g. results/NAME")
+    chk = commands.add_parser("check", help="re-evaluate every committed model")
+    chk.add_argument("names", nargs="*", help="results folders to check (none: all)")
+    chk.add_argument("--results", default="results", help="the folder of results/NAME folders")
+    chk.add_argument("--data-dir-cifar10", help="CIFAR-10's folder (default: the model's)")
+    chk.add_argument("--data-dir-folder", help="the image folders' folder (default: the model's)")
+    chk.add_argument("--limit", type=utils.int_at_least(1), default=200,
+                     help="compare the first N test images of each model")
+    chk.add_argument("--tolerance", type=utils.int_at_least(0), help="differing images allowed "
+                     "per cell on a machine other than the recording one (default: 1 %% of "
+                     "--limit, at least 1); on the recording machine every bit must agree")
+    chk.add_argument("--threads", type=utils.int_at_least(1),
+                     help="CPU threads (default: those the results were recorded with)")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        try:
+            written = export(args.run, args.to)
+        except (ValueError, OSError) as error:
+            parser.error(str(error).splitlines()[0])
+        print(f"wrote {written} and {Path(args.to) / 'MODEL.md'}")
+        return 0
+    args.data_dirs = {"cifar10": args.data_dir_cifar10, "folder": args.data_dir_folder}
+    problems = check(Path(args.results), args, set(args.names))
+    print("\n".join(f"error: {p}" for p in problems) if problems else
+          "ok: every committed model agrees with its committed per-image results")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""experiments.models: a finished run exports to a small model.pt (and placer.pt) that loads like a
+checkpoint, with a card; `check` re-evaluates it against its committed per-image results bit for
+bit, catches a tampered weight and a flipped bit, allows a documented tolerance on another
+machine, and keeps every committed model together under 80 MB.
+
+The fixture is a real pipeline on the built-in shapes data, in a temporary folder: train.py (a
+tiny model), oracle.py (its per-image results), experiments.placement and label_free (a placer
+and its per-image results), then export. The last test checks the committed results/*/model.pt
+on 200 real test images when the data is present."""
+import hashlib
+import re
+import shutil
+
+import pytest
+import torch
+
+import data
+import oracle
+import spot
+import train
+import utils
+from conftest import ROOT, SHARED_DATA
+from experiments import label_free, models, placement
+from test_train import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
+
+LIMIT = 48            # images oracle.py and label_free evaluated, in batches of 32
+COMMON = ["--tokens", "4,8", "--draws", "2", "--limit", str(LIMIT), "--search-limit", "8", "--search-steps", "1",
+          "--knn-limit", "0", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """runs/ and results/ as experiments/rerun.sh leaves them, for one tiny model and its placer."""
+    root = tmp_path_factory.mktemp("models")
+    run, placer_run, results = root / "runs" / "tiny", root / "runs" / "placer", root / "results"
+    argv = [a for a in TINY if a not in ("--train-limit", "192")]
+    assert train.main(argv + ["--train-limit", "768", "--epochs", "3", "--val-size", "64", "--out", str(run)]) == 0
+    checkpoint = ["--checkpoint", str(run / "checkpoint.pt")]
+    assert oracle.main(checkpoint + COMMON + ["--saliency-limit", "0", "--out", str(results / "tiny")]) == 0
+    assert placement.main(checkpoint + ["--tokens", "4,8", "--epochs", "1", "--width", "16", "--batch-size", "64",
+                                        "--no-progress", "--out", str(placer_run)]) == 0
+    assert label_free.main(["evaluate", "--placer", str(placer_run / "placer.pt"), "--against",
+                            str(results / "tiny")] + checkpoint + COMMON + ["--out", str(results / "label-free")]) == 0
+    for source, name in ((run, "tiny"), (placer_run, "placer")):
+        (results / name).mkdir(exist_ok=True)
+        for file in ("run.json", "metrics.jsonl"):                 # as rerun.sh copies them
+            shutil.copy(source / file, results / name)
+        assert models.main(["export", "--run", str(source), "--to", str(results / name)]) == 0
+    return run, results
+
+
+def check(results, *extra):
+    return models.main(["check", "--results", str(results), "--limit", "20", *extra])
+
+
+def test_export_keeps_only_what_loading_needs(pipeline):
+    run, results = pipeline
+    path = results / "tiny" / "model.pt"
+    saved = torch.load(path, weights_only=True)           # a plain dict of tensors and numbers
+    assert set(saved) == {"model_config", "model", "classes", "args"}
+    assert set(saved["args"]) <= set(models.DATA_ARGS) and saved["args"]["dataset"] == "shapes"
+    assert all(t.dtype == torch.float32 for t in saved["model"].values() if t.is_floating_point())
+    assert path.stat().st_size < (run / "checkpoint.pt").stat().st_size / 2      # no optimizer state
+    # it loads as the checkpoint does, with the run's data, and computes the same logits
+    model, dataset, args = data.load_model_and_data(path)
+    original = spot.load_checkpoint(run / "checkpoint.pt")
+    positions = spot.isotropic_positions(8).expand(16, 8, 2)
+    ours = train.predict(model, dataset.test.images[:16], positions, "cpu", 16)[0]
+    assert torch.equal(ours, train.predict(original, dataset.test.images[:16], positions, "cpu", 16)[0])
+    assert dataset.name == "shapes" and args["val_size"] == 64
+    # the card: data, parameters, the final test line, size and sha256 of the file
+    card = (results / "tiny" / "MODEL.md").read_text()
+    final = models.read_jsonl(run / "metrics.jsonl")[-1]
+    assert f"{final['test_acc']:.2f} %" in card and f"{final['test_acc@4']:.2f} % at 4 tokens" in card
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card and "shapes, built in" in card
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in card and f"{path.stat().st_size:,} bytes" in card
+    placer, _ = placement.load_placer(results / "placer" / "placer.pt")
+    assert "python -m experiments.placement" in (results / "placer" / "MODEL.md").read_text()
+    assert set(torch.load(results / "placer" / "placer.pt", weights_only=True)) == {"placer_config", "placer"}
+
+
+def test_export_refuses_an_unfinished_run(pipeline, tmp_path, capsys):
+    run, _ = pipeline
+    with pytest.raises(SystemExit):
+        models.main(["export", "--run", str(tmp_path), "--to", str(tmp_path / "out")])
+    assert f"{tmp_path}/checkpoint.pt does not exist" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished)
+    lines = (unfinished / "metrics.jsonl").read_text().splitlines()
+    (unfinished / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")      # no final test line
+    with pytest.raises(SystemExit):
+        models.main(["export", "--run", str(unfinished), "--to", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "metrics.jsonl has no final test line" in error and str(unfinished) in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_agrees_bit_for_bit(pipeline, capsys):
+    _, results = pipeline
+    assert check(results) == 0
+    out = capsys.readouterr().out
+    bits = utils.load_per_image(results / "tiny" / "per_image.npz")
+    cells = [key for key in bits if key[:2] == ("top1", "prior")]
+    assert len(cells) == 14 and out.count(" 20/20") == 14 + 2         # 7 priors x 2 budgets; 2 placer cells
+    assert "recorded on this machine: every bit must agree" in out and "evaluated in batches of 32: 32" in out
+    assert "ok: every committed model agrees" in out
+    assert check(results, "--limit", "1000") == 0                     # every evaluated image: 48 of 48
+    assert capsys.readouterr().out.count(f" {LIMIT}/{LIMIT}") == 16
+
+
+def tampered(results, tmp_path, change, update_card):
+    """A copy of results whose model.pt had `change` applied (and its card's sha256, if asked)."""
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    path = copy / "tiny" / "model.pt"
+    saved = torch.load(path, weights_only=True)
+    change(saved["model"])
+    torch.save(saved, path)
+    if update_card:
+        card = copy / "tiny" / "MODEL.md"
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        card.write_text(re.sub(r"sha256 `[0-9a-f]{64}`", f"sha256 `{sha}`", card.read_text()))
+    return copy
+
+
+def test_check_catches_a_tampered_weight(pipeline, tmp_path, capsys):
+    _, results = pipeline
+
+    def nudge(state):                 # one weight, by far less than any prediction notices
+        state["head.weight"][0, 0] += 1e-6
+    assert check(tampered(results, tmp_path / "a", nudge, update_card=False)) == 1
+    assert "its sha256 is not the one" in capsys.readouterr().out
+
+    def favour(state):                # a card that agrees does not help: the bits differ
+        state["head.bias"][int(torch.argmin(state["head.bias"]))] += 10
+    assert check(tampered(results, tmp_path / "b", favour, update_card=True)) == 1
+    out = capsys.readouterr().out
+    assert "sha256" not in out.split("error:", 1)[1] and "differ from the committed per-image results" in out
+
+
+def test_a_flipped_bit_fails_here_and_passes_within_tolerance_elsewhere(pipeline, tmp_path, monkeypatch, capsys):
+    _, results = pipeline
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    bits = {k: torch.as_tensor(v) for k, v in utils.load_per_image(copy / "tiny" / "per_image.npz").items()}
+    bits["top1", "prior", "uniform", 8][0, 3] ^= True     # as if an image flipped on another CPU
+    utils.save_per_image(copy / "tiny" / "per_image.npz", bits)
+    assert check(copy, "tiny") == 1
+    assert "1 cell(s) differ" in capsys.readouterr().out
+    monkeypatch.setattr(utils, "cpu_name", lambda: "another CPU")
+    assert check(copy, "tiny") == 0                       # 1 image of 20: within 1 % (at least 1)
+    out = capsys.readouterr().out
+    assert "recorded on another machine" in out and "1 differing image(s) in all" in out
+    assert check(copy, "tiny", "--tolerance", "0") == 1
+
+
+def test_all_models_together_fit_the_size_limit(pipeline, monkeypatch, capsys):
+    _, results = pipeline
+    monkeypatch.setattr(models, "MAX_TOTAL_BYTES", 1000)
+    assert check(results) == 1
+    assert "the models together are" in capsys.readouterr().out
+
+
+def test_every_committed_model_agrees_on_200_real_images(capsys):
+    """Each committed results/NAME/model.pt (and placer.pt) against results/NAME's per-image
+    results, on 200 test images of the real data (skipped where it is absent)."""
+    root = ROOT / "results"
+    exported = models.committed(root)
+    expected = sorted(path.parent.name for path in root.glob("*/run.json"))
+    strays = [path for path in root.glob("*/MODEL.md")
+              if not any((path.parent / name).is_file() for name in models.FILES.values())]
+    assert not strays, f"cards without their model: {strays}"
+    if not exported:
+        pytest.skip(f"no committed models yet, so none is missing or wrong; the {len(expected)} runs of "
+                    f"results/*/run.json await export (bash experiments/rerun.sh)")
+    missing = [name for name in expected if name not in {folder.name for folder, _ in exported}]
+    assert not missing, f"results folders whose run has no committed model: {missing}"
+    folders = {"cifar10": SHARED_DATA / "cifar10", "folder": SHARED_DATA / "imagenette-128"}
+    needed = {torch.load(folder / "model.pt", weights_only=True)["args"]["dataset"]
+              for folder, kind in exported if kind == "model"}
+    absent = [str(folders[name]) for name in needed if name in folders and not folders[name].is_dir()]
+    if absent:
+        pytest.skip(f"real data not found at {absent}")
+    argv = ["check", "--limit", "200", "--results", str(root), "--data-dir-cifar10", str(folders["cifar10"]),
+            "--data-dir-folder", str(folders["folder"])]
+    code = models.main(argv)
+    assert code == 0, capsys.readouterr().out[-3000:]
