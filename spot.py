@@ -281,7 +281,12 @@ def saliency_map(images, size=64):
     pad = size // 4
     small = F.pad(small, (pad,) * 4, mode="reflect")                         # (B, 1, s+2p, s+2p)
     spectrum = torch.fft.fft2(small)
-    log_amplitude = torch.log(spectrum.abs() + 1e-8)
+    amplitude = spectrum.abs()                                           # (B, 1, s+2p, s+2p)
+    # The residual lifts every frequency to its neighbours' height, the weakest too: in a small
+    # JPEG those are mostly its 8 x 8 blocks' edges, which would fill every map with one fixed
+    # grid. A floor at the mean amplitude leaves the frequencies weaker than average weak.
+    floor = amplitude.mean((2, 3), keepdim=True)                         # (B, 1, 1, 1)
+    log_amplitude = torch.log(amplitude + floor + 1e-8)
     local_mean = F.avg_pool2d(log_amplitude, 3, stride=1, padding=1,
                               count_include_pad=False)
     # The residual spectrum is exp(log_amplitude - local_mean) * exp(i * phase); since

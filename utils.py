@@ -45,6 +45,7 @@ import platform
 import re
 import shlex
 import signal
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -490,8 +491,7 @@ def summary(results):
     """A plain-text view of results["rows"] for the terminal: top-1 % per (method, prior), then
     per budget. (experiments/tables.py renders results.json as the markdown tables of
     RESULTS.md.)"""
-    counts = [r["n_images"] for r in results["rows"]]
-    usual = max(set(counts), key=counts.count)                   # the table's image count
+    usual = statistics.mode(r["n_images"] for r in results["rows"])   # the table's image count
     table = {f"top-1 % ({usual} images) at": [f"{b} T" for b in results["settings"]["tokens"]]}
     for r in results["rows"]:
         cell = "n/a" if r["top1"] is None else f"{r['top1']:.1f}"
@@ -570,11 +570,11 @@ class Processes(AbstractContextManager):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.device = resolve_device(args.device)
         # DataLoader workers decoding streamed images: the cores, shared by this machine's ranks
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        self.workers = args.workers or max(1, (os.cpu_count() or 1) // local)
+        self.workers = args.workers or max(
+            1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         # LOG.info lines (what --init-from loaded) printed by rank 0; before this, none is.
-        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING,
-                            format="%(message)s")
+        if self.rank == 0:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.lock = self.rank == 0 and lock_run_folder(args.out)   # before the rendezvous
         if self.world > 1:
             if self.device.type == "cuda":
@@ -1121,7 +1121,7 @@ def load_split_folder(split_dir, size, cache_dir, progress, crop_pct=None):
     on_disk = ImageFiles([split_dir / rel for rel, _ in files], size, crop_pct)
     if max(size) > STREAMED_ABOVE:
         return on_disk.subset(order), labels[order], classes
-    cache = _cache_file(cache_dir, split_dir, (size, crop_pct), files)
+    cache = _cache_file(cache_dir, split_dir, size, files, crop_pct)
     images = _cache_load(cache, classes, labels, size) if cache.is_file() else None
     if images is None:
         images = _decode_many(on_disk, progress, f"decoding {split_dir} (once; cached)")
@@ -1142,9 +1142,9 @@ def _list_split(split_dir):
     """
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir()
                      and not e.name.startswith(".")) if split_dir.is_dir() else []
-    flat = split_dir.is_dir() and not classes and any(name.lower().endswith(IMAGE_EXTENSIONS)
-                                 for name in os.listdir(split_dir))
     if not classes:
+        flat = split_dir.is_dir() and any(name.lower().endswith(IMAGE_EXTENSIONS)
+                                          for name in os.listdir(split_dir))
         raise DataError(f"The folder {split_dir} "
                         f"{'has no class subfolders' if split_dir.is_dir() else 'does not exist'}. "
                         f"Expected one subfolder per class, e.g. {split_dir}/<class>/<image>.jpg"
@@ -1301,17 +1301,16 @@ def _decode_many(files, progress, desc):
 # cache_dir > $SPOT_CACHE > ~/.cache/spot. Written atomically, loaded with weights_only=True
 # (tensors and plain containers only, never code), and checked before use.
 
-def _cache_file(cache_dir, split_dir, crop, files):
+def _cache_file(cache_dir, split_dir, size, files, crop_pct=None):
     """Where the decoded tensors of one split live. `files` is the sorted [(relpath, label)].
 
     The key hashes everything that changes the decoded result: the decoder's version (v2: 16-bit
-    and transparent PNGs are decoded by value), the folder's absolute path, the output size, and
-    every file's name, size and modification time (so adding, removing or replacing an image
-    makes a new cache entry instead of silently using stale data).
+    and transparent PNGs are decoded by value), the folder's absolute path, the output size (and
+    crop_pct when set), and every file's name, size and modification time (so adding, removing
+    or replacing an image makes a new cache entry instead of silently using stale data).
     """
     root = Path(cache_dir or os.environ.get("SPOT_CACHE") or Path.home() / ".cache" / "spot")
     split_dir = split_dir.resolve()
-    size, crop_pct = crop
     crop = f"crop {crop_pct}|" if crop_pct else ""          # (unset: the key v2 had)
     h = hashlib.sha256(f"v2|{split_dir}|{split_dir.name}|{size[0]}x{size[1]}|{crop}".encode())
     for rel, label in files:

@@ -5,7 +5,8 @@ Each run takes two (the default run: three) steps and one small evaluation; the 
 the train loss, the evaluation loss and every accuracy of metrics.jsonl, and CRC32s of the first
 training batch (its images after augmentation, its labels and the positions drawn for it), with
 the values recorded before the code was last reorganised (the batches: before images above 128
-px were streamed). Float kernels differ between CPUs, so the values are equal bit for bit on the
+px were streamed; the recipes that draw the salient prior were recorded again when the
+spectral-residual map was fixed, and only they changed). Float kernels differ between CPUs, so the values are equal bit for bit on the
 CPU and torch that recorded them (the fixture names both) and within 1e-4 (relative, losses
 only) elsewhere.
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import spot
 from dataclasses import asdict
 
@@ -456,3 +457,17 @@ def test_saliency_ignores_image_borders():
     saliency = spot.saliency_map(images)[0]
     assert saliency[30:34].mean() > 3 * saliency.mean()
     assert saliency[:3].mean() < saliency.mean() and saliency[-3:].mean() < saliency.mean()
+
+
+def test_saliency_map_has_no_jpeg_block_grid_and_still_finds_objects():
+    """The spectral residual lifts even the weakest frequencies; in a 32 px JPEG those are mostly
+    its 8 x 8 block edges, which once filled every map with one fixed grid. With the amplitude
+    floored at its mean, JPEG'd smooth noise averages to a map without that grid, and the map
+    still puts more of its mass on the shapes' objects than their share of the image."""
+    from experiments import saliency_pattern as study
+    noise = study.jpeg(study.smooth_noise(200, 32, 1.5), quality=75)
+    average = spot.saliency_map(noise).mean(0)                                  # (32, 32)
+    assert study.grid(average)[0] < 0.5             # the map before the fix: 1.7
+    assert study.grid(study.saliency(noise).mean(0))[0] > 1.0    # that map, for comparison
+    images, _, info = data.make_shapes(200, 32, return_info=True)
+    assert study.lift(spot.saliency_map(images.float() / 255), info["mask"]) > 7   # before: 5.5
