@@ -310,7 +310,7 @@ def plot_averages(averages, n, path):
             average = averages[name, key]
             ax = axes[row, col]
             im = ax.imshow(average / average.mean(), cmap="magma", vmin=0, vmax=3)
-            label = "before the fix" if row == 0 else "fixed"
+            label = "before" if row == 0 else "fixed"
             ax.set_title(f"{title}, {label}\npattern {pattern(average):.2f}", fontsize=9)
             ax.set_xticks(range(0, average.shape[-1], BLOCK) if key == "cifar" else [])
             ax.set_yticks([])
