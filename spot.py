@@ -271,6 +271,8 @@ def saliency_map(images, size=64):
     pretrained weights, so this classic training-free detector stands in: the log amplitude
     spectrum minus its local average (the "spectral residual") is transformed back with the
     original phase; what survives marks the unexpected, i.e. salient, parts of the image.
+    One change to Hou & Zhang's recipe: the amplitude is floored at its mean before the log
+    (below), so the 8 x 8 block edges of small JPEGs do not paint one fixed grid on every map.
     The map is non-negative and sums to 1 over each image.
     """
     utils.check_images(images)
