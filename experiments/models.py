@@ -16,7 +16,7 @@ streams and the run's position beside the weights. This file keeps what a reader
              the right/wrong bits, image by image; and all models together fit 80 MB.
 
     python -m experiments.models export --run runs/cifar10-spot --to results/cifar10-spot
-    python -m experiments.models check --data-dir-cifar10 ../shared/data/cifar10 --limit 200
+    python -m experiments.models check --data-dir-cifar10 data/cifar10 --limit 200
 
 Which cells `check` reads. A model's oracle.py table has one row per (prior, budget); its first
 position draw, "top1/prior/PRIOR/TOKENS" row 0, is redrawn here from the same seed,
