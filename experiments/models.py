@@ -14,9 +14,13 @@ streams and the run's position beside the weights. This file keeps what a reader
     check    re-evaluate the first --limit test images of every committed model at the cells of
              its committed per-image results (per_image.npz, written by oracle.py) and compare
              the right/wrong bits, image by image; and all models together fit 80 MB.
+    moved    after a retraining: how far each results/NAME/per_image.npz moved from the one an
+             earlier commit holds (cells bit for bit equal, the largest and the mean change of
+             a top-1 cell, the share of answers that changed), as a markdown table.
 
     python -m experiments.models export --run runs/cifar10-spot --to results/cifar10-spot
     python -m experiments.models check --data-dir-cifar10 data/cifar10 --limit 200
+    python -m experiments.models moved --before 1ceba95 cifar10-spot cifar10-grid-vit
 
 Which cells `check` reads. A model's oracle.py table has one row per (prior, budget); its first
 position draw, "top1/prior/PRIOR/TOKENS" row 0, is redrawn here from the same seed,
@@ -41,11 +45,13 @@ report. A tampered weight flips far more, and the sha256 of MODEL.md catches any
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -406,6 +412,50 @@ def check(root, options, names=(), log=print):
 
 
 # -----------------------------------------------------------------------------
+# What a retraining moved
+
+def committed_per_image(root, rev, folder):
+    """folder/per_image.npz as commit `rev` of the git repository at root holds it."""
+    path = Path(folder).resolve().relative_to(Path(root).resolve()) / "per_image.npz"
+    shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path.as_posix()}"],
+                           capture_output=True)
+    if shown.returncode:
+        raise ValueError(f"git show {rev}:{path}: {shown.stderr.decode().strip()}")
+    return utils.load_per_image(io.BytesIO(shown.stdout))
+
+
+def moved_row(name, before, after):
+    """One results folder's right/wrong cells, before vs after -> a markdown row. Only cells
+    of the same shape (draws, images) in both are compared: the rest are counted apart."""
+    cells = sorted(k for k in after if k in before and after[k].dtype == bool
+                   and before[k].shape == after[k].shape)
+    equal = sum(bool((before[k] == after[k]).all()) for k in cells)
+    change = {k: 100 * (after[k].mean() - before[k].mean()) for k in cells}
+    answers = sum(int((before[k] != after[k]).sum()) for k in cells)
+    total = sum(after[k].size for k in cells)
+    largest = max(cells, key=lambda k: abs(change[k]))
+    mean = sum(abs(v) for v in change.values()) / len(cells)
+    others = len(set(before) | set(after)) - len(cells)
+    where = f" (`{'/'.join(map(str, largest))}`)" if change[largest] else ""
+    return (f"| {name} | {len(cells)} | {equal} | {change[largest]:+.2f}{where} | {mean:.2f} "
+            f"| {100 * answers / total:.1f} % | {others} |")
+
+
+def moved(root, rev, names):
+    """-> markdown: how each named results folder's per-image results moved since `rev`."""
+    lines = [f"Per-image results now against commit {rev}: the right/wrong cells (top-1 and "
+             f"kNN, per image); a change is in points of accuracy; other cells are saliency "
+             f"reads and cells only one side has.", "",
+             "| results | cells | bit for bit equal | largest change | mean abs change "
+             "| answers changed | other cells |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        folder = Path(root) / "results" / name
+        before = committed_per_image(root, rev, folder)
+        lines.append(moved_row(name, before, utils.load_per_image(folder / "per_image.npz")))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
@@ -429,7 +479,16 @@ def main(argv=None):
                      "--limit, at least 1); on the recording machine every bit must agree")
     chk.add_argument("--threads", type=utils.int_at_least(1),
                      help="CPU threads (default: those the results were recorded with)")
+    mov = commands.add_parser("moved", help="how far per_image.npz moved since a commit")
+    mov.add_argument("names", nargs="+", help="results folders (results/NAME)")
+    mov.add_argument("--before", required=True, help="the commit to compare with")
     args = parser.parse_args(argv)
+    if args.command == "moved":
+        try:
+            print(moved(Path(__file__).resolve().parents[1], args.before, args.names))
+        except (ValueError, OSError) as error:
+            parser.error(str(error).splitlines()[0])
+        return 0
     if args.command == "export":
         try:
             written = export(args.run, args.to)

@@ -9,6 +9,7 @@
 # had them).
 #
 #     bash experiments/rerun.sh cifar10 ../data/cifar10            # about 2.5 hours on 2 CPU cores
+#     bash experiments/rerun.sh cifar10 ../data/cifar10 seed1      # the second training seeds
 #     bash experiments/rerun.sh imagenette ../data/imagenette-128
 #
 # Run it from the repository root. Each step logs to runs/rerun-DATASET/NAME.log and is skipped
@@ -16,8 +17,13 @@
 # an evaluation with its per_image.npz, written last), so a second call continues where the first
 # stopped.
 set -euo pipefail
-dataset=${1:?usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR}
-data_dir=${2:?usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR}
+usage="usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR [seed1]"
+dataset=${1:?$usage}
+data_dir=${2:?$usage}
+stage=${3:-main}     # seed1: CIFAR-10's second seeds (RESULTS.md: "A second training seed") only
+if [[ $stage != main && ! ( $stage == seed1 && $dataset == cifar10 ) ]]; then
+  echo "rerun.sh: the third argument can only be seed1, with cifar10; got '$stage'" >&2; exit 2
+fi
 logs=runs/rerun-$dataset
 mkdir -p "$logs"
 pin=(--precision fp32 --train-priors uniform,gaussian,sobol,isotropic,center,salient,grid --threads 2 --no-progress)
@@ -56,6 +62,19 @@ train() {  # train RUN FLAGS...: train.py into runs/RUN (an interrupted run is r
   mkdir -p "results/$run" && cp "runs/$run/run.json" "runs/$run/metrics.jsonl" "results/$run/"
 }
 
+evaluate=(python oracle.py --draws 2 --batch-size 512 --threads 1 --no-progress)
+if [[ $stage == seed1 ]]; then    # the same recipes with --seed 1 (initialization, data order,
+                                  # augmentation, training positions; the same validation images)
+  train cifar10-grid-vit-seed1 "${grid[@]}" --train-priors grid --seed 1
+  train cifar10-spot-seed1 --seed 1
+  step "oracle-spot-seed1" "results/cifar10-spot-seed1/per_image.npz" "${evaluate[@]}" \
+    --checkpoint runs/cifar10-spot-seed1/checkpoint.pt --name cifar10-spot-seed1 --search-steps 20 \
+    --search-lr "$search_lr" --search-limit 2000 --saliency-limit 2000 --out results/cifar10-spot-seed1 &
+  step "oracle-grid-vit-seed1" "results/cifar10-grid-vit-seed1/per_image.npz" "${evaluate[@]}" \
+    --checkpoint runs/cifar10-grid-vit-seed1/checkpoint.pt --name cifar10-grid-vit-seed1 \
+    --search-limit 0 --out results/cifar10-grid-vit-seed1
+  wait
+else   # the main stage (not indented, to read as before)
 # (the grid ViT trains on the grid prior only: its --train-priors grid comes after the pinned list)
 train "$dataset-grid-vit" "${grid[@]}" --train-priors grid
 train "$dataset-retrofit" "${retrofit[@]}" --init-from "runs/$dataset-grid-vit/checkpoint.pt"
@@ -65,7 +84,6 @@ train "$dataset-spot"
 step "oracle-sweep" "results/$dataset-spot-oracle-sweep/sweep.json" python -m experiments.bench --only oracle-sweep \
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --limit "$sweep_limit" --tokens 4,16 --threads 1 \
   --out "results/$dataset-spot-oracle-sweep"
-evaluate=(python oracle.py --draws 2 --batch-size 512 --threads 1 --no-progress)
 step "oracle-spot" "results/$dataset-spot/per_image.npz" "${evaluate[@]}" \
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --name "$dataset-spot" \
   --transfer-checkpoint "runs/$dataset-retrofit/checkpoint.pt" --search-steps 20 --search-lr "$search_lr" \
@@ -85,6 +103,7 @@ step "label-free" "results/$dataset-label-free/per_image.npz" python -m experime
   --checkpoint "runs/$dataset-spot/checkpoint.pt" --placer "runs/$placer/placer.pt" --name "$dataset-spot" \
   --against "results/$dataset-spot" --tokens 4,8,16 --search-lr 0.03 --draws 2 --threads 2 --no-progress \
   --out "results/$dataset-label-free"
+fi     # the end of the main stage
 python -m experiments.tables
 echo "$(date +%H:%M:%S) results/ and RESULTS.md's tables are remade"
 
@@ -99,8 +118,10 @@ export_model() {  # export_model RUN RESULTS: runs/RUN -> results/RESULTS
   step "export-$2" "$file.never" \
     python -m experiments.models export --run "runs/$1" --to "results/$2"
 }
-for run in "$dataset"-{grid-vit,retrofit,spot}; do export_model "$run" "$run"; done
-export_model "$placer" "$dataset-placer"
+if [[ $stage == main ]]; then
+  for run in "$dataset"-{grid-vit,retrofit,spot}; do export_model "$run" "$run"; done
+  export_model "$placer" "$dataset-placer"
+fi
 for run in "$dataset-grid-vit-seed1" "$dataset-spot-seed1"; do
   if grep -qs '"final": true' "runs/$run/metrics.jsonl"; then export_model "$run" "$run"; fi
 done

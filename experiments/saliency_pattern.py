@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import oracle
 import spot
 
 BLOCK = 8                             # JPEG's block side, pixels
@@ -84,18 +85,21 @@ def pattern(average):
     return gap(average).abs().max().item()
 
 
-def grid(average):
-    """-> (strength, phase): peak-to-peak of the gap folded onto the 8 px grid, the two brightest
-    phases ("7|0": bright at pixels 7 and 8 of each block pair). Borders (1/8 side) left out."""
+def grid(average, period=BLOCK):
+    """-> (strength, phase): peak-to-peak of the gap folded onto a grid of `period` px (JPEG's
+    8 px blocks; a model's windows), the two brightest phases ("7|0": bright at pixels 7 and 8
+    of each block pair). Borders (1/8 side) left out."""
     g = gap(average)
     side = g.shape[-1]
     margin = side // 8
     inner = g[margin:side - margin, margin:side - margin]
     profile = inner.mean(0) + inner.mean(1)                   # columns' + rows' mean gap
-    phase = (torch.arange(len(profile)) + margin) % BLOCK
-    fold = torch.stack([profile[phase == p].mean() for p in range(BLOCK)])
+    phase = (torch.arange(len(profile)) + margin) % period
+    fold = torch.stack([profile[phase == p].mean() for p in range(period)])
     top = sorted(fold.argsort(descending=True)[:2].tolist())
-    return (fold.max() - fold.min()).item(), "|".join(map(str, top[::-1] if top == [0, 7] else top))
+    if top == [0, period - 1]:                      # the pair across a border: "7|0"
+        top = top[::-1]
+    return (fold.max() - fold.min()).item(), "|".join(map(str, top))
 
 
 def lift(maps, mask):
@@ -340,6 +344,57 @@ def plot_examples(images, path, count=6):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# The model's own map (oracle.gradient_saliency): does it carry its windows' grid?
+
+def gradient_study(paths, n, data_dirs):
+    """Each model (a checkpoint or an exported model.pt): its gradient map averaged over the
+    first n test images -> ({name: pattern, window-grid strength and phase}, {name: average})."""
+    rows, averages = {}, {}
+    for path in paths:
+        model, dataset, args = data.load_model_and_data(path, "cpu", data_dirs.get(
+            dataset_of(path)))
+        images = dataset.test.images[:n]
+        average = oracle.gradient_saliency(model, images, "cpu", 100).mean(0)      # (H, W)
+        window = model.config.window
+        strength, phase = grid(average, window)
+        name = Path(path).parent.name
+        rows[name] = dict(dataset=args["dataset"], n=len(images), window=window,
+                          pattern=pattern(average), window_grid=strength, phase=phase)
+        averages[name] = average
+        print(f"{name}: gradient map of {len(images)} test images: pattern "
+              f"{rows[name]['pattern']:.3f}, on its {window} px windows' grid {strength:.3f} "
+              f"(phase {phase})", flush=True)
+    return rows, averages
+
+
+def dataset_of(path):
+    """A checkpoint's or model.pt's dataset name (train.py's --dataset), read safely."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return (saved.get("args") or {}).get("dataset")
+
+
+def plot_gradient_averages(rows, averages, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(averages), figsize=(max(5, 3.4 * len(averages)), 3.8),
+                             squeeze=False)
+    for ax, (name, average) in zip(axes[0], averages.items()):
+        im = ax.imshow((average / average.mean()).numpy(), cmap="magma", vmin=0, vmax=3)
+        row = rows[name]
+        ax.set_title(f"{name}\npattern {row['pattern']:.2f}, {row['window']} px grid "
+                     f"{row['window_grid']:.2f}", fontsize=9)
+        ax.set_xticks(range(0, average.shape[-1], row["window"]))
+        ax.set_xticklabels([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="average map / its mean")
+    fig.suptitle(f"The model's own gradient map (oracle.gradient_saliency),\naveraged over "
+                 f"{next(iter(rows.values()))['n']:,} test images", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.saliency_pattern",
                                      description=__doc__.split("\n\n")[0],
@@ -351,10 +406,23 @@ def main(argv=None):
                         help="CIFAR-10 (train.py --dataset cifar10 --data-dir DIR)")
     parser.add_argument("--imagenette", default="data/imagenette-128", metavar="DIR",
                         help="Imagenette at 128 px (class folders train/ and val/)")
+    parser.add_argument("--gradient", nargs="+", metavar="MODEL", help="instead: the average "
+                        "gradient map of these models (checkpoint.pt or results/NAME/model.pt), "
+                        "read on --cifar10 or --imagenette, to OUT/gradient.json and "
+                        "OUT/gradient_average_maps.png")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be >= 1")
     t0 = time.time()
+    out = Path(args.out)
+    if args.gradient:
+        rows, averages = gradient_study(args.gradient, args.n,
+                                        {"cifar10": args.cifar10, "folder": args.imagenette})
+        out.mkdir(parents=True, exist_ok=True)
+        plot_gradient_averages(rows, averages, out / "gradient_average_maps.png")
+        (out / "gradient.json").write_text(json.dumps(rows, indent=2))
+        print(f"wrote {out}/gradient.json, gradient_average_maps.png in {time.time() - t0:.0f} s")
+        return 0
     sets, mask = load_inputs(args.n, args.cifar10, args.imagenette)
     # spot.saliency_map has the fix since this study: the local copy's FIX must be it exactly
     # (the local copy's defaults are the map as it was before).
@@ -362,7 +430,6 @@ def main(argv=None):
     assert check.max() < 1e-6, f"FIX drifted from spot.saliency_map ({check.max().item():.2e})"
     control_rows = control_table(sets, mask)
     variant_rows, averages = variant_table(sets, mask)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_averages(averages, args.n, out / "average_maps.png")
     plot_examples(sets["cifar"], out / "examples.png")

@@ -350,6 +350,24 @@ def test_saliency_read_scores_only_the_in_image_part_of_a_window():
     assert corner == pytest.approx(ramp[0, :4, :4].mean().item() / ramp.mean().item(), rel=1e-5)
 
 
+def test_saliency_read_cancels_a_pattern_with_the_windows_period():
+    """A map that repeats every k pixels (as a model's gradient through its k x k patch embedding
+    does) reads exactly its mean through any k x k window inside the image, wherever it sits:
+    k bilinear samples 1 px apart add up one whole period at any phase. So such a pattern cannot
+    make tokens look more or less salient (experiments/saliency_pattern.py --gradient)."""
+    k = 4
+    torch.manual_seed(0)
+    period = torch.rand(k, k) + 0.5
+    tiled = period.repeat(8, 8)[None]                                           # (1, 32, 32)
+    positions = 0.1 + 0.8 * torch.rand(1, 50, 2)           # 50 windows, inside, at any phase
+    reads = torch.stack([oracle.saliency_read(tiled, positions[:, i:i + 1], k) for i in range(50)])
+    assert torch.allclose(reads, torch.ones_like(reads), atol=1e-5)
+    # a pattern of another period is not cancelled: the reads vary with the window's position
+    other = torch.rand(5, 5).repeat(7, 7)[None, :32, :32] + 0.5
+    reads = torch.stack([oracle.saliency_read(other, positions[:, i:i + 1], k) for i in range(50)])
+    assert reads.std() > 0.01
+
+
 def test_gradient_saliency_is_the_models_own_label_free_map():
     """|d logit of the predicted class / d pixel|, summed over channels: non-negative maps summing to
     1, the same in any batch size, equal to autograd through one image; the model is untouched."""
@@ -553,3 +571,20 @@ def test_cli_precision_and_rows_on_fewer_images_say_so(tmp_path, patched_data, c
         (r["method"], r["prior"], r["n_images"]) for r in rows[1]]
     settings = json.loads((tmp_path / "bf16" / "results.json").read_text())["settings"]
     assert settings["precision"] == "bf16" and settings["bf16"] is True
+
+
+def test_gradient_study_averages_a_models_own_map(tmp_path):
+    """experiments/saliency_pattern.py --gradient: a trained model's gradient map averaged over
+    test images, its pattern measure and the strength of its windows' grid, with a figure."""
+    from experiments import saliency_pattern
+    import train
+    from test_train import TINY
+    run = tmp_path / "run"
+    assert train.main(TINY + ["--epochs", "1", "--out", str(run)]) == 0
+    out = tmp_path / "study"
+    assert saliency_pattern.main(["--gradient", str(run / "checkpoint.pt"), "--n", "40",
+                                  "--out", str(out)]) == 0
+    row = json.loads((out / "gradient.json").read_text())["run"]
+    assert row["n"] == 40 and row["dataset"] == "shapes" and row["window"] == 4
+    assert row["pattern"] > 0 and row["window_grid"] >= 0 and "|" in row["phase"]
+    assert (out / "gradient_average_maps.png").stat().st_size > 10_000
