@@ -18,7 +18,9 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
     controls    at each per-pass budget N (--budgets), label-free unless marked: the best prior
                 at 2N tokens; the best of K placements by max-softmax and by a normalised
                 max-logit; the mean of two prior passes' logits; SPoT-ON's positions found for
-                another image (a gain that is per image must lose them); and two ceilings that
+                another image (a gain that is per image must lose them); SPoT-ON toward the
+                class the model's first read predicts (label-free SPoT-ON's diagnostic: how
+                much of the oracle's gain survives without the label); and two ceilings that
                 read the label: oracle-of-K (right when any of K fixed placements is right) and
                 SPoT-ON from the prior (oracle.oracle_search)
     rows        each against the best prior at no more compute: the curve's point of highest
@@ -422,6 +424,15 @@ def search_rows(model, split, tokens, reference, config):
     search += prior_cost(mc, config.search_from, tokens) - forward_flops(mc, tokens)   # saliency
     rows = [judge(reference, "spot-on", tokens, oracle.hits(model, (images, labels), found,
                                                             config), search, False)]
+    # The diagnostic of a label-free SPoT-ON: the same search toward the class the model's first
+    # read predicts (its own answer, no label). Its first read is paid once more, to be safe.
+    guess = train.predict(model, images, start, config.device, config.batch_size,
+                          bf16=config.bf16)[0].argmax(1)                                 # (m,)
+    itself = oracle.search_split(model, images, guess, start, config, "label",
+                                 f"SPoT-ON, its own answer {tokens}T")
+    rows.append(judge(reference, "spot-on-self", tokens,
+                      oracle.hits(model, (images, labels), itself, config),
+                      search + forward_flops(mc, tokens), True))
     if m > 1:                                  # another image's positions need another image
         shuffled = found.roll(1, 0)            # image i <- the positions found for image i - 1
         rows.append(judge(reference, "spot-on-shuffled", tokens,
@@ -518,6 +529,7 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "normlogit": ("tab:cyan", "D", "best of K by normalised max-logit"),
             "mean-logits": ("tab:green", "^", "mean logits of 2 prior passes"),
             "shuffled": ("tab:brown", "v", "SPoT-ON's positions of another image"),
+            "spot-on-self": ("tab:olive", "X", "SPoT-ON toward its own first answer"),
             "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
             "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
 

@@ -161,7 +161,7 @@ def test_rows_have_the_schema_and_sane_values(run):
     _, results, per_image, _ = run
     a = results["settings"]["tokens_worth"]["flops_per_token"]
     methods = {r["method"] for r in results["rows"]}
-    assert methods == {"best-prior-2n", "mean-logits-2", "spot-on", "spot-on-shuffled",
+    assert methods == {"best-prior-2n", "mean-logits-2", "spot-on", "spot-on-shuffled", "spot-on-self",
                        *(f"best-of-{k}-{s}" for k in (2, 4, 8) for s in ("softmax", "normlogit")),
                        *(f"oracle-of-{k}" for k in (2, 4, 8))}
     for r in results["rows"]:
@@ -182,6 +182,9 @@ def test_rows_have_the_schema_and_sane_values(run):
     # SPoT-ON with 2 steps: 3 forward passes and 2 backward ones, each about a forward's FLOPs
     passes = by["spot-on", 2]["compute_tokens"] / by["spot-on-shuffled", 2]["compute_tokens"]
     assert 5 < passes < 6
+    # the search toward its own first answer: the same search and one more forward pass
+    extra = by["spot-on-self", 2]["compute_tokens"] - by["spot-on", 2]["compute_tokens"]
+    assert extra == pytest.approx(by["spot-on-shuffled", 2]["compute_tokens"])
 
 
 def test_a_2n_control_is_compared_with_the_prior_at_up_to_2n(run):
