@@ -1,0 +1,103 @@
+"""experiments/glimpses.py: two passes whose second attends to the first's cached keys and values
+is exactly one pass with attention masked causally between the two groups (an independent,
+written-out reference); one pass without memory is the model's own forward; an untrained head
+places its tokens on the lattice; --freeze leaves the model's weights as they were; the command
+line trains, validates and saves what loads back."""
+import json
+
+import pytest
+import torch
+
+import spot
+from experiments import glimpses, placement
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    config = spot.SPoTConfig(image_size=16, window=4, num_classes=3, dim=32, depth=2, heads=2)
+    return spot.SPoTViT(config).double().eval()
+
+
+def masked_reference(model, x, n_first):
+    """x (B, T, dim) through every block with attention written out: the first n_first tokens
+    attend to themselves only, the rest to every token."""
+    allowed = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool)
+    allowed[:n_first, n_first:] = False
+    for block in model.blocks:
+        heads, (B, T, D) = block.attn.heads, x.shape
+        q, k, v = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, heads, D // heads).unbind(2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / (D // heads) ** 0.5
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        read = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, T, D)
+        x = x + block.attn.proj(read)
+        x = x + block.mlp(block.norm2(x))
+    return x
+
+
+def test_one_pass_without_memory_is_the_models_forward():
+    model = tiny()
+    images = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    positions = torch.rand(2, 5, 2, dtype=torch.float64)
+    x, cache = glimpses.run_blocks(model, glimpses.embed(model, images, positions))
+    ours = model.forward_head(model.norm(x))
+    assert torch.allclose(ours, model(images, positions), atol=1e-12)
+    assert len(cache) == 2 and cache[0][0].shape == (2, 2, 6, 16)        # (B, heads, 1 + N, d)
+
+
+def test_the_second_pass_reads_the_first_as_a_block_causal_pass():
+    model = tiny(1)
+    images = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    first = glimpses.embed(model, images, torch.rand(2, 3, 2, dtype=torch.float64))   # 1 + 3
+    second = glimpses.embed(model, images, torch.rand(2, 4, 2, dtype=torch.float64))  # 1 + 4
+    out1, memory = glimpses.run_blocks(model, first)
+    out2, _ = glimpses.run_blocks(model, second, memory)
+    reference = masked_reference(model, torch.cat([first, second], 1), first.shape[1])
+    assert torch.allclose(out1, reference[:, :4], atol=1e-12)
+    assert torch.allclose(out2, reference[:, 4:], atol=1e-12)
+    # and it is not the full pass: the first group would have seen the second
+    full, _ = glimpses.run_blocks(model, torch.cat([first, second], 1))
+    assert not torch.allclose(full[:, 4:], out2, atol=1e-6)
+
+
+def test_an_untrained_head_places_on_the_lattice_and_gradients_reach_it():
+    model = tiny().float()
+    config = placement.PlacerConfig((16, 16), 4, 32, width=16, glance_fraction=0.5)
+    placer = placement.GlancePlacer(config)
+    images = torch.rand(3, 3, 16, 16)
+    logits, positions = glimpses.glimpse(model, placer, images, 8)
+    glance, base = placement.split_lattice(8, 4)
+    assert logits.shape == (3, 3) and positions.shape == (3, 8, 2)
+    assert torch.equal(positions[0], torch.cat([glance, base]))
+    logits.sum().backward()                   # through the sampler and the queries to the head
+    assert placer.mlp[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import train
+    from test_train import TINY
+    run = tmp_path_factory.mktemp("glimpses") / "run"
+    argv = [a for a in TINY if a not in ("--train-limit", "192")]
+    assert train.main(argv + ["--train-limit", "384", "--epochs", "1", "--val-size", "64",
+                              "--out", str(run)]) == 0
+    return run / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_command_trains_validates_and_saves(checkpoint, tmp_path, freeze):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--tokens", "4,8", "--epochs", "1", "--width", "16",
+            "--batch-size", "64", "--no-progress", "--out", str(out)]
+    assert glimpses.main(argv + (["--freeze"] if freeze else [])) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_glimpses@4", "val_isotropic@8", "train_loss"} <= set(metrics[-1])
+    model, placer = glimpses.load_glimpses(out / "glimpses.pt")
+    original = spot.load_checkpoint(checkpoint)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  original.state_dict().values()))
+    assert same == freeze                       # --freeze: the model's weights untouched
+    assert placer.mlp[-1].weight.abs().sum() > 0                     # the head learned
+    with pytest.raises(SystemExit):                                  # a used folder is refused
+        glimpses.main(argv)
