@@ -23,6 +23,9 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
                 much of the oracle's gain survives without the label); and two ceilings that
                 read the label: oracle-of-K (right when any of K fixed placements is right) and
                 SPoT-ON from the prior (oracle.oracle_search)
+    designs     --glimpses PATH: experiments.glimpses' model (its own prior curve: a model
+                fine-tuned for a design is judged against its own priors) and a "glimpses" row
+                at each budget, at glimpse_compute's FLOPs
     rows        each against the best prior at no more compute: the curve's point of highest
                 top-1 on the validation split (when the run has one) among those whose read
                 costs at most the row's compute rounded up to a whole token's worth, on the same
@@ -55,7 +58,7 @@ import oracle
 import spot
 import train
 import utils
-from experiments import stats
+from experiments import glimpses, stats
 
 # -----------------------------------------------------------------------------
 # FLOPs: what one forward pass costs, counted from the config
@@ -169,6 +172,27 @@ def mlp_compute(widths, rows=1, activation=GELU):
             "activation": rows * activation * sum(widths[1:-1])}
 
 
+def glimpse_compute(config, placer_config, n_tokens):
+    """FLOPs of experiments.glimpses.glimpse on one image at N = G + K tokens -> {operation:
+    FLOPs}: pass 1 (the class token and G glance tokens; its head, which glimpse skips, is
+    counted too), pass 2 (a class token and the K placed tokens), pass 2's attention to pass 1's
+    cached keys and values, and the placer head (experiments.placement.GlancePlacer)."""
+    g = max(1, min(n_tokens - 1, round(placer_config.glance_fraction * n_tokens)))
+    k, d, w = n_tokens - g, config.dim, placer_config.width
+    rows, memory = k + 1, g + 1                            # pass 2's queries, pass 1's keys
+    cross = config.depth * (2 * 2 * rows * memory * d + SOFTMAX * config.heads * rows * memory)
+    norm = LAYERNORM * d + LAYERNORM_ROW
+    placer = {"queries": k * (4 + w // 2 + w) + 2 * k * w * w + k * w,   # sin-cos, Linear
+              "keys_values": memory * (norm + 2 * d * 2 * w + 2 * w),
+              "attention": 2 * 2 * k * memory * w + SOFTMAX * placer_config.heads * k * memory,
+              "proj": 2 * k * w * w + k * w + k * w,             # ... and the residual add
+              "mlp": k * (LAYERNORM * w + LAYERNORM_ROW)
+              + sum(mlp_compute([w, 2 * w, 2], rows=k).values()),
+              "shift": k * 2 * 3}                        # tanh, the scale, the add to the base
+    return {"glance": forward_flops(config, g), "second": forward_flops(config, k),
+            "cross_attention": cross, "placer": sum(placer.values())}
+
+
 # -----------------------------------------------------------------------------
 # Tokens' worth: FLOPs in the currency of the frontier
 #
@@ -227,6 +251,8 @@ class FrontierConfig:
     search_steps: int = option(oracle.DEFAULT_STEPS, "Adam steps of SPoT-ON", type=oracle.COUNT)
     search_lr: float = option(oracle.DEFAULT_LR, "Adam lr (normalized coordinates)",
                               type=oracle.POSITIVE)
+    glimpses: str = option(None, "glimpses.pt of experiments.glimpses: evaluate its model (its "
+                           "own prior curve) and add a 'glimpses' row at each --budgets")
     batch_size: int = option(128, "images per forward pass", type=oracle.ONE_OR_MORE)
     seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
     progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
@@ -444,14 +470,26 @@ def search_rows(model, split, tokens, reference, config):
 # -----------------------------------------------------------------------------
 # The whole evaluation
 
+def glimpse_rows(placer):
+    """The rows of experiments.glimpses at one budget, for evaluate's `methods`."""
+    def rows(model, split, tokens, reference, config):
+        right = glimpses.glimpse_split(model, placer, split, tokens, config.device,
+                                       config.batch_size)[0]
+        flops = sum(glimpse_compute(model.config, placer.config, tokens).values())
+        return [judge(reference, "glimpses", tokens, right, flops, True)]
+    return rows
+
+
 def curve_counts(config):
     """The curve's token counts: --tokens and 2N of every --budgets (the 2N control)."""
     return sorted(set(config.tokens) | {2 * n for n in config.budgets})
 
 
-def evaluate(model, dataset, config, name=None):
+def evaluate(model, dataset, config, name=None, methods=()):
     """The frontier evaluation of `model` on config.split -> (results {"settings", "rows",
-    "curve", "frontier"}, per_image {key tuple: (n,) bool} for utils.save_per_image)."""
+    "curve", "frontier"}, per_image {key tuple: (n,) bool} for utils.save_per_image).
+    methods: functions (model, split, tokens, reference, config) -> rows, a design's rows at
+    each budget beside the controls (glimpse_rows)."""
     split = getattr(dataset, config.split)
     evaluated = split.images[:config.limit], split.labels[:config.limit]
     counts = curve_counts(config)
@@ -471,6 +509,8 @@ def evaluate(model, dataset, config, name=None):
     rows = []
     for tokens in config.budgets:
         rows += budget_rows(model, evaluated, tokens, reference, config)
+        for method in methods:
+            rows += method(model, evaluated, tokens, reference, config)
     reference.per_image |= {("val-top1", "prior", p, n): v for (p, n), v in val_curve.items()}
     a, b = token_fit(model.config)
     curve_rows = [{"prior": p, "tokens": n, "compute_tokens": reference.cost(p, n),
@@ -530,6 +570,7 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "mean-logits": ("tab:green", "^", "mean logits of 2 prior passes"),
             "shuffled": ("tab:brown", "v", "SPoT-ON's positions of another image"),
             "spot-on-self": ("tab:olive", "X", "SPoT-ON toward its own first answer"),
+            "glimpses": ("tab:orange", "h", "glimpses (experiments.glimpses)"),
             "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
             "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
 
@@ -646,6 +687,13 @@ def setup(argv=None):
         if args.split == "val" and dataset.val is None:
             raise ValueError("--split val: this run held out no validation images (train.py "
                              "--val-size 0)")
+        args.methods = ()
+        if args.glimpses:                  # its fine-tuned model replaces the checkpoint's
+            trained, placer = glimpses.load_glimpses(args.glimpses, args.device)
+            if trained.config != model.config:
+                raise ValueError(f"--glimpses: {args.glimpses} holds a model of another config "
+                                 f"than --checkpoint's ({args.checkpoint})")
+            model, args.methods = trained, (glimpse_rows(placer),)
     return args, model, dataset, utils.config_from(FrontierConfig, args)
 
 
@@ -653,7 +701,7 @@ def main(argv=None):
     """Entry point -> 0; writes OUT/frontier.json, frontier.md, frontier.png, per_image.npz."""
     args, model, dataset, config = setup(argv)
     name = args.name or (Path(args.data_dir).name if args.data_dir else None)
-    results, per_image = evaluate(model, dataset, config, name)
+    results, per_image = evaluate(model, dataset, config, name, args.methods)
     results["settings"] |= {"out": args.out, "run": utils.run_name(args.checkpoint)}
     out = Path(args.out)
     utils.write_atomic(out / "frontier.json", json.dumps(results, indent=2))

@@ -101,3 +101,55 @@ def test_the_command_trains_validates_and_saves(checkpoint, tmp_path, freeze):
     assert placer.mlp[-1].weight.abs().sum() > 0                     # the head learned
     with pytest.raises(SystemExit):                                  # a used folder is refused
         glimpses.main(argv)
+
+
+def test_glimpse_compute_counts_what_flop_counter_counts():
+    """frontier.glimpse_compute's matrix products are FlopCounterMode's count of one glimpse
+    (pass 1's head, which glimpse skips, taken off); all of it is about one N-token pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from experiments import frontier
+    model = tiny().float().requires_grad_(False)
+    config = placement.PlacerConfig((16, 16), 4, 32, width=16, heads=4, glance_fraction=0.5)
+    placer = placement.GlancePlacer(config).eval()
+    images = torch.rand(1, 3, 16, 16)
+    for n in (4, 8, 13):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            glimpses.glimpse(model, placer, images, n)
+        g = placement.glance_size(n, 0.5)
+        ops = frontier.glimpse_compute(model.config, config, n)
+        passes = [frontier.compute(model.config, t) for t in (g, n - g)]
+        matmul = sum(p[op] for p in passes for op in frontier.MATMULS) - passes[0]["head"]
+        heads = model.config.depth * 2 * 2 * (n - g + 1) * (g + 1) * model.config.dim
+        w, k, m = 16, n - g, g + 1
+        head = 2 * k * w * w + 2 * m * 32 * 2 * w + 2 * k * w * w + 2 * k * (w * 2 * w + 2 * w * 2)
+        # (the head's own attention, 2 * 2 * k * m * w, runs in torch's fused CPU kernel, which
+        # FlopCounterMode counts as 0 in this torch; glimpse_compute counts it)
+        assert counter.get_total_flops() == matmul + heads + head, n
+        worth = frontier.compute_tokens(sum(ops.values()), model.config)
+        assert n < worth < n + 3                       # two class tokens, the head, the cache
+
+
+def test_the_frontier_evaluates_a_glimpses_model(tmp_path, monkeypatch):
+    """frontier.py --glimpses: the glimpses.pt model's own prior curve and a 'glimpses' row per
+    budget, label-free, judged against that curve; a glimpses.pt of another model is refused."""
+    import oracle
+    from argparse import Namespace
+    from experiments import frontier
+    from test_oracle import fake_dataset, tiny_model, write_checkpoint
+    checkpoint = write_checkpoint(tmp_path / "checkpoint.pt", 0)
+    model = spot.load_checkpoint(checkpoint)
+    config = placement.PlacerConfig((16, 16), 4, model.config.dim, width=16, glance_fraction=0.5)
+    args = Namespace(checkpoint=checkpoint, tokens=[4], freeze=True)
+    torch.save(glimpses.saved(model, placement.GlancePlacer(config), args, 1), tmp_path / "g.pt")
+    monkeypatch.setattr(oracle.data, "load_dataset", lambda *a, **k: fake_dataset())
+    argv = ["--checkpoint", checkpoint, "--tokens", "2,4,8", "--budgets", "4", "--k", "2",
+            "--search-limit", "0", "--no-progress", "--device", "cpu"]
+    assert frontier.main(argv + ["--glimpses", str(tmp_path / "g.pt"), "--out",
+                                 str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "frontier.json").read_text())["rows"]
+    row = next(r for r in rows if r["method"] == "glimpses")
+    assert row["label_free"] and row["budget"] == 4 and 4 < row["compute_tokens"] < 7
+    other = tiny_model(num_classes=5)
+    torch.save(glimpses.saved(other, placement.GlancePlacer(config), args, 1), tmp_path / "o.pt")
+    with pytest.raises(SystemExit):
+        frontier.main(argv + ["--glimpses", str(tmp_path / "o.pt"), "--out", str(tmp_path / "x")])
