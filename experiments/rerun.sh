@@ -11,13 +11,14 @@
 #     bash experiments/rerun.sh cifar10 ../data/cifar10            # about 2.5 hours on 2 CPU cores
 #     bash experiments/rerun.sh cifar10 ../data/cifar10 seed1      # the second training seeds
 #     bash experiments/rerun.sh imagenette ../data/imagenette-128
+#     bash experiments/rerun.sh shapes -                            # the default run (minutes)
 #
 # Run it from the repository root. Each step logs to runs/rerun-DATASET/NAME.log and is skipped
 # when it has finished (a training run with its final test line, the sweep with its sweep.json,
 # an evaluation with its per_image.npz, written last), so a second call continues where the first
 # stopped.
 set -euo pipefail
-usage="usage: bash experiments/rerun.sh cifar10|imagenette DATA_DIR [seed1]"
+usage="usage: bash experiments/rerun.sh cifar10|imagenette|shapes DATA_DIR [seed1]"
 dataset=${1:?$usage}
 data_dir=${2:?$usage}
 stage=${3:-main}     # seed1: CIFAR-10's second seeds (RESULTS.md: "A second training seed") only
@@ -39,7 +40,9 @@ case $dataset in
     grid=(--tokens all --epochs 24)
     retrofit=(--epochs 8 --warmup-epochs 0.5)
     search_lr=0.01 sweep_limit=300 placer=in-placer-lr1e-3 ;;
-  *) echo "rerun.sh: the dataset must be cifar10 or imagenette, got '$dataset'" >&2; exit 2 ;;
+  shapes) ;;    # the default run: README's `python train.py`, built-in data (DATA_DIR unused)
+  *) echo "rerun.sh: the dataset must be cifar10, imagenette or shapes, got '$dataset'" >&2
+     exit 2 ;;
 esac
 
 step() {  # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, its log in $logs/NAME.log
@@ -63,7 +66,18 @@ train() {  # train RUN FLAGS...: train.py into runs/RUN (an interrupted run is r
 }
 
 evaluate=(python oracle.py --draws 2 --batch-size 512 --threads 1 --no-progress)
-if [[ $stage == seed1 ]]; then    # the same recipes with --seed 1 (initialization, data order,
+if [[ $dataset == shapes ]]; then     # as it is, not pinned: the README's command, then its table
+  if ! grep -qs '"final": true' runs/shapes-default/metrics.jsonl; then
+    rm -rf runs/shapes-default
+    step "train-shapes-default" "runs/shapes-default/never" \
+      python train.py --threads 2 --no-progress --out runs/shapes-default
+  fi
+  mkdir -p results/shapes-default
+  cp runs/shapes-default/run.json runs/shapes-default/metrics.jsonl results/shapes-default/
+  step "oracle-shapes-default" "results/shapes-default/per_image.npz" python oracle.py \
+    --checkpoint runs/shapes-default/checkpoint.pt --name shapes-default --draws 2 \
+    --search-limit 1000 --saliency-limit 1000 --threads 1 --no-progress --out results/shapes-default
+elif [[ $stage == seed1 ]]; then    # the same recipes with --seed 1 (initialization, data order,
                                   # augmentation, training positions; the same validation images)
   train cifar10-grid-vit-seed1 "${grid[@]}" --train-priors grid --seed 1
   train cifar10-spot-seed1 --seed 1
@@ -118,6 +132,12 @@ export_model() {  # export_model RUN RESULTS: runs/RUN -> results/RESULTS
   step "export-$2" "$file.never" \
     python -m experiments.models export --run "runs/$1" --to "results/$2"
 }
+if [[ $dataset == shapes ]]; then
+  export_model shapes-default shapes-default
+  echo "$(date +%H:%M:%S) check-models: the default run's model against its per-image results"
+  python -m experiments.models check shapes-default --limit 200 | tee "$logs/check-models.log"
+  exit
+fi
 if [[ $stage == main ]]; then
   for run in "$dataset"-{grid-vit,retrofit,spot}; do export_model "$run" "$run"; done
   export_model "$placer" "$dataset-placer"
