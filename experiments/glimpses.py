@@ -34,7 +34,6 @@ OUT/metrics.jsonl and OUT/run.json:
 """
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -42,7 +41,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 import spot
@@ -156,12 +154,8 @@ def train_glimpses(model, placer, dataset, args, out, log=print):
     for epoch in range(1, args.epochs + 1):
         model.train(not args.freeze)
         placer.train()
-        order, loss_sum = torch.randperm(n_train, generator=generator), 0.0
-        for step in tqdm(range(steps), f"epoch {epoch}", disable=not args.progress, leave=False):
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            images = dataset.train.images[batch].float().div_(255)
-            images = data.augment(images, generator, padding=0).to(args.device)
-            labels = dataset.train.labels[batch].to(args.device)
+        loss_sum = 0.0
+        for step, images, labels in placement.train_batches(dataset.train, args, generator, epoch):
             loss = step_loss(model, placer, images, labels, args, generator, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()                       # through the bilinear sampler into the head
@@ -254,10 +248,7 @@ def main(argv=None):
     parser, args = parse_args(argv)
     model, placer, dataset = setup(parser, args)
     out = Path(args.out)
-    flags = sys.argv[1:] if argv is None else list(argv)
-    run = {"argv": ["python", "-m", "experiments.glimpses"] + flags,
-           "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
-    utils.write_atomic(out / "run.json", json.dumps(run, indent=2))
+    placement.write_run_json(out, "experiments.glimpses", argv, args)
     train_glimpses(model, placer, dataset, args, out)
     print(f"wrote {out / 'glimpses.pt'}")
     return 0

@@ -184,6 +184,18 @@ def placed_accuracy(model, placer, split, budgets, device, batch_size):
     return accuracy
 
 
+def train_batches(split, args, generator, epoch):
+    """One epoch of a training split in a random order (drawn from `generator`, which also flips
+    the images) -> yields (step, images (B, C, H, W) in [0, 1], labels (B,)) on args.device."""
+    order = torch.randperm(len(split.labels), generator=generator)
+    steps = len(split.labels) // args.batch_size
+    for step in tqdm(range(steps), f"epoch {epoch}", disable=not args.progress, leave=False):
+        batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+        images = split.images[batch].float().div_(255)
+        images = data.augment(images, generator, padding=0).to(args.device)
+        yield step, images, split.labels[batch].to(args.device)
+
+
 def train_placer(model, placer, dataset, args, out, log=print):
     """The head only, with train.py's optimizer (train.make_optimizer: AdamW with decay on its
     matrices, cosine decay of --lr; no warm-up): one budget of --tokens per batch, and each epoch
@@ -196,14 +208,10 @@ def train_placer(model, placer, dataset, args, out, log=print):
     steps, history = n_train // args.batch_size, []
     for epoch in range(1, args.epochs + 1):
         placer.train()
-        order, loss_sum = torch.randperm(n_train, generator=generator), 0.0
-        for step in tqdm(range(steps), f"epoch {epoch}", disable=not args.progress, leave=False):
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            images = dataset.train.images[batch].float().div_(255)
-            images = data.augment(images, generator, padding=0).to(args.device)
+        loss_sum = 0.0
+        for _, images, labels in train_batches(dataset.train, args, generator, epoch):
             n_tokens = args.tokens[torch.randint(len(args.tokens), (), generator=generator).item()]
-            loss = F.cross_entropy(model(images, place(model, placer, images, n_tokens)),
-                                   dataset.train.labels[batch].to(args.device))
+            loss = F.cross_entropy(model(images, place(model, placer, images, n_tokens)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()                    # through the bilinear sampler into the head
             optimizer.step()
@@ -220,6 +228,15 @@ def train_placer(model, placer, dataset, args, out, log=print):
 
 # -----------------------------------------------------------------------------
 # Command line
+
+def write_run_json(out, module, argv, args):
+    """out/run.json: the command that made the run (python -m `module` and its flags), every
+    argument and the CPU (experiments.models' cards read it)."""
+    flags = sys.argv[1:] if argv is None else list(argv)
+    run = {"argv": ["python", "-m", module] + flags,
+           "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
+    utils.write_atomic(Path(out) / "run.json", json.dumps(run, indent=2))
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.placement",
@@ -268,10 +285,7 @@ def main(argv=None):
         placer = GlancePlacer(config).to(args.device)
     except (ValueError, data.DataError) as error:
         parser.error(str(error))
-    flags = sys.argv[1:] if argv is None else list(argv)
-    run = {"argv": ["python", "-m", "experiments.placement"] + flags,
-           "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
-    utils.write_atomic(out / "run.json", json.dumps(run, indent=2))
+    write_run_json(out, "experiments.placement", argv, args)
     train_placer(model, placer, dataset, args, out)
     print(f"wrote {out / 'placer.pt'}")
     return 0
