@@ -571,6 +571,7 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "shuffled": ("tab:brown", "v", "SPoT-ON's positions of another image"),
             "spot-on-self": ("tab:olive", "X", "SPoT-ON toward its own first answer"),
             "glimpses": ("tab:orange", "h", "glimpses (experiments.glimpses)"),
+            "glance-and-rank": ("tab:pink", "p", "glance and rank (experiments.ranker)"),
             "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
             "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
 

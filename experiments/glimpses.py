@@ -210,31 +210,15 @@ def parse_args(argv=None):
     add("--warmup-epochs", type=utils.float_in(0), default=0.2)
     add("--batch-size", type=utils.int_at_least(1), default=128)
     add("--lr", type=utils.float_in(0, low_open=True), default=3e-4, help="peak AdamW lr")
-    add("--seed", type=int, default=0)
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=utils.int_at_least(1), help="CPU threads (none: all cores)")
-    add("--out", required=True, help="a new folder for glimpses.pt, metrics.jsonl, run.json")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    placement.add_common_flags(parser, "glimpses.pt, metrics.jsonl, run.json")
     return parser, parser.parse_args(argv)
 
 
 def setup(parser, args):
     """The model, its data and a new head, every input checked -> (model, placer, dataset)."""
     try:
-        args.device = utils.resolve_device(args.device)
-        utils.check_out_dir(Path(args.out), "--out")
-        if (Path(args.out) / "glimpses.pt").exists():
-            raise ValueError(f"--out: {args.out} already holds a glimpses.pt; choose a new one")
-        torch.set_num_threads(args.threads or torch.get_num_threads())
-        model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
+        model, dataset = placement.load_frozen(args, "glimpses.pt")
         config = model.config
-        args.tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(
-            config.image_size, config.window)))
-        if min(args.tokens) < 2:
-            raise ValueError("--tokens: each budget must be >= 2 (a glance and a placed token)")
-        if dataset.val is None:
-            raise ValueError("the checkpoint's run held out no validation images "
-                             "(train.py --val-size): epochs are judged on validation only")
         torch.manual_seed(args.seed)                                # the head's initial weights
         placer = placement.GlancePlacer(placement.PlacerConfig(
             config.image_size, config.window, config.dim, args.width,

@@ -238,6 +238,43 @@ def write_run_json(out, module, argv, args):
     utils.write_atomic(Path(out) / "run.json", json.dumps(run, indent=2))
 
 
+# -----------------------------------------------------------------------------
+# The command line every head trained on a frozen model shares (this file's, experiments.glimpses'
+# and experiments.ranker's)
+
+def add_common_flags(parser, writes):
+    """--seed, --device, --threads, --out (a new folder for `writes`) and --progress."""
+    add = parser.add_argument
+    add("--seed", type=int, default=0)
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add("--threads", type=utils.int_at_least(1), help="CPU threads (none: all cores)")
+    add("--out", required=True, help=f"a new folder for {writes}")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+
+
+def load_frozen(args, written):
+    """The checks of every head's command, then its frozen model and the model's data ->
+    (model, dataset): --device resolved; --out writable, and refused when it already holds
+    `written`; --threads set (none: all cores); --tokens parsed, each >= 2 (a glance and at least
+    one more token); a validation split required (a head is judged on it, never on test).
+    Raises ValueError or data.DataError, for the caller's parser.error."""
+    args.device = utils.resolve_device(args.device)
+    utils.check_out_dir(Path(args.out), "--out")
+    if (Path(args.out) / written).exists():
+        raise ValueError(f"--out: {args.out} already holds a {written}; choose a new folder")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
+    n_grid = len(spot.grid_positions(model.config.image_size, model.config.window))
+    args.tokens = utils.parse_tokens(args.tokens, n_grid)
+    if min(args.tokens) < 2:
+        raise ValueError("--tokens: each budget must be >= 2 (a glance and at least one more "
+                         "token)")
+    if dataset.val is None:
+        raise ValueError("the checkpoint's run held out no validation images (train.py "
+                         "--val-size): a head is judged on validation, never on test")
+    return model, dataset
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.placement",
                                      description=__doc__.split("\n\n")[0],
@@ -256,32 +293,15 @@ def main(argv=None):
     add("--batch-size", type=utils.int_at_least(1), default=128)
     add("--lr", type=utils.float_in(0, low_open=True), default=1e-3,
         help="peak AdamW lr (cosine decay)")
-    add("--seed", type=int, default=0)
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add("--threads", type=utils.int_at_least(1), help="CPU threads (none: all cores)")
-    add("--out", required=True, help="a new folder for placer.pt, metrics.jsonl and run.json")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    add_common_flags(parser, "placer.pt, metrics.jsonl and run.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:         # every flag, the checkpoint and its data: a message, never a traceback
-        args.device = utils.resolve_device(args.device)
-        utils.check_out_dir(out, "--out")
-        if (out / "placer.pt").exists():
-            raise ValueError(f"--out: {out} already holds a placer.pt; choose a new folder")
-        torch.set_num_threads(args.threads or torch.get_num_threads())   # else all cores
-        model, dataset, _ = data.load_model_and_data(args.checkpoint, args.device)
-        size, window, dim = model.config.image_size, model.config.window, model.config.dim
-        args.tokens = utils.parse_tokens(args.tokens, len(spot.grid_positions(size, window)))
-        if min(args.tokens) < 2:
-            raise ValueError("--tokens: each budget must be >= 2 "
-                             "(a glance and at least one placed token)")
-        if dataset.val is None:
-            raise ValueError("the checkpoint's run held out no validation images "
-                             "(train.py --val-size): the head's epochs are judged on validation, "
-                             "never on test")
+        model, dataset = load_frozen(args, "placer.pt")
         torch.manual_seed(args.seed)                                # the head's initial weights
-        config = PlacerConfig(size, window, dim, args.width, glance_fraction=args.glance_fraction,
-                              max_shift=args.max_shift)
+        c = model.config
+        config = PlacerConfig(c.image_size, c.window, c.dim, args.width,
+                              glance_fraction=args.glance_fraction, max_shift=args.max_shift)
         placer = GlancePlacer(config).to(args.device)
     except (ValueError, data.DataError) as error:
         parser.error(str(error))
