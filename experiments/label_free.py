@@ -119,8 +119,10 @@ def control_rows(model, split, config, per_image, role="test", ks=CONTROL_K):
     (the isotropic lattice, the centre lattice, then Sobol draws), each read once; keep the one
     on which the model is most confident (its largest softmax probability). No label, no
     gradient; its cost is exactly K forward passes at the budget. The K candidates are the first
-    K of one list, so a larger K only adds candidates. split: (uint8 images, labels) -> rows
-    ("best-of-k", "K=k", tokens) for every k in ks and budget of config; per_image filled."""
+    K of one list, so a larger K only adds candidates. Beside it, its ceiling, which reads the
+    label: the oracle of K, right when any of the K candidates is. split: (uint8 images, labels)
+    -> rows ("best-of-k", "K=k", tokens) and, for k >= 2, ("oracle-of-k", "K=k", tokens) for
+    every k in ks and budget of config; per_image filled."""
     window, rows = model.config.window, []
     candidates = ["isotropic", "center"] + ["sobol"] * (max(ks) - 2)
     for tokens in config.tokens:
@@ -140,6 +142,12 @@ def control_rows(model, split, config, per_image, role="test", ks=CONTROL_K):
             per_image["top1", "best-of-k", f"K={k}", tokens] = chosen
             rows.append(utils.table_row("best-of-k", f"K={k}", tokens, chosen, seed=config.seed,
                                          cost_vs_prior=k))
+            if k < 2:
+                continue
+            ceiling = correct[:k].any(0)                  # (n,) one of the first k is right
+            per_image["top1", "oracle-of-k", f"K={k}", tokens] = ceiling
+            rows.append(utils.table_row("oracle-of-k", f"K={k}", tokens, ceiling,
+                                         seed=config.seed, cost_vs_prior=k))
     return rows
 
 
@@ -182,6 +190,8 @@ def comparison_rows(per_image, reference, choices, rows, seed=0):
     for row in (r for r in rows if r["top1"] is not None):
         method, tokens = row["method"], row["tokens"]
         chosen = choices["control_k"][tokens]["k"]
+        if method == "oracle-of-k":                   # a ceiling (it reads the label), not a method
+            continue
         if method == "best-of-k" and row["prior"] != f"K={chosen}":
             continue
         found = per(per_image["top1", method, row["prior"], tokens])                    # (n,)

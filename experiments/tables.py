@@ -158,6 +158,7 @@ def training_table(runs, n_val, n_test):
 METHOD_LABELS = {
     "prior": "SPoT",
     "best-of-k": "best of K by confidence (label-free control)",
+    "oracle-of-k": "oracle of K (the control's ceiling: any of the K right; reads the label)",
     "spot-learned": "SPoT-learned (glance + place, label-free)",
     "spot-on": "SPoT-ON (label oracle)",
     "spot-on-entropy": "SPoT-ON (entropy, label-free)",

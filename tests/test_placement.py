@@ -184,6 +184,13 @@ def test_label_free_table_gets_learned_rows_with_their_cost(tmp_path, monkeypatc
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())["rows"]
     isotropic = {r["tokens"]: r["top1"] for r in reference if r["prior"] == "isotropic" and r["method"] == "prior"}
     assert all(control["K=1", n]["top1"] == isotropic[n] and control["K=4", n]["cost_vs_prior"] == 4 for n in (4, 8))
+    # its ceiling, the oracle of K: any of the K candidates right (at least the control, growing with K)
+    ceiling = {(r["prior"], r["tokens"]): r["top1"] for r in rows if r["method"] == "oracle-of-k"}
+    assert set(ceiling) == {(f"K={k}", n) for k in label_free.CONTROL_K[1:] for n in (1, 4, 8)}
+    for n in (1, 4, 8):
+        tops = [ceiling[f"K={k}", n] for k in label_free.CONTROL_K[1:]]
+        assert tops == sorted(tops) and all(ceiling[f"K={k}", n] >= control[f"K={k}", n]["top1"]
+                                            for k in label_free.CONTROL_K[1:])
     # the choices were made on the validation split (16 images) and recorded
     choices = results["choices"]
     assert choices["split"] == "val" and choices["n_images"] == 16
