@@ -39,7 +39,7 @@ case $dataset in
     common=(--dataset folder --data-dir "$data_dir" --preset imagenette-cpu --eval-tokens 4,8,16)
     grid=(--tokens all --epochs 24)
     retrofit=(--epochs 8 --warmup-epochs 0.5)
-    search_lr=0.01 sweep_limit=300 placer=in-placer-lr1e-3 ;;
+    search_lr=0.03 sweep_limit=300 placer=in-placer-lr1e-3 ;;
   shapes) ;;    # the default run: README's `python train.py`, built-in data (DATA_DIR unused)
   *) echo "rerun.sh: the dataset must be cifar10, imagenette or shapes, got '$dataset'" >&2
      exit 2 ;;

@@ -378,9 +378,13 @@ def plot_gradient_averages(rows, averages, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(averages), figsize=(max(5, 3.4 * len(averages)), 3.8),
+    columns = min(3, len(averages))                       # one dataset's three models a row
+    lines = -(-len(averages) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(max(5, 3.4 * columns), 0.6 + 3.2 * lines),
                              squeeze=False)
-    for ax, (name, average) in zip(axes[0], averages.items()):
+    for ax in axes.flat[len(averages):]:
+        ax.set_axis_off()
+    for ax, (name, average) in zip(axes.flat, averages.items()):
         im = ax.imshow((average / average.mean()).numpy(), cmap="magma", vmin=0, vmax=3)
         row = rows[name]
         ax.set_title(f"{name}\npattern {row['pattern']:.2f}, {row['window']} px grid "

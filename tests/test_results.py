@@ -63,6 +63,26 @@ def test_readme_verdicts_are_cells_of_the_generated_tables():
     assert not missing, f"README cells that no generated table holds: {missing}"
 
 
+def test_the_lr_and_cost_sentences_are_what_the_results_record():
+    """RESULTS.md: the label oracle runs at the entropy search's lr on both datasets, the lr it
+    names; README's Differences: the control's K beside each label-free method is the K its
+    comparisons used (results/*-label-free/results.json)."""
+    results, readme = ((ROOT / f).read_text() for f in ("RESULTS.md", "README.md"))
+    said = re.search(r"The label oracle beside it runs at the same lr,\s+([\d.]+), on both", results)
+    assert said, "RESULTS.md's sentence on the label oracle's lr is gone"
+    for dataset in ("cifar10", "imagenette"):
+        oracle_lr = json.loads((ROOT / f"results/{dataset}-spot/results.json").read_text())
+        free = json.loads((ROOT / f"results/{dataset}-label-free/results.json").read_text())
+        assert oracle_lr["settings"]["search_lr"] == free["settings"]["search_lr"] == float(said[1])
+    said = re.search(r"K = (\d+)\s+beside the placer, (\d+)\s+beside the entropy search", readme)
+    assert said, "README's sentence on the control's K is gone"
+    for method, k in (("spot-learned", said[1]), ("spot-on-entropy", said[2])):
+        used = {c["control_k"] for dataset in ("cifar10", "imagenette")
+                for c in json.loads((ROOT / f"results/{dataset}-label-free/results.json")
+                                    .read_text())["comparisons"] if c["method"] == method}
+        assert used == {int(k)}, (method, used)
+
+
 def test_committed_intervals_are_recomputed_from_the_per_image_files():
     """Every results/*/per_image.npz gives back its results.json: each row's accuracy and 95 %
     interval (utils.bootstrap_interval, as oracle.py's) from the committed 0/1 correctness, no
