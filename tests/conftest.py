@@ -31,3 +31,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def head_checkpoint(tmp_path_factory):
+    """A tiny SPoT model trained for one epoch with a validation split: the frozen model that the
+    label-free heads' commands (experiments.glimpses, experiments.ranker) start from."""
+    import train
+    from test_train import TINY
+    run = tmp_path_factory.mktemp("head") / "run"
+    argv = [a for a in TINY if a not in ("--train-limit", "192")]
+    assert train.main(argv + ["--train-limit", "384", "--epochs", "1", "--val-size", "64",
+                              "--out", str(run)]) == 0
+    return run / "checkpoint.pt"

@@ -74,15 +74,9 @@ def test_an_untrained_head_places_on_the_lattice_and_gradients_reach_it():
     assert placer.mlp[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import train
-    from test_train import TINY
-    run = tmp_path_factory.mktemp("glimpses") / "run"
-    argv = [a for a in TINY if a not in ("--train-limit", "192")]
-    assert train.main(argv + ["--train-limit", "384", "--epochs", "1", "--val-size", "64",
-                              "--out", str(run)]) == 0
-    return run / "checkpoint.pt"
+@pytest.fixture
+def checkpoint(head_checkpoint):
+    return head_checkpoint                        # conftest.py's tiny model with a val split
 
 
 @pytest.mark.parametrize("freeze", [True, False])

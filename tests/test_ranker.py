@@ -98,15 +98,9 @@ def test_a_ranked_read_costs_about_one_pass():
         assert n < frontier.compute_tokens(sum(ops.values()), config) < n + 2
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import train
-    from test_train import TINY
-    run = tmp_path_factory.mktemp("ranker") / "run"
-    argv = [a for a in TINY if a not in ("--train-limit", "192")]
-    assert train.main(argv + ["--train-limit", "384", "--epochs", "1", "--val-size", "64",
-                              "--out", str(run)]) == 0
-    return run / "checkpoint.pt"
+@pytest.fixture
+def checkpoint(head_checkpoint):
+    return head_checkpoint                        # conftest.py's tiny model with a val split
 
 
 def test_the_command_ranks_saves_and_reloads(checkpoint, tmp_path, capsys):
