@@ -227,7 +227,8 @@ def train_placer(model, placer, dataset, args, out, log=print):
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# The command line, and what every head trained on a frozen model shares with it (this file's,
+# experiments.glimpses' and experiments.ranker's): run.json, the common flags, the checks
 
 def write_run_json(out, module, argv, args):
     """out/run.json: the command that made the run (python -m `module` and its flags), every
@@ -237,10 +238,6 @@ def write_run_json(out, module, argv, args):
            "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
     utils.write_atomic(Path(out) / "run.json", json.dumps(run, indent=2))
 
-
-# -----------------------------------------------------------------------------
-# The command line every head trained on a frozen model shares (this file's, experiments.glimpses'
-# and experiments.ranker's)
 
 def add_common_flags(parser, writes):
     """--seed, --device, --threads, --out (a new folder for `writes`) and --progress."""
