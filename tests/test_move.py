@@ -1,0 +1,149 @@
+"""experiments/move.py: an untrained head moves nothing (the move is then the N-token prior read
+twice); the head learns through the frozen model and the bilinear sampler; a move costs two
+passes and the head, counted against torch's FLOP counter; the command line trains, saves what
+loads back (weights_only) and refuses bad flags; the frontier judges its row."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import spot
+from experiments import frontier, move, placement
+
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    config = spot.SPoTConfig(image_size=16, window=4, num_classes=3, dim=32, depth=2, heads=2)
+    return spot.SPoTViT(config).eval()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_an_untrained_head_moves_nothing(reuse):
+    # fresh: pass 2 reads the lattice again. reuse: pass 2's tokens and class token duplicate
+    # pass 1's, and each key with its value appears exactly twice, which weighs as once -- so
+    # pass 2 is pass 1, block by block, and the answer is the N-token prior's
+    model, head = tiny(), move.MoveHead(move.MoveConfig(dim=32, width=16, reuse=reuse))
+    images = torch.rand(3, 3, 16, 16)
+    for n in (4, 9):
+        logits, moved = move.move(model, head, images, n)
+        lattice = spot.isotropic_positions(n).expand(3, n, 2)
+        assert torch.equal(moved, lattice)
+        assert torch.allclose(logits, model(images, lattice), atol=1e-5)
+    head.mlp[-1].bias.data = torch.tensor([0.3, -0.2])           # every token moves the same way
+    logits, moved = move.move(model, head, images, 4)
+    shift = 0.25 * torch.tanh(torch.tensor([0.3, -0.2]))             # max_shift 0.25
+    assert torch.allclose(moved[0], (spot.isotropic_positions(4) + shift).clamp(0, 1))
+    fresh = model(images, moved)
+    assert torch.allclose(logits, fresh, atol=1e-5) != reuse     # reuse also sees pass 1
+
+
+def test_a_move_is_bounded_and_learns_through_the_frozen_model():
+    model = tiny().requires_grad_(False)
+    head = move.MoveHead(move.MoveConfig(dim=32, width=16, max_shift=0.2))
+    torch.nn.init.normal_(head.mlp[-1].weight, std=10.0)            # large moves: tanh saturates
+    images, labels = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    moved = move.move(model, head, images, 4)[1]
+    lattice = spot.isotropic_positions(4).expand(8, 4, 2)
+    assert (moved - lattice).abs().max() <= 0.2 + 1e-6 and 0 <= moved.min() <= moved.max() <= 1
+    assert (moved - lattice).abs().max() > 0.1
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        head = move.MoveHead(move.MoveConfig(dim=32, width=16, max_shift=0.3, reuse=reuse))
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(60):                  # one fixed batch: the moves alone must fit it
+            loss = F.cross_entropy(move.move(model, head, images, 4)[0], labels)
+            optimizer.zero_grad()
+            loss.backward()
+            assert all(p.grad is not None for p in head.parameters())
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.02         # (0.07 fresh, 0.04 with reuse)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_move_costs_two_passes_and_the_head():
+    model = tiny()
+    config = move.MoveConfig(dim=32, width=16)
+    head = move.MoveHead(config)
+    tokens = torch.randn(2, 1 + 6, 32)
+    with FlopCounterMode(display=False) as counter:         # matrix products only
+        head(tokens, torch.rand(2, 6, 2))
+    ops = move.move_compute(model.config, config, 6)
+    assert ops["first"] == ops["second"] == frontier.forward_flops(model.config, 6)
+    assert ops["cross_attention"] == 0
+    reuse = move.move_compute(model.config, move.MoveConfig(dim=32, width=16, reuse=True), 6)
+    placer = placement.PlacerConfig((16, 16), 4, 32, glance_fraction=0.5)
+    assert reuse["cross_attention"] == frontier.glimpse_compute(model.config, placer,
+                                                                12)["cross_attention"] > 0
+    matmul = frontier.mlp_compute([64, 16, 16, 2], rows=6)["matmul"]
+    assert counter.get_total_flops() == 2 * matmul                  # two images
+    assert matmul < ops["head"] < 2 * matmul
+    cpu = spot.SPoTConfig(image_size=32, window=4, num_classes=10, dim=192, depth=6, heads=3)
+    for n in (4, 8, 16):
+        ops = move.move_compute(cpu, move.MoveConfig(dim=192), n)
+        assert 2 * n < frontier.compute_tokens(sum(ops.values()), cpu) < 2 * n + 2
+        assert frontier.compute_tokens(ops["head"], cpu) < n / 32         # the head is cheap
+
+
+def test_the_command_trains_saves_and_reloads(head_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(head_checkpoint), "--tokens", "4,8", "--train-limit", "64",
+            "--epochs", "2", "--width", "16", "--batch-size", "32", "--threads", "1",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert move.main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"val_move@4", "val_isotropic@8", "val_isotropic@16"} <= set(history[-1])
+    head, state = move.load_move(out / "move.pt")
+    assert state["epoch"] == 2 and head.config.width == 16
+    model, dataset, _ = data.load_model_and_data(state["checkpoint"])
+    split = (dataset.val.images, dataset.val.labels)
+    for n in (4, 8):
+        right, moved = move.move_split(model, head, split, n, "cpu", 64)
+        assert frontier.top1(right) == pytest.approx(history[-1][f"val_move@{n}"])
+        images = dataset.val.images[:5].float() / 255
+        assert torch.equal(move.place(model, head, images, n), moved[:5])
+    with pytest.raises(SystemExit) as used:                  # a folder with a move.pt
+        move.main(argv)
+    assert used.value.code == 2
+    for bad in (["--tokens", "1"], ["--max-shift", "0"], ["--width", "0"]):
+        with pytest.raises(SystemExit) as refused:
+            move.main(argv[:-1] + [str(tmp_path / "other")] + bad)
+        assert refused.value.code == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt is not a move head"):
+        move.load_move(tmp_path / "junk.pt")
+
+
+def test_the_frontier_judges_a_learned_move_row(tmp_path, monkeypatch):
+    import oracle
+    from test_oracle import fake_dataset, write_checkpoint
+    checkpoint = write_checkpoint(tmp_path / "checkpoint.pt", 0)
+    model = spot.load_checkpoint(checkpoint)
+    monkeypatch.setattr(oracle.data, "load_dataset", lambda *a, **k: fake_dataset())
+    head = move.MoveHead(move.MoveConfig(dim=model.config.dim, width=16))
+    config = frontier.FrontierConfig(checkpoint=checkpoint, tokens=(2, 4, 8, 16),
+                                     budgets=(4, 8), k=(2,), search_limit=0, progress=False)
+    results, per_image = frontier.evaluate(model, fake_dataset(), config,
+                                           methods=(move.move_rows(head),))
+    rows = [r for r in results["rows"] if r["method"] == "learned-move"]
+    assert [r["budget"] for r in rows] == [4, 8]
+    for row in rows:
+        assert row["label_free"] and row["n_images"] == 12
+        assert 2 * row["budget"] < row["compute_tokens"] < 2 * row["budget"] + 2
+        # an untrained head reads the N-token lattice twice: the isotropic prior's answers at N
+        assert row["top1"] == pytest.approx(results["curve"][curve_index(results, row)]["top1"])
+    assert ("top1", "learned-move", 8) in per_image
+
+
+def curve_index(results, row):
+    """The index of the isotropic prior at the row's N in results["curve"]."""
+    return next(i for i, point in enumerate(results["curve"])
+                if point["prior"] == "isotropic" and point["tokens"] == row["budget"])
