@@ -25,7 +25,9 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
                 SPoT-ON from the prior (oracle.oracle_search)
     designs     --glimpses PATH: experiments.glimpses' model (its own prior curve: a model
                 fine-tuned for a design is judged against its own priors) and a "glimpses" row
-                at each budget, at glimpse_compute's FLOPs
+                at each budget, at cost.glimpse_compute's FLOPs; --ranker PATH: a
+                "glance-and-rank" row (experiments.ranker); --move PATH: a "learned-move" row
+                (experiments.move); both on the checkpoint's frozen model
     rows        each against the best prior at no more compute: the curve's point of highest
                 top-1 on the validation split (when the run has one) among those whose read
                 costs at most the row's compute rounded up to a whole token's worth, on the same
@@ -58,170 +60,7 @@ import oracle
 import spot
 import train
 import utils
-from experiments import glimpses, stats
-
-# -----------------------------------------------------------------------------
-# FLOPs: what one forward pass costs, counted from the config
-#
-# The convention: a multiply-add is 2 FLOPs (so an (m x k) @ (k x n) product is 2 m k n, as
-# torch.utils.flop_counter counts it); every other elementary operation -- an add, a multiply, a
-# divide, and each exp, log, sqrt, sin, cos or erf -- is 1 FLOP; copies, indexing, concatenation,
-# comparisons and random draws are free. Per element (or per value) that gives:
-BILINEAR_VALUE = 8     # one channel's value of a bilinear read: its 4 neighbours, 4 multiply-adds
-BILINEAR_POINT = 14    # one sample point: 2 coordinates to pixels (3 each), the fractions and
-                       # their complements (4), the 4 corner weights (4 multiplies)
-LAYERNORM = 7          # per element: mean, centre, square, variance, 1/sigma, gamma, beta
-LAYERNORM_ROW = 3      # per row: the two divisions by the width and the rsqrt
-SOFTMAX = 6            # per score: the 1/sqrt(d) scale, max, subtract, exp, sum, divide
-GELU = 5               # per element, the exact GELU 0.5 x (1 + erf(x / sqrt 2))
-ADAM = 16              # per coordinate of one Adam step (oracle.oracle_search writes it out)
-FFT = 5                # a complex FFT of n points: 5 n log2(n) (the radix-2 count, FFTW's
-                       # convention; a real input is counted as complex)
-# torch.utils.flop_counter.FlopCounterMode counts the matrix products only (mm, addmm, bmm,
-# convolutions, fused attention) at 2 FLOPs per multiply-add; it ignores bias adds, norms,
-# softmax, GELU, grid_sample and every elementwise op. The operations below that it counts:
-MATMULS = ("patch_embed", "qkv", "scores", "weighted_sum", "proj", "mlp", "head")
-
-
-def compute(config, n_tokens):
-    """FLOPs of every operation of one SPoTViT(config) forward pass on one image at n_tokens
-    positions -> {operation: FLOPs}, each summed over the blocks (see the convention above; a
-    batch of B images costs B times as much). T = N + 1 tokens go through the blocks (the class
-    token joins the N position tokens), so attention's scores grow with T^2."""
-    n, d, depth, classes = n_tokens, config.dim, config.depth, config.num_classes
-    hidden, k, c = int(config.dim * config.mlp_ratio), config.window, config.in_chans
-    t = n + 1
-    if config.position_embedding == "learned":
-        position = n * (6 + 3 * 3 * d)         # p and its fractions; 3 lerps of 3 FLOPs per channel
-    else:
-        position = n * (4 + d // 2 + d)        # p; the angles p * omega; their sin and cos
-    avg = config.pool == "avg"
-    return {
-        "normalize": 2 * c * math.prod(config.image_size),       # (image - mean) / std, all pixels
-        "patch_extraction": n * (k * k * (BILINEAR_POINT + c * BILINEAR_VALUE) + 6 * k),
-        "patch_embed": 2 * n * (c * k * k) * d,
-        "pos_embed": position + n * d,                          # ... and adding it to the tokens
-        "qkv": depth * 2 * t * d * 3 * d,
-        "scores": depth * 2 * t * t * d,                         # q k^T, all heads: h T^2 (d/h)
-        "softmax": depth * SOFTMAX * config.heads * t * t,
-        "weighted_sum": depth * 2 * t * t * d,                   # softmax(.) v
-        "proj": depth * 2 * t * d * d,
-        "mlp": depth * 2 * 2 * t * d * hidden,                   # fc1 and fc2
-        "gelu": depth * GELU * t * hidden,
-        "norms": (2 * depth * t + (1 if avg else t)) * (LAYERNORM * d + LAYERNORM_ROW),
-        "residual": depth * 2 * t * d,
-        "biases": n * d + depth * t * (3 * d + d + hidden + d) + classes,
-        "pool": n * d + d if avg else 0,                          # the mean of the N tokens
-        "head": 2 * d * classes,
-    }
-
-
-def forward_flops(config, n_tokens):
-    """FLOPs of one forward pass on one image at n_tokens (the sum of compute())."""
-    return sum(compute(config, n_tokens).values())
-
-
-def backward_compute(config, n_tokens):
-    """FLOPs of the backward pass SPoT-ON takes: the gradient of the loss w.r.t. the POSITIONS
-    only, the weights frozen -> {operation: FLOPs}. A matrix product needs its input's gradient
-    only (as many FLOPs as its forward: autograd skips the weights' gradients), except attention,
-    whose two products have both factors depending on the positions (twice the forward); every
-    other operation is counted at twice its forward (it reads what it saved and the upstream
-    gradient), but the image normalisation, which needs no gradient."""
-    forward = compute(config, n_tokens)
-    doubled = ("scores", "weighted_sum")
-    return {op: (2 * f if op in doubled else f) if op in MATMULS else 2 * f * (op != "normalize")
-            for op, f in forward.items()}
-
-
-def search_compute(config, n_tokens, steps=oracle.DEFAULT_STEPS):
-    """FLOPs of SPoT-ON (oracle.oracle_search) on one image: `steps` forward and backward passes,
-    one Adam step per coordinate each, and the final forward pass that classifies the image at
-    the found positions -> {"forward", "backward", "objective_and_adam": FLOPs}."""
-    classes = config.num_classes
-    return {"forward": (steps + 1) * forward_flops(config, n_tokens),
-            "backward": steps * sum(backward_compute(config, n_tokens).values()),
-            "objective_and_adam": (steps + 1) * 4 * classes + steps * ADAM * 2 * n_tokens}
-
-
-def saliency_compute(image_size, in_chans=3, size=64):
-    """FLOPs of spot.saliency_map on one image (spectral residual at size x size, mirror-padded by
-    size // 4 on each side: P = size + 2 (size // 4)) -> {operation: FLOPs}."""
-    height, width = utils.to_hw(image_size)
-    p = size + 2 * (size // 4)
-    radius = int(3 * max(size * 0.025, 0.5))
-    resize = BILINEAR_POINT + BILINEAR_VALUE                  # one channel per output pixel
-    return {
-        "gray": in_chans * height * width,                    # the channel mean
-        "resize": resize * size * size + resize * height * width,      # down to s, back up
-        "fft": 2 * FFT * p * p * math.log2(p * p),            # fft2 and ifft2
-        # per frequency: |F| (4), log(. + eps) (2), exp(-local mean) (2), F times it (2), |.|^2 (5)
-        "spectrum": 15 * p * p,
-        "local_mean": 10 * p * p,                             # 3 x 3 box: 9 adds, 1 divide
-        "blur": 2 * (2 * radius + 1) ** 2 * p * p,            # the Gaussian conv, p x p outputs
-        "normalise": 3 * height * width,                      # clamp, sum, divide
-    }
-
-
-def mlp_compute(widths, rows=1, activation=GELU):
-    """FLOPs of a small MLP head (Linear, activation, ..., Linear) of layer widths
-    [in, hidden, ..., out] on `rows` inputs -> {"matmul", "biases", "activation": FLOPs}."""
-    pairs = list(zip(widths[:-1], widths[1:]))
-    return {"matmul": rows * sum(2 * a * b for a, b in pairs),
-            "biases": rows * sum(b for _, b in pairs),
-            "activation": rows * activation * sum(widths[1:-1])}
-
-
-def glimpse_compute(config, placer_config, n_tokens):
-    """FLOPs of experiments.glimpses.glimpse on one image at N = G + K tokens -> {operation:
-    FLOPs}: pass 1 (the class token and G glance tokens; its head, which glimpse skips, is
-    counted too), pass 2 (a class token and the K placed tokens), pass 2's attention to pass 1's
-    cached keys and values, and the placer head (experiments.placement.GlancePlacer)."""
-    g = max(1, min(n_tokens - 1, round(placer_config.glance_fraction * n_tokens)))
-    k, d, w = n_tokens - g, config.dim, placer_config.width
-    rows, memory = k + 1, g + 1                            # pass 2's queries, pass 1's keys
-    cross = config.depth * (2 * 2 * rows * memory * d + SOFTMAX * config.heads * rows * memory)
-    norm = LAYERNORM * d + LAYERNORM_ROW
-    placer = {"queries": k * (4 + w // 2 + w) + 2 * k * w * w + k * w,   # sin-cos, Linear
-              "keys_values": memory * (norm + 2 * d * 2 * w + 2 * w),
-              "attention": 2 * 2 * k * memory * w + SOFTMAX * placer_config.heads * k * memory,
-              "proj": 2 * k * w * w + k * w + k * w,             # ... and the residual add
-              "mlp": k * (LAYERNORM * w + LAYERNORM_ROW)
-              + sum(mlp_compute([w, 2 * w, 2], rows=k).values()),
-              "shift": k * 2 * 3}                        # tanh, the scale, the add to the base
-    return {"glance": forward_flops(config, g), "second": forward_flops(config, k),
-            "cross_attention": cross, "placer": sum(placer.values())}
-
-
-# -----------------------------------------------------------------------------
-# Tokens' worth: FLOPs in the currency of the frontier
-#
-# The definition: a model's marginal cost of a token, a, is the slope of the least-squares line
-# forward_flops(config, N) ~ a N + b over N = 4, 5, ..., G (every integer; G = the model's full
-# patch grid, the top of its budgets, at least 16): the price of one more token at the budgets
-# the model is used at. A cost of F FLOPs is then worth F / a tokens. It is additive (two passes
-# are worth twice one), and a pass at N tokens is worth about N: N + b / a on the line, where the
-# offset b / a is what a pass costs besides its tokens (the class token, the head, the image
-# normalisation) less what the line's fit to a slightly convex curve (attention is quadratic in
-# N) takes off. For the CPU presets' model (6 blocks of width 192, an 8 x 8 grid) a = 3.93 M
-# FLOPs (CIFAR-10, 32 px) and 4.21 M (Imagenette, 128 px), the offset -0.10 and -0.07 tokens, and
-# a pass at 4 / 16 / 64 tokens is worth 4.61 / 15.92 / 64.61 (4.59 / 15.94 / 64.59): within 0.65
-# of N everywhere in 4..64 (tests/test_frontier.py checks it). frontier.json's
-# settings["tokens_worth"] holds a, b and the offset of the model at hand.
-
-def token_fit(config):
-    """-> (a: FLOPs per token, b: FLOPs of a pass besides its tokens), the least-squares line of
-    forward_flops(config, N) over N = 4..G (G = the patch grid's size, at least 16)."""
-    grid = math.prod(side // config.window for side in config.image_size)
-    n = np.arange(4, max(grid, 16) + 1, dtype=np.float64)
-    flops = np.array([forward_flops(config, int(x)) for x in n], dtype=np.float64)
-    a, b = np.polyfit(n, flops, 1)
-    return float(a), float(b)
-
-
-def compute_tokens(flops, config):
-    """FLOPs -> tokens' worth: flops / a, a = the marginal FLOPs per token of token_fit."""
-    return flops / token_fit(config)[0]
+from experiments import cost, glimpses, move, ranker, stats
 
 
 # -----------------------------------------------------------------------------
@@ -253,6 +92,10 @@ class FrontierConfig:
                               type=oracle.POSITIVE)
     glimpses: str = option(None, "glimpses.pt of experiments.glimpses: evaluate its model (its "
                            "own prior curve) and add a 'glimpses' row at each --budgets")
+    ranker: str = option(None, "ranker.pt of experiments.ranker: a 'glance-and-rank' row at "
+                         "each --budgets it was trained for")
+    move: str = option(None, "move.pt of experiments.move: a 'learned-move' row at each "
+                       "--budgets (two passes of N tokens)")
     batch_size: int = option(128, "images per forward pass", type=oracle.ONE_OR_MORE)
     seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
     progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
@@ -266,10 +109,10 @@ class FrontierConfig:
 def prior_cost(model_config, prior, n_tokens):
     """FLOPs of reading one image through `prior` at n_tokens: one forward pass, plus the
     saliency map for "salient" (drawing positions from the other priors is free)."""
-    flops = forward_flops(model_config, n_tokens)
+    flops = cost.forward_flops(model_config, n_tokens)
     if prior == "salient":
         size = model_config.image_size
-        flops += sum(saliency_compute(size, model_config.in_chans).values())
+        flops += sum(cost.saliency_compute(size, model_config.in_chans).values())
     return flops
 
 
@@ -301,7 +144,7 @@ class Reference:
     seed: int = 0
 
     def __post_init__(self):
-        self.per_token = token_fit(self.model_config)[0]       # a of the tokens' worth
+        self.per_token = cost.token_fit(self.model_config)[0]       # a of the tokens' worth
         self.per_image = {("top1", "prior", p, n): v for (p, n), v in self.curve.items()}
 
     def cost(self, prior, tokens):
@@ -332,14 +175,10 @@ class Reference:
             prior = self.best_at(tokens)[0]
             correct = self.curve[prior, tokens]
             _, low, high = utils.bootstrap_interval(correct, seed=self.seed)
-            out.append({"tokens": tokens, "prior": prior, "top1": top1(correct),
+            out.append({"tokens": tokens, "prior": prior, "top1": stats.top1(correct),
                         "compute_tokens": self.cost(prior, tokens), "top1_low": low,
                         "top1_high": high})
         return out
-
-
-def top1(correct):
-    return 100 * correct.float().mean().item()
 
 
 def judge(reference, method, budget, correct, flops, label_free):
@@ -353,7 +192,7 @@ def judge(reference, method, budget, correct, flops, label_free):
     reference.per_image["top1", method, budget] = correct
     row = {"dataset": reference.dataset, "method": method, "budget": budget,
            "label_free": label_free, "compute_tokens": worth, "flops": flops,
-           "top1": top1(correct), "top1_low": low, "top1_high": high, "n_images": n,
+           "top1": stats.top1(correct), "top1_low": low, "top1_high": high, "n_images": n,
            "chosen_on": reference.chosen_on}
     best = reference.best(worth)
     if best is None:       # cheaper than every point of the curve: nothing to compare with
@@ -362,7 +201,7 @@ def judge(reference, method, budget, correct, flops, label_free):
     prior = reference.curve[best][:n]
     found = stats.paired(correct.numpy(), prior.numpy(), seed=reference.seed).scaled(100)
     return {**row, "prior": best[0], "prior_tokens": best[1],
-            "prior_compute_tokens": reference.cost(*best), "prior_top1": top1(prior),
+            "prior_compute_tokens": reference.cost(*best), "prior_top1": stats.top1(prior),
             "diff": found.mean, "ci": [found.low, found.high], "p": found.p,
             "test": found.test, "verdict": found.verdict}
 
@@ -410,7 +249,7 @@ def pick(right, score, k):
 
 def budget_rows(model, split, tokens, reference, config):
     """Every control and ceiling at per-pass budget `tokens` -> rows (judge)."""
-    mc, pass_flops = model.config, forward_flops(model.config, tokens)
+    mc, pass_flops = model.config, cost.forward_flops(model.config, tokens)
     ks = sorted(k for k in config.k if k >= 2)
     right, softmax, normalised, mean_right = candidate_reads(model, split, tokens, max(ks),
                                                              config)
@@ -446,8 +285,9 @@ def search_rows(model, split, tokens, reference, config):
     found = oracle.search_split(model, images, labels, start, config, "label",
                                 f"SPoT-ON {tokens}T")
     mc = model.config
-    search = sum(search_compute(mc, tokens, config.search_steps).values())
-    search += prior_cost(mc, config.search_from, tokens) - forward_flops(mc, tokens)   # saliency
+    search = sum(cost.search_compute(mc, tokens, config.search_steps).values())
+    saliency = prior_cost(mc, config.search_from, tokens) - cost.forward_flops(mc, tokens)
+    search += saliency                                      # the start's map, if it reads one
     rows = [judge(reference, "spot-on", tokens, oracle.hits(model, (images, labels), found,
                                                             config), search, False)]
     # The diagnostic of a label-free SPoT-ON: the same search toward the class the model's first
@@ -458,12 +298,12 @@ def search_rows(model, split, tokens, reference, config):
                                  f"SPoT-ON, its own answer {tokens}T")
     rows.append(judge(reference, "spot-on-self", tokens,
                       oracle.hits(model, (images, labels), itself, config),
-                      search + forward_flops(mc, tokens), True))
+                      search + cost.forward_flops(mc, tokens), True))
     if m > 1:                                  # another image's positions need another image
         shuffled = found.roll(1, 0)            # image i <- the positions found for image i - 1
         rows.append(judge(reference, "spot-on-shuffled", tokens,
                           oracle.hits(model, (images, labels), shuffled, config),
-                          forward_flops(mc, tokens), True))
+                          cost.forward_flops(mc, tokens), True))
     return rows
 
 
@@ -471,12 +311,42 @@ def search_rows(model, split, tokens, reference, config):
 # The whole evaluation
 
 def glimpse_rows(placer):
-    """The rows of experiments.glimpses at one budget, for evaluate's `methods`."""
+    """A GlancePlacer of experiments.glimpses -> a function (model, split, tokens, reference,
+    config) -> rows, for evaluate's `methods`: a label-free "glimpses" row at every budget N."""
     def rows(model, split, tokens, reference, config):
         right = glimpses.glimpse_split(model, placer, split, tokens, config.device,
                                        config.batch_size)[0]
-        flops = sum(glimpse_compute(model.config, placer.config, tokens).values())
+        flops = sum(cost.glimpse_compute(model.config, placer.config, tokens).values())
         return [judge(reference, "glimpses", tokens, right, flops, True)]
+    return rows
+
+
+def rank_rows(head):
+    """A GlanceRanker of experiments.ranker -> a function for evaluate's `methods`: a label-free
+    "glance-and-rank" row at every budget N the ranker was trained for."""
+    def rows(model, split, tokens, reference, config):
+        if tokens not in head.banks:
+            return []
+        if head.dim != model.config.dim:
+            raise ValueError("the ranker was trained on a model of another width")
+        right = ranker.rank_split(model, head.to(config.device), split, tokens,
+                                  config.device, config.batch_size)[0]
+        flops = ranker.ranker_compute(model.config, tokens, head.glance_fraction,
+                                      head.width, len(head.banks[tokens]))
+        return [judge(reference, "glance-and-rank", tokens, right, sum(flops.values()), True)]
+    return rows
+
+
+def move_rows(head):
+    """A MoveHead of experiments.move -> a function for evaluate's `methods`: a label-free
+    "learned-move" row at every per-pass budget N (two passes of N tokens)."""
+    def rows(model, split, tokens, reference, config):
+        if head.config.dim != model.config.dim:
+            raise ValueError("the move head was trained on a model of another width")
+        right = move.move_split(model, head.to(config.device), split, tokens, config.device,
+                                config.batch_size)[0]
+        flops = sum(move.move_compute(model.config, head.config, tokens).values())
+        return [judge(reference, "learned-move", tokens, right, flops, True)]
     return rows
 
 
@@ -497,10 +367,10 @@ def evaluate(model, dataset, config, name=None, methods=()):
     if config.split == "test" and dataset.val is not None:
         val = dataset.val.images[:config.limit], dataset.val.labels[:config.limit]
         val_curve = prior_curve(model, val, counts, config, "curve (val)")
-        chooser = {key: top1(v) for key, v in val_curve.items()}
+        chooser = {key: stats.top1(v) for key, v in val_curve.items()}
         chosen_on = f"val ({len(val[1])} images)"
     else:
-        val_curve, chooser = {}, {key: top1(v) for key, v in curve.items()}
+        val_curve, chooser = {}, {key: stats.top1(v) for key, v in curve.items()}
         chosen_on = (f"{config.split}: the evaluated images themselves"
                      + (" (no validation split)" if config.split == "test" else "")
                      + ", which favours the prior")
@@ -512,15 +382,16 @@ def evaluate(model, dataset, config, name=None, methods=()):
         for method in methods:
             rows += method(model, evaluated, tokens, reference, config)
     reference.per_image |= {("val-top1", "prior", p, n): v for (p, n), v in val_curve.items()}
-    a, b = token_fit(model.config)
+    a, b = cost.token_fit(model.config)
     curve_rows = [{"prior": p, "tokens": n, "compute_tokens": reference.cost(p, n),
-                   "top1": top1(v), "chooser_top1": chooser[p, n]} for (p, n), v in curve.items()]
+                   "top1": stats.top1(v), "chooser_top1": chooser[p, n]}
+                  for (p, n), v in curve.items()]
     settings = {**asdict(config), "device": str(config.device), "dataset": dataset_name,
                 "split": config.split, "n_images": len(evaluated[1]), "chosen_on": chosen_on,
                 "model_config": asdict(model.config), "curve_tokens": counts,
                 "tokens_worth": {"flops_per_token": a, "flops_besides_tokens": b,
                                  "offset_tokens": b / a, "fit": "least squares over N = 4..G",
-                                 "forward_flops": {n: forward_flops(model.config, n)
+                                 "forward_flops": {n: cost.forward_flops(model.config, n)
                                                    for n in counts}},
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__}
     return {"settings": settings, "rows": rows, "curve": curve_rows,
@@ -572,6 +443,7 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "spot-on-self": ("tab:olive", "X", "SPoT-ON toward its own first answer"),
             "glimpses": ("tab:orange", "h", "glimpses (experiments.glimpses)"),
             "glance-and-rank": ("tab:pink", "p", "glance and rank (experiments.ranker)"),
+            "learned-move": ("black", "d", "learned move (experiments.move)"),
             "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
             "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
 
@@ -688,14 +560,29 @@ def setup(argv=None):
         if args.split == "val" and dataset.val is None:
             raise ValueError("--split val: this run held out no validation images (train.py "
                              "--val-size 0)")
-        args.methods = ()
-        if args.glimpses:                  # its fine-tuned model replaces the checkpoint's
-            trained, placer = glimpses.load_glimpses(args.glimpses, args.device)
-            if trained.config != model.config:
-                raise ValueError(f"--glimpses: {args.glimpses} holds a model of another config "
-                                 f"than --checkpoint's ({args.checkpoint})")
-            model, args.methods = trained, (glimpse_rows(placer),)
+        model, args.methods = load_designs(args, model)
     return args, model, dataset, utils.config_from(FrontierConfig, args)
+
+
+def load_designs(args, model):
+    """--glimpses, --ranker, --move -> (the model to evaluate, evaluate's `methods`). A glimpses
+    model replaces the checkpoint's; the ranker and the move head read the checkpoint's frozen
+    model, so they are refused beside --glimpses. Raises ValueError naming the flag."""
+    if args.glimpses and (args.ranker or args.move):
+        raise ValueError("--glimpses replaces the checkpoint's model, which --ranker and --move "
+                         "read: evaluate them in separate runs")
+    if args.glimpses:                  # its fine-tuned model replaces the checkpoint's
+        trained, placer = glimpses.load_glimpses(args.glimpses, args.device)
+        if trained.config != model.config:
+            raise ValueError(f"--glimpses: {args.glimpses} holds a model of another config "
+                             f"than --checkpoint's ({args.checkpoint})")
+        return trained, (glimpse_rows(placer),)
+    methods = ()
+    if args.ranker:
+        methods += (rank_rows(ranker.load_ranker(args.ranker)[0]),)
+    if args.move:
+        methods += (move_rows(move.load_move(args.move)[0]),)
+    return model, methods
 
 
 def main(argv=None):

@@ -42,7 +42,7 @@ import data
 import spot
 import train
 import utils
-from experiments import frontier, glimpses, placement
+from experiments import cost, glimpses, placement, stats
 
 
 @dataclass
@@ -120,33 +120,20 @@ def place(model, head, images, n_tokens):
 
 
 # -----------------------------------------------------------------------------
-# Compute, and the frontier's row
+# Compute
 
 def move_compute(model_config, head_config, n_tokens):
     """FLOPs of one move on one image at N tokens -> {operation: FLOPs}: pass 1 (its head,
     which move() skips, counted too), the MoveHead (its LayerNorm, MLP, tanh, scale and add),
     pass 2 and, with reuse, pass 2's attention to pass 1's keys and values (N + 1 queries and
-    N + 1 cached keys per block, as frontier.glimpse_compute counts it)."""
+    N + 1 cached keys per block, as cost.glimpse_compute counts it)."""
     d, w, t = model_config.dim, head_config.width, n_tokens + 1
-    cross = model_config.depth * (2 * 2 * t * t * d + frontier.SOFTMAX * model_config.heads * t * t)
-    head = n_tokens * (frontier.LAYERNORM * 2 * d + frontier.LAYERNORM_ROW + 2 * 3)
-    head += sum(frontier.mlp_compute([2 * d, w, w, 2], rows=n_tokens).values())
-    return {"first": frontier.forward_flops(model_config, n_tokens), "head": head,
-            "second": frontier.forward_flops(model_config, n_tokens),
+    cross = model_config.depth * (2 * 2 * t * t * d + cost.SOFTMAX * model_config.heads * t * t)
+    head = n_tokens * (cost.LAYERNORM * 2 * d + cost.LAYERNORM_ROW + 2 * 3)
+    head += sum(cost.mlp_compute([2 * d, w, w, 2], rows=n_tokens).values())
+    return {"first": cost.forward_flops(model_config, n_tokens), "head": head,
+            "second": cost.forward_flops(model_config, n_tokens),
             "cross_attention": cross if head_config.reuse else 0}
-
-
-def move_rows(head):
-    """A MoveHead -> a function (model, split, tokens, reference, config) -> rows, for
-    frontier.evaluate's `methods`: a label-free "learned-move" row at every budget N."""
-    def rows(model, split, tokens, reference, config):
-        if head.config.dim != model.config.dim:
-            raise ValueError("the move head was trained on a model of another width")
-        right = move_split(model, head.to(config.device), split, tokens, config.device,
-                           config.batch_size)[0]
-        flops = sum(move_compute(model.config, head.config, tokens).values())
-        return [frontier.judge(reference, "learned-move", tokens, right, flops, True)]
-    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -158,13 +145,13 @@ def validate(model, head, split, budgets, device, batch_size):
     accuracy = {}
     for n in budgets:
         right = move_split(model, head, split, n, device, batch_size)[0]
-        accuracy[f"val_move@{n}"] = frontier.top1(right)
+        accuracy[f"val_move@{n}"] = stats.top1(right)
         for tokens in (n, 2 * n):
             lattice = spot.isotropic_positions(tokens).expand(len(split[1]), tokens, 2)
             logits = train.predict(model, split[0], lattice, device, batch_size)[0]
-            accuracy[f"val_isotropic@{tokens}"] = frontier.top1(logits.argmax(1) == split[1])
+            accuracy[f"val_isotropic@{tokens}"] = stats.top1(logits.argmax(1) == split[1])
         flops = sum(move_compute(model.config, head.config, n).values())
-        accuracy[f"compute_tokens@{n}"] = frontier.compute_tokens(flops, model.config)
+        accuracy[f"compute_tokens@{n}"] = cost.compute_tokens(flops, model.config)
     return accuracy
 
 
@@ -191,10 +178,14 @@ def train_move(model, head, dataset, args, out, log=print):
         accuracy = validate(model, head, val, args.tokens, args.device, args.batch_size)
         history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), **accuracy})
         utils.log_metrics(out, history[-1], log)
-        utils.write_atomic(out / "move.pt", {"config": asdict(head.config),
-                                             "head": head.state_dict(), "epoch": epoch,
-                                             "checkpoint": str(args.checkpoint)})
+        utils.write_atomic(out / "move.pt", saved(head, args.checkpoint, epoch))
     return history
+
+
+def saved(head, checkpoint, epoch):
+    """What move.pt holds: plain tensors and numbers (read back with weights_only=True)."""
+    return {"config": asdict(head.config), "head": head.state_dict(), "epoch": epoch,
+            "checkpoint": str(checkpoint)}
 
 
 def load_move(path):
@@ -214,7 +205,7 @@ def load_move(path):
 # Command line
 
 def parse_args(argv=None):
-    parser = frontier.Parser(prog="python -m experiments.move",             # one-line errors
+    parser = argparse.ArgumentParser(prog="python -m experiments.move",
                              description=__doc__.split("\n\n")[0].strip(),
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument

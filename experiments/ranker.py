@@ -55,7 +55,7 @@ import data
 import spot
 import train
 import utils
-from experiments import frontier, glimpses, placement
+from experiments import cost, glimpses, placement, stats
 
 SCALES = (0.7, 0.85, 1.1)     # the lattice's rest scaled about the image centre by these factors
 RANKER_BATCH = 256            # rows per AdamW step of the ranker
@@ -258,7 +258,7 @@ def fit_budget(model, ranker, dataset, n_tokens, args):
                          args.epochs, args.lr, args.temperature, args.seed, args.progress)
     ranked, choice = rank_split(model, ranker, val, n_tokens, args.device, args.batch_size)
     report = val_report(model, val, n_tokens, seen, bank, args)
-    return {**report, "ranker": frontier.top1(ranked), "train_loss": history,
+    return {**report, "ranker": stats.top1(ranked), "train_loss": history,
             "ranker_choices": torch.bincount(choice, minlength=len(bank)).tolist()}
 
 
@@ -271,52 +271,31 @@ def val_report(model, val, n_tokens, seen, bank, args):
     right, confidence = seen["right"][bank], seen["confidence"][bank]         # (B, n)
     flops = ranker_compute(model.config, n_tokens, args.glance_fraction, args.width, len(bank))
     return {"glance": placement.glance_size(n_tokens, args.glance_fraction),
-            "isotropic": frontier.top1(prior.argmax(1) == val[1]),
-            "candidate0": frontier.top1(right[0]),
+            "isotropic": stats.top1(prior.argmax(1) == val[1]),
+            "candidate0": stats.top1(right[0]),
             "best_single": 100 * right.float().mean(1).max().item(),
-            "best_of_bank_softmax": frontier.top1(frontier.pick(right, confidence, len(bank))),
-            "oracle_of_bank": frontier.top1(right.any(0)),
+            "best_of_bank_softmax": stats.top1(right.gather(0, confidence.argmax(0)[None])[0]),
+            "oracle_of_bank": stats.top1(right.any(0)),
             "bank": bank, "bank_coverage": coverage(seen["right"], bank),
-            "compute_tokens": frontier.compute_tokens(sum(flops.values()), model.config)}
+            "compute_tokens": cost.compute_tokens(sum(flops.values()), model.config)}
 
 
 # -----------------------------------------------------------------------------
-# Compute, and the frontier's row
+# Compute
 
 def ranker_compute(model_config, n_tokens, glance_fraction, width, bank):
     """FLOPs of one ranked read of one image at N = G + K tokens -> {operation: FLOPs}: pass 1
     (its head, which is skipped, counted too), pass 2, pass 2's attention to pass 1's cached keys
-    and values (as frontier.glimpse_compute), and the ranker (its LayerNorm and MLP)."""
+    and values (as cost.glimpse_compute), and the ranker (its LayerNorm and MLP)."""
     g = placement.glance_size(n_tokens, glance_fraction)
     d, rows, memory = model_config.dim, n_tokens - g + 1, g + 1     # pass 2's queries, 1's keys
     cross = model_config.depth * (2 * 2 * rows * memory * d
-                                  + frontier.SOFTMAX * model_config.heads * rows * memory)
-    norm = frontier.LAYERNORM * d + frontier.LAYERNORM_ROW
-    mlp = sum(frontier.mlp_compute([d, width, bank]).values())
-    return {"glance": frontier.forward_flops(model_config, g),
-            "second": frontier.forward_flops(model_config, n_tokens - g),
+                                  + cost.SOFTMAX * model_config.heads * rows * memory)
+    norm = cost.LAYERNORM * d + cost.LAYERNORM_ROW
+    mlp = sum(cost.mlp_compute([d, width, bank]).values())
+    return {"glance": cost.forward_flops(model_config, g),
+            "second": cost.forward_flops(model_config, n_tokens - g),
             "cross_attention": cross, "ranker": norm + mlp}
-
-
-def rank_rows(ranker):
-    """A GlanceRanker (or load_ranker's saved dict) -> a function (model, split, tokens,
-    reference, config) -> rows, for frontier.evaluate's `methods`: a label-free
-    "glance-and-rank" row at every budget the ranker was trained for."""
-    if isinstance(ranker, dict):
-        ranker = from_saved(ranker)
-
-    def rows(model, split, tokens, reference, config):
-        if tokens not in ranker.banks:
-            return []
-        if ranker.dim != model.config.dim:
-            raise ValueError("the ranker was trained on a model of another width")
-        right = rank_split(model, ranker.to(config.device), split, tokens, config.device,
-                           config.batch_size)[0]
-        flops = ranker_compute(model.config, tokens, ranker.glance_fraction, ranker.width,
-                               len(ranker.banks[tokens]))
-        return [frontier.judge(reference, "glance-and-rank", tokens, right,
-                               sum(flops.values()), True)]
-    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -376,7 +355,7 @@ def table(report):
 
 
 def parse_args(argv=None):
-    parser = frontier.Parser(prog="python -m experiments.ranker",          # one-line errors
+    parser = argparse.ArgumentParser(prog="python -m experiments.ranker",
                              description=__doc__.split("\n\n")[0].strip(),
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument

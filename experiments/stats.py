@@ -53,6 +53,11 @@ EXACT_FLIPS_UP_TO = 13          # m <= 13 nonzero differences: all 2^m flips (8,
 FLAG = "‡"                      # marks a verdict whose 95 % interval disagrees with its test
 
 
+def top1(correct):
+    """(n,) bool right/wrong (a torch tensor) -> top-1 accuracy in percent."""
+    return 100 * correct.float().mean().item()
+
+
 def per_image_mean(values):
     """(draws, n) or (n,) -> (float64 (n,): each image's mean over the draws, draws)."""
     x = np.asarray(values, dtype=np.float64)

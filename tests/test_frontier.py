@@ -13,7 +13,7 @@ import oracle
 import spot
 import train
 import utils
-from experiments import frontier
+from experiments import cost, frontier
 from test_oracle import fake_dataset, tiny_model, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
@@ -49,15 +49,15 @@ def test_forward_and_backward_flops_match_flop_counter(name):
     images = torch.rand(1, 3, *config.image_size)
     for n in (4, 16, 64):
         positions = torch.rand(1, n, 2)
-        ops = frontier.compute(config, n)
-        matmul = sum(ops[op] for op in frontier.MATMULS)
+        ops = cost.compute(config, n)
+        matmul = sum(ops[op] for op in cost.MATMULS)
         with torch.no_grad():
             assert counted(lambda: model(images, positions)) == matmul, (name, n)
         assert 1.005 < sum(ops.values()) / matmul < 1.06     # 1.2-1.8 % at width 192
-        back = frontier.backward_compute(config, n)
+        back = cost.backward_compute(config, n)
         grad_of = positions.clone().requires_grad_()
         both = counted(lambda: model(images, grad_of).logsumexp(1).sum().backward())
-        assert both == matmul + sum(back[op] for op in frontier.MATMULS), (name, n)
+        assert both == matmul + sum(back[op] for op in cost.MATMULS), (name, n)
         assert grad_of.grad.abs().sum() > 0
 
 
@@ -65,28 +65,28 @@ def test_saliency_and_mlp_helpers_match_flop_counter():
     """saliency_compute's Gaussian blur is FlopCounterMode's count of spot.saliency_map (its only
     convolution); mlp_compute's products are a torch MLP's."""
     for size in ((32, 32), (128, 128)):
-        ops = frontier.saliency_compute(size)
+        ops = cost.saliency_compute(size)
         assert counted(lambda: spot.saliency_map(torch.rand(1, 3, *size))) == ops["blur"]
         assert 2e6 < sum(ops.values()) < 4e6          # about 0.8 of a preset model's token
     head = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 5))
-    ops = frontier.mlp_compute([12, 32, 5], rows=3)
+    ops = cost.mlp_compute([12, 32, 5], rows=3)
     assert counted(lambda: head(torch.rand(3, 12))) == ops["matmul"] == 3 * 2 * (12 * 32 + 32 * 5)
-    assert ops["biases"] == 3 * 37 and ops["activation"] == 3 * frontier.GELU * 32
+    assert ops["biases"] == 3 * 37 and ops["activation"] == 3 * cost.GELU * 32
 
 
 @pytest.mark.parametrize("name", ["cifar10-cpu", "imagenette-cpu"])
 def test_tokens_worth_a_pass_at_n_is_about_n(name):
     config = CONFIGS[name]
-    a, b = frontier.token_fit(config)
+    a, b = cost.token_fit(config)
     assert 3.5e6 < a < 4.5e6 and abs(b / a) < 0.5          # the offset is a fraction of a token
     for n in range(4, 65):
-        worth = frontier.compute_tokens(frontier.forward_flops(config, n), config)
+        worth = cost.compute_tokens(cost.forward_flops(config, n), config)
         assert abs(worth - n) < 0.7, (n, worth)
-    two = frontier.compute_tokens(2 * frontier.forward_flops(config, 8), config)
-    assert two == pytest.approx(2 * frontier.compute_tokens(frontier.forward_flops(config, 8),
+    two = cost.compute_tokens(2 * cost.forward_flops(config, 8), config)
+    assert two == pytest.approx(2 * cost.compute_tokens(cost.forward_flops(config, 8),
                                                             config))      # additive
-    search = sum(frontier.search_compute(config, 16, steps=20).values())
-    assert 40 < search / frontier.forward_flops(config, 16) < 44     # 21 forward + 20 backward
+    search = sum(cost.search_compute(config, 16, steps=20).values())
+    assert 40 < search / cost.forward_flops(config, 16) < 44     # 21 forward + 20 backward
 
 
 def test_best_prior_at_no_more_compute_known_answers():

@@ -98,10 +98,10 @@ def test_the_command_trains_validates_and_saves(checkpoint, tmp_path, freeze):
 
 
 def test_glimpse_compute_counts_what_flop_counter_counts():
-    """frontier.glimpse_compute's matrix products are FlopCounterMode's count of one glimpse
+    """cost.glimpse_compute's matrix products are FlopCounterMode's count of one glimpse
     (pass 1's head, which glimpse skips, taken off); all of it is about one N-token pass."""
     from torch.utils.flop_counter import FlopCounterMode
-    from experiments import frontier
+    from experiments import cost
     model = tiny().float().requires_grad_(False)
     config = placement.PlacerConfig((16, 16), 4, 32, width=16, heads=4, glance_fraction=0.5)
     placer = placement.GlancePlacer(config).eval()
@@ -110,16 +110,16 @@ def test_glimpse_compute_counts_what_flop_counter_counts():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             glimpses.glimpse(model, placer, images, n)
         g = placement.glance_size(n, 0.5)
-        ops = frontier.glimpse_compute(model.config, config, n)
-        passes = [frontier.compute(model.config, t) for t in (g, n - g)]
-        matmul = sum(p[op] for p in passes for op in frontier.MATMULS) - passes[0]["head"]
+        ops = cost.glimpse_compute(model.config, config, n)
+        passes = [cost.compute(model.config, t) for t in (g, n - g)]
+        matmul = sum(p[op] for p in passes for op in cost.MATMULS) - passes[0]["head"]
         heads = model.config.depth * 2 * 2 * (n - g + 1) * (g + 1) * model.config.dim
         w, k, m = 16, n - g, g + 1
         head = 2 * k * w * w + 2 * m * 32 * 2 * w + 2 * k * w * w + 2 * k * (w * 2 * w + 2 * w * 2)
         # (the head's own attention, 2 * 2 * k * m * w, runs in torch's fused CPU kernel, which
         # FlopCounterMode counts as 0 in this torch; glimpse_compute counts it)
         assert counter.get_total_flops() == matmul + heads + head, n
-        worth = frontier.compute_tokens(sum(ops.values()), model.config)
+        worth = cost.compute_tokens(sum(ops.values()), model.config)
         assert n < worth < n + 3                       # two class tokens, the head, the cache
 
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import spot
-from experiments import frontier, move, placement
+from experiments import cost, frontier, move, placement, ranker, stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
 
@@ -75,20 +75,20 @@ def test_a_move_costs_two_passes_and_the_head():
     with FlopCounterMode(display=False) as counter:         # matrix products only
         head(tokens, torch.rand(2, 6, 2))
     ops = move.move_compute(model.config, config, 6)
-    assert ops["first"] == ops["second"] == frontier.forward_flops(model.config, 6)
+    assert ops["first"] == ops["second"] == cost.forward_flops(model.config, 6)
     assert ops["cross_attention"] == 0
     reuse = move.move_compute(model.config, move.MoveConfig(dim=32, width=16, reuse=True), 6)
     placer = placement.PlacerConfig((16, 16), 4, 32, glance_fraction=0.5)
-    assert reuse["cross_attention"] == frontier.glimpse_compute(model.config, placer,
+    assert reuse["cross_attention"] == cost.glimpse_compute(model.config, placer,
                                                                 12)["cross_attention"] > 0
-    matmul = frontier.mlp_compute([64, 16, 16, 2], rows=6)["matmul"]
+    matmul = cost.mlp_compute([64, 16, 16, 2], rows=6)["matmul"]
     assert counter.get_total_flops() == 2 * matmul                  # two images
     assert matmul < ops["head"] < 2 * matmul
     cpu = spot.SPoTConfig(image_size=32, window=4, num_classes=10, dim=192, depth=6, heads=3)
     for n in (4, 8, 16):
         ops = move.move_compute(cpu, move.MoveConfig(dim=192), n)
-        assert 2 * n < frontier.compute_tokens(sum(ops.values()), cpu) < 2 * n + 2
-        assert frontier.compute_tokens(ops["head"], cpu) < n / 32         # the head is cheap
+        assert 2 * n < cost.compute_tokens(sum(ops.values()), cpu) < 2 * n + 2
+        assert cost.compute_tokens(ops["head"], cpu) < n / 32         # the head is cheap
 
 
 def test_the_command_trains_saves_and_reloads(head_checkpoint, tmp_path, capsys):
@@ -107,7 +107,7 @@ def test_the_command_trains_saves_and_reloads(head_checkpoint, tmp_path, capsys)
     split = (dataset.val.images, dataset.val.labels)
     for n in (4, 8):
         right, moved = move.move_split(model, head, split, n, "cpu", 64)
-        assert frontier.top1(right) == pytest.approx(history[-1][f"val_move@{n}"])
+        assert stats.top1(right) == pytest.approx(history[-1][f"val_move@{n}"])
         images = dataset.val.images[:5].float() / 255
         assert torch.equal(move.place(model, head, images, n), moved[:5])
     with pytest.raises(SystemExit) as used:                  # a folder with a move.pt
@@ -123,27 +123,39 @@ def test_the_command_trains_saves_and_reloads(head_checkpoint, tmp_path, capsys)
 
 
 def test_the_frontier_judges_a_learned_move_row(tmp_path, monkeypatch):
+    """frontier.py --move (and --ranker beside it): a label-free "learned-move" row per budget,
+    at two passes' compute; an untrained head is the N-token prior read twice, so its answers
+    are the isotropic prior's at N; beside --glimpses it is refused."""
     import oracle
+    from argparse import Namespace
     from test_oracle import fake_dataset, write_checkpoint
     checkpoint = write_checkpoint(tmp_path / "checkpoint.pt", 0)
     model = spot.load_checkpoint(checkpoint)
     monkeypatch.setattr(oracle.data, "load_dataset", lambda *a, **k: fake_dataset())
     head = move.MoveHead(move.MoveConfig(dim=model.config.dim, width=16))
-    config = frontier.FrontierConfig(checkpoint=checkpoint, tokens=(2, 4, 8, 16),
-                                     budgets=(4, 8), k=(2,), search_limit=0, progress=False)
-    results, per_image = frontier.evaluate(model, fake_dataset(), config,
-                                           methods=(move.move_rows(head),))
+    torch.save(move.saved(head, checkpoint, 1), tmp_path / "move.pt")
+    chooser = ranker.GlanceRanker(model.config.dim, 16, 0.5)
+    chooser.add(8, ranker.candidate_pool(model.config, 8, 4, 3))
+    args = Namespace(bank=3, pool=3, train_limit=1, epochs=1, lr=1e-3, temperature=0.3, seed=0,
+                     checkpoint=checkpoint)
+    torch.save(ranker.saved(chooser, args), tmp_path / "ranker.pt")
+    argv = ["--checkpoint", checkpoint, "--tokens", "2,4,8,16", "--budgets", "4,8", "--k", "2",
+            "--search-limit", "0", "--no-progress", "--device", "cpu",
+            "--move", str(tmp_path / "move.pt"), "--ranker", str(tmp_path / "ranker.pt")]
+    assert frontier.main(argv + ["--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "frontier.json").read_text())
     rows = [r for r in results["rows"] if r["method"] == "learned-move"]
     assert [r["budget"] for r in rows] == [4, 8]
     for row in rows:
         assert row["label_free"] and row["n_images"] == 12
         assert 2 * row["budget"] < row["compute_tokens"] < 2 * row["budget"] + 2
-        # an untrained head reads the N-token lattice twice: the isotropic prior's answers at N
-        assert row["top1"] == pytest.approx(results["curve"][curve_index(results, row)]["top1"])
-    assert ("top1", "learned-move", 8) in per_image
-
-
-def curve_index(results, row):
-    """The index of the isotropic prior at the row's N in results["curve"]."""
-    return next(i for i, point in enumerate(results["curve"])
-                if point["prior"] == "isotropic" and point["tokens"] == row["budget"])
+        point = next(p for p in results["curve"]
+                     if p["prior"] == "isotropic" and p["tokens"] == row["budget"])
+        assert row["top1"] == pytest.approx(point["top1"])
+    ranked = [r["budget"] for r in results["rows"] if r["method"] == "glance-and-rank"]
+    assert ranked == [8]                                 # the budgets the ranker was trained for
+    glimpses_pt = tmp_path / "g.pt"
+    glimpses_pt.write_bytes(b"")                         # refused before it is read
+    with pytest.raises(SystemExit) as refused:
+        frontier.main(argv + ["--glimpses", str(glimpses_pt), "--out", str(tmp_path / "x")])
+    assert refused.value.code == 2

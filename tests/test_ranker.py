@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import data
 import spot
-from experiments import frontier, glimpses, placement, ranker
+from experiments import cost, frontier, glimpses, placement, ranker, stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
 
@@ -86,16 +86,16 @@ def test_a_ranked_read_costs_about_one_pass():
     for n in (8, 16):
         ops = ranker.ranker_compute(config, n, 0.5, 16, 4)
         g = placement.glance_size(n, 0.5)
-        assert ops["glance"] == frontier.forward_flops(config, g)
-        assert ops["second"] == frontier.forward_flops(config, n - g)
+        assert ops["glance"] == cost.forward_flops(config, g)
+        assert ops["second"] == cost.forward_flops(config, n - g)
         placer = placement.PlacerConfig((16, 16), 4, 32, width=16, glance_fraction=0.5)
-        cross = frontier.glimpse_compute(config, placer, n)["cross_attention"]
+        cross = cost.glimpse_compute(config, placer, n)["cross_attention"]
         assert ops["cross_attention"] == cross > 0
-        mlp = sum(frontier.mlp_compute([32, 16, 4]).values())
-        assert ops["ranker"] == mlp + frontier.LAYERNORM * 32 + frontier.LAYERNORM_ROW
-        one_pass = frontier.forward_flops(config, n) + ops["ranker"]
+        mlp = sum(cost.mlp_compute([32, 16, 4]).values())
+        assert ops["ranker"] == mlp + cost.LAYERNORM * 32 + cost.LAYERNORM_ROW
+        one_pass = cost.forward_flops(config, n) + ops["ranker"]
         assert 1 < sum(ops.values()) / one_pass < (1.12 if n == 8 else 1.05)
-        assert n < frontier.compute_tokens(sum(ops.values()), config) < n + 2
+        assert n < cost.compute_tokens(sum(ops.values()), config) < n + 2
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_the_command_ranks_saves_and_reloads(checkpoint, tmp_path, capsys):
     val = dataset.val
     for n in (4, 8):
         right = ranker.rank_split(model, loaded, (val.images, val.labels), n, "cpu", 64)[0]
-        assert frontier.top1(right) == pytest.approx(metrics[str(n)]["ranker"])
+        assert stats.top1(right) == pytest.approx(metrics[str(n)]["ranker"])
     with pytest.raises(SystemExit) as used:                  # a folder with a ranker.pt
         ranker.main(argv)
     assert used.value.code == 2
@@ -147,7 +147,7 @@ def test_the_frontier_judges_a_glance_and_rank_row(tmp_path, monkeypatch):
     config = frontier.FrontierConfig(checkpoint=checkpoint, tokens=(2, 4, 8), budgets=(4, 8),
                                      k=(2,), search_limit=0, progress=False)
     results, per_image = frontier.evaluate(model, dataset, config,
-                                           methods=(ranker.rank_rows(state),))
+                                           methods=(frontier.rank_rows(ranker.from_saved(state)),))
     rows = [r for r in results["rows"] if r["method"] == "glance-and-rank"]
     assert [r["budget"] for r in rows] == [4, 8]
     for row in rows:
