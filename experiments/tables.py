@@ -647,6 +647,53 @@ def verdict_table(runs_list):
 
 
 # -----------------------------------------------------------------------------
+# The label-free frontier: every committed frontier.json (experiments/frontier.py) in one file,
+# results/label-free-frontier.json, and one table of it (RESULTS.md's block label-free-frontier)
+
+FRONTIER = "label-free-frontier"
+FRONTIER_FIELDS = ("dataset", "method", "budget", "label_free", "compute_tokens", "flops",
+                   "top1", "n_images", "prior", "prior_tokens", "prior_top1", "diff", "ci", "p",
+                   "test", "verdict")
+FRONTIER_TEXT = ("Each row: a method at N tokens per pass against the best fixed prior at no more "
+                 "compute (tokens' worth of FLOPs, rounded up to a whole token; the prior chosen "
+                 "on validation), on the same test images: method − prior in points, its paired "
+                 "95 % interval and the exact paired test's verdict (McNemar's). Ceilings read "
+                 "the label. Made from {sources}.")
+
+
+def frontier_file(runs):
+    """The frontier.json of each of results/RUN -> results/label-free-frontier.json's content:
+    the sources, and one row per (run, method, budget) with the run, its split and the fields
+    the goal is judged by (FRONTIER_FIELDS). Refused when a file lacks one."""
+    rows = []
+    for run in runs:
+        path = RESULTS / run / "frontier.json"
+        found = load_json(path)
+        with reading(path):
+            split = found["settings"]["split"]
+            rows += [{"run": run, "split": split, **{key: row[key] for key in FRONTIER_FIELDS}}
+                     for row in found["rows"]]
+    return {"sources": [f"results/{run}/frontier.json" for run in runs], "rows": rows}
+
+
+def frontier_table(combined):
+    """label-free-frontier.json's content -> the markdown table of every row."""
+    sources = ", ".join(f"`{source}`" for source in combined["sources"])
+    lines = [FRONTIER_TEXT.format(sources=sources), "",
+             *header(["dataset", "method", "N", "compute", "top-1 %", "best prior (N)",
+                      "its top-1 %", "method − prior [95 %] verdict"])]
+    for r in combined["rows"]:
+        method = r["method"] + ("" if r["label_free"] else " (ceiling)")
+        versus = ["none costs as little", "", ""] if r["prior"] is None else [
+            f"{r['prior']} ({r['prior_tokens']})", stats.number(r["prior_top1"]),
+            f"{stats.signed(r['diff'], 1)} [{stats.signed(r['ci'][0], 1)}, "
+            f"{stats.signed(r['ci'][1], 1)}] {r['verdict']}"]
+        lines.append(line([r["dataset"], method, r["budget"], f"{r['compute_tokens']:.1f}",
+                           stats.number(r["top1"]), *versus]))
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # RESULTS.md and results/: every table, from the committed files
 
 def generate():
@@ -667,6 +714,11 @@ def generate():
         with reading(*(RESULTS / run / "metrics.jsonl" for run in runs)):
             blocks[name] = training_table(runs, n_val, n_test)
     blocks |= {name: verdict_table(runs) for name, runs in VERDICTS.items()}
+    runs = sorted(path.parent.name for path in RESULTS.glob("*/frontier.json"))
+    if runs:                       # the label-free frontier, once a frontier.json is committed
+        combined = frontier_file(runs)
+        files[RESULTS / f"{FRONTIER}.json"] = json.dumps(combined, indent=2) + "\n"
+        blocks[FRONTIER] = frontier_table(combined)
     blocks = {name: f"\n{text}\n" for name, text in blocks.items()}   # a blank line either side
 
     def fill(match):      # a block this script writes, or the text the block holds now
@@ -683,7 +735,7 @@ def stale():
     files = {path: text for path, text in files.items()
              if not path.exists() or path.read_text() != text}
     differ = [f"RESULTS.md: block {name}" for name in blocks if found.get(name) != blocks[name]]
-    return files, differ + [str(path.relative_to(ROOT)) for path in files if path != RESULTS_MD]
+    return files, differ + [shown(path) for path in files if path != RESULTS_MD]
 
 
 DIFF_CELL = re.compile(CELL.pattern + r"/(\d+)")
@@ -724,7 +776,7 @@ def write_tables(check):
         return 1 if names else 0
     for path, text in files.items():
         utils.write_atomic(path, text)
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {shown(path)}")
     return 0
 
 

@@ -238,3 +238,41 @@ def test_help_says_what_it_computes(capsys):
         frontier.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--budgets" in out and "oracle-of-K" in out
+
+
+def test_tables_gather_every_frontier_into_one_file(run, tmp_path, monkeypatch):
+    """experiments.tables: each committed results/RUN/frontier.json -> label-free-frontier.json
+    (one row per run, method and budget, with the fields the goal is judged by) and RESULTS.md's
+    block of it; a frontier.json without them is refused, naming the file."""
+    from experiments import tables
+    out, results, _, _ = run
+    tree = tmp_path / "results"
+    for name in ("cifar10-frontier", "imagenette-frontier"):
+        (tree / name).mkdir(parents=True)
+        (tree / name / "frontier.json").write_text((out / "frontier.json").read_text())
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# R\n\n<!-- begin: label-free-frontier -->\n<!-- end: "
+                          "label-free-frontier -->\n")
+    monkeypatch.setattr(tables, "RESULTS", tree)
+    monkeypatch.setattr(tables, "RESULTS_MD", results_md)
+    monkeypatch.setattr(tables, "COMBINED", {})
+    monkeypatch.setattr(tables, "TRAINING", {})
+    monkeypatch.setattr(tables, "VERDICTS", {})
+    files, blocks = tables.generate()
+    combined = json.loads(files[tree / "label-free-frontier.json"])
+    assert combined["sources"] == ["results/cifar10-frontier/frontier.json",
+                                   "results/imagenette-frontier/frontier.json"]
+    assert len(combined["rows"]) == 2 * len(results["rows"])
+    row = next(r for r in combined["rows"] if r["method"] == "best-of-2-softmax")
+    assert row["run"] == "cifar10-frontier" and row["split"] == "test"
+    assert set(tables.FRONTIER_FIELDS) <= set(row) and row["label_free"] is True
+    table = blocks["label-free-frontier"]
+    assert table.count("| best-of-2-softmax |") == 2 * 2            # two runs, two budgets
+    assert "oracle-of-2 (ceiling)" in table and row["verdict"] in table
+    assert tables.main(["--check"]) == 1                             # not written yet
+    assert tables.main([]) == 0 and tables.main(["--check"]) == 0
+    broken = json.loads((out / "frontier.json").read_text())
+    del broken["rows"][0]["verdict"]
+    (tree / "cifar10-frontier" / "frontier.json").write_text(json.dumps(broken))
+    with pytest.raises(tables.Refused, match="cifar10-frontier/frontier.json"):
+        tables.generate()
