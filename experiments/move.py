@@ -26,7 +26,7 @@ and at 2N, the same images); the test split is never read here. Writes OUT/move.
 tensors: load_move), OUT/metrics.jsonl and OUT/run.json:
 
     python -m experiments.move --checkpoint results/cifar10-spot/model.pt --tokens 4,8 \\
-        --train-limit 20000 --epochs 3 --out runs/c10-move
+        --train-limit 45000 --epochs 5 --reuse --out runs/c10-move-reuse
 """
 
 import argparse
@@ -114,7 +114,8 @@ def move_split(model, head, split, n_tokens, device, batch_size):
 
 def place(model, head, images, n_tokens):
     """The design as a function: images (B, C, H, W) in [0, 1] -> the N positions pass 2 reads
-    (B, N, 2); model(images, place(...)) is the method's answer."""
+    (B, N, 2). The method's answer is move()'s logits: without reuse, model(images, place(...))
+    too; with it, pass 2 also attends to pass 1."""
     with torch.no_grad():
         return move(model, head.eval(), images, n_tokens)[1]
 
