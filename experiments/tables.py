@@ -663,9 +663,10 @@ FRONTIER_TEXT = ("Each row: a method at N tokens per pass against the best fixed
 
 def frontier_file(runs):
     """The frontier.json of each of results/RUN -> results/label-free-frontier.json's content:
-    the sources, and one row per (run, method, budget) with the run, its split and the fields
-    the goal is judged by (FRONTIER_FIELDS). Refused when a file lacks one."""
-    rows = []
+    the sources, each run's frontier (the best prior per token count: the curve to rise above)
+    and one row per (run, method, budget) with the run, its split and the fields the goal is
+    judged by (FRONTIER_FIELDS). Refused when a file lacks one."""
+    rows, curves = [], {}
     for run in runs:
         path = RESULTS / run / "frontier.json"
         found = load_json(path)
@@ -673,7 +674,11 @@ def frontier_file(runs):
             split = found["settings"]["split"]
             rows += [{"run": run, "split": split, **{key: row[key] for key in FRONTIER_FIELDS}}
                      for row in found["rows"]]
-    return {"sources": [f"results/{run}/frontier.json" for run in runs], "rows": rows}
+            curves[run] = [{key: point[key] for key in ("tokens", "prior", "compute_tokens",
+                                                         "top1", "top1_low", "top1_high")}
+                           for point in found["frontier"]]
+    return {"sources": [f"results/{run}/frontier.json" for run in runs], "frontiers": curves,
+            "rows": rows}
 
 
 def frontier_table(combined):

@@ -263,6 +263,7 @@ def test_tables_gather_every_frontier_into_one_file(run, tmp_path, monkeypatch):
     assert combined["sources"] == ["results/cifar10-frontier/frontier.json",
                                    "results/imagenette-frontier/frontier.json"]
     assert len(combined["rows"]) == 2 * len(results["rows"])
+    assert combined["frontiers"]["imagenette-frontier"] == results["frontier"]
     row = next(r for r in combined["rows"] if r["method"] == "best-of-2-softmax")
     assert row["run"] == "cifar10-frontier" and row["split"] == "test"
     assert set(tables.FRONTIER_FIELDS) <= set(row) and row["label_free"] is True
