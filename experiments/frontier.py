@@ -95,7 +95,7 @@ class FrontierConfig:
     ranker: str = option(None, "ranker.pt of experiments.ranker: a 'glance-and-rank' row at "
                          "each --budgets it was trained for")
     move: str = option(None, "move.pt of experiments.move: a 'learned-move' row at each "
-                       "--budgets (two passes of N tokens)")
+                       "--budgets (two passes of N tokens; a tuned model, as --glimpses)")
     batch_size: int = option(128, "images per forward pass", type=oracle.ONE_OR_MORE)
     seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
     progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
@@ -565,24 +565,36 @@ def setup(argv=None):
 
 
 def load_designs(args, model):
-    """--glimpses, --ranker, --move -> (the model to evaluate, evaluate's `methods`). A glimpses
-    model replaces the checkpoint's; the ranker and the move head read the checkpoint's frozen
-    model, so they are refused beside --glimpses. Raises ValueError naming the flag."""
+    """--glimpses, --ranker, --move -> (the model to evaluate, evaluate's `methods`). A model
+    fine-tuned for a design (glimpses.pt's, a move.pt trained with --tune) replaces the
+    checkpoint's and is judged alone, against its own priors; the ranker and a frozen move head
+    read the checkpoint's model. Raises ValueError naming the flag."""
     if args.glimpses and (args.ranker or args.move):
         raise ValueError("--glimpses replaces the checkpoint's model, which --ranker and --move "
                          "read: evaluate them in separate runs")
-    if args.glimpses:                  # its fine-tuned model replaces the checkpoint's
+    if args.glimpses:
         trained, placer = glimpses.load_glimpses(args.glimpses, args.device)
-        if trained.config != model.config:
-            raise ValueError(f"--glimpses: {args.glimpses} holds a model of another config "
-                             f"than --checkpoint's ({args.checkpoint})")
-        return trained, (glimpse_rows(placer),)
+        return tuned(model, trained, "--glimpses", args), (glimpse_rows(placer),)
     methods = ()
     if args.ranker:
         methods += (rank_rows(ranker.load_ranker(args.ranker)[0]),)
     if args.move:
-        methods += (move_rows(move.load_move(args.move)[0]),)
+        head, trained = move.load_move(args.move, args.device)
+        if trained is not None and args.ranker:
+            raise ValueError(f"--move: {args.move} holds a tuned model, which replaces the "
+                             "checkpoint's that --ranker reads: evaluate them in separate runs")
+        if trained is not None:
+            model = tuned(model, trained, "--move", args)
+        methods += (move_rows(head),)
     return model, methods
+
+
+def tuned(model, trained, flag, args):
+    """A design's fine-tuned model, checked to be of the checkpoint's config -> trained."""
+    if trained.config != model.config:
+        raise ValueError(f"{flag}: {getattr(args, flag[2:])} holds a model of another config "
+                         f"than --checkpoint's ({args.checkpoint})")
+    return trained
 
 
 def main(argv=None):

@@ -21,8 +21,11 @@ head reads every token twice, and keys and values that appear twice weigh as onc
 exactly the N-token prior. The head learns end to end through the frozen model and the
 bilinear sampler (subpixel tokens: positions are differentiable) with the classification loss on
 the first --train-limit training images: the label trains the head, as it drives SPoT-ON, but
-never enters at test time. Every epoch ends with validation (the move, the isotropic prior at N
-and at 2N, the same images); the test split is never read here. Writes OUT/move.pt (plain
+never enters at test time. With --tune the model learns too (retrofitting the move into it, as
+experiments/glimpses.py does): every other batch it reads a training prior as train.py does, so
+the tuned weights still read the priors, and their own prior curve is the method's baseline.
+Every epoch ends with validation (the move, the isotropic prior at N and at 2N, the same images);
+the test split is never read here. Writes OUT/move.pt (plain
 tensors: load_move), OUT/metrics.jsonl and OUT/run.json:
 
     python -m experiments.move --checkpoint results/cifar10-spot/model.pt --tokens 4,8 \\
@@ -86,12 +89,14 @@ def move(model, head, images, n_tokens):
     the moved positions (B, N, 2)). No label goes in."""
     lattice = spot.isotropic_positions(n_tokens).to(images.device)
     lattice = lattice.expand(len(images), n_tokens, 2)                           # (B, N, 2)
+    # pass 1 does not depend on the head: it has something to learn only when the model does
+    first_pass = torch.enable_grad if model.training else torch.no_grad
     if not head.config.reuse:
-        with torch.no_grad():             # pass 1 does not depend on the head: nothing to learn
+        with first_pass():
             first = model.forward_features(images, lattice)      # (B, 1 + N, D), normed
         moved = head(first, lattice)
         return model(images, moved), moved
-    with torch.no_grad():
+    with first_pass():
         first, memory = glimpses.run_blocks(model, glimpses.embed(model, images, lattice))
     moved = head(model.norm(first), lattice)
     second, _ = glimpses.run_blocks(model, glimpses.embed(model, images, moved), memory)
@@ -156,50 +161,74 @@ def validate(model, head, split, budgets, device, batch_size):
     return accuracy
 
 
+def step_loss(model, head, images, labels, args, generator, step):
+    """One batch's loss: the move at a budget drawn from --tokens; with --tune, every other batch
+    instead reads a prior drawn from --train-priors (train.train_step's draw)."""
+    n_tokens = train.pick(args.tokens, generator)
+    if not args.tune or step % 2 == 0:
+        return F.cross_entropy(move(model, head, images, n_tokens)[0], labels)
+    prior = train.pick(args.train_priors, generator)
+    positions = spot.sample_positions(prior, len(images), n_tokens, model.config.image_size,
+                                      model.config.window, generator=generator, images=images)
+    return F.cross_entropy(model(images, positions), labels)
+
+
 def train_move(model, head, dataset, args, out, log=print):
-    """The head only (train.make_optimizer: AdamW, warm-up and cosine decay of --lr), one budget
-    of --tokens per batch; each epoch ends with validation, a line of out/metrics.jsonl and an
-    atomic save of out/move.pt. -> the per-epoch metrics."""
-    model.requires_grad_(False).eval()
+    """The head, and with --tune the model (train.make_optimizer: AdamW, warm-up and cosine
+    decay of --lr), one budget of --tokens per batch; each epoch ends with validation, a line of
+    out/metrics.jsonl and an atomic save of out/move.pt. -> the per-epoch metrics."""
+    model.requires_grad_(args.tune)
+    trained = nn.ModuleList([model, head]) if args.tune else head
     part = dataset.train.take(slice(0, args.train_limit))
     generator, n_train = torch.Generator().manual_seed(args.seed), len(part.labels)
-    optimizer, scheduler = train.make_optimizer(head, args, n_train)
+    optimizer, scheduler = train.make_optimizer(trained, args, n_train)
     val, history = (dataset.val.images, dataset.val.labels), []
     for epoch in range(1, args.epochs + 1):
-        head.train()
+        trained.train()
+        model.train(args.tune)
         losses = []
-        for _, images, labels in placement.train_batches(part, args, generator, epoch):
-            n_tokens = train.pick(args.tokens, generator)
-            loss = F.cross_entropy(move(model, head, images, n_tokens)[0], labels)
+        for step, images, labels in placement.train_batches(part, args, generator, epoch):
+            loss = step_loss(model, head, images, labels, args, generator, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()                       # through the bilinear sampler into the head
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+        model.eval()
         accuracy = validate(model, head, val, args.tokens, args.device, args.batch_size)
         history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), **accuracy})
         utils.log_metrics(out, history[-1], log)
-        utils.write_atomic(out / "move.pt", saved(head, args.checkpoint, epoch))
+        utils.write_atomic(out / "move.pt", saved(head, args, epoch, model))
     return history
 
 
-def saved(head, checkpoint, epoch):
-    """What move.pt holds: plain tensors and numbers (read back with weights_only=True)."""
-    return {"config": asdict(head.config), "head": head.state_dict(), "epoch": epoch,
-            "checkpoint": str(checkpoint)}
+def saved(head, args, epoch, model=None):
+    """What move.pt holds: plain tensors and numbers (read back with weights_only=True); with
+    --tune, the tuned model too."""
+    state = {"config": asdict(head.config), "head": head.state_dict(), "epoch": epoch,
+             "checkpoint": str(args.checkpoint)}
+    if getattr(args, "tune", False):
+        state |= {"model_config": asdict(model.config), "model": model.state_dict()}
+    return state
 
 
-def load_move(path):
-    """move.pt -> (MoveHead in eval mode, the saved dict). Read with weights_only=True: a file
-    someone sends you cannot run code."""
+def load_move(path, map_location="cpu"):
+    """move.pt -> (MoveHead in eval mode, the tuned SPoTViT in eval mode or None when the model
+    stayed frozen). Read with weights_only=True: a file someone sends you cannot run code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
         head = MoveHead(MoveConfig(**state["config"]))
         head.load_state_dict(state["head"])
+        model = None
+        if "model" in state:
+            model = spot.SPoTViT(spot.SPoTConfig(**state["model_config"]))
+            model.load_state_dict(state["model"])
+            model = model.to(map_location).eval()
     except Exception as error:                 # truncated, not a move head, another format, ...
         raise ValueError(f"{path} is not a move head written by experiments.move "
                          f"({type(error).__name__}: {error})") from None
-    return head.eval(), state
+    return head.to(map_location).eval(), model
 
 
 # -----------------------------------------------------------------------------
@@ -216,6 +245,9 @@ def parse_args(argv=None):
     add("--max-shift", type=utils.float_in(0, 1, low_open=True), default=0.25,
         help="largest move of a token (image units)")
     add("--reuse", action="store_true", help="pass 2 attends to pass 1's keys and values too")
+    add("--tune", action="store_true", help="fine-tune the model with the head")
+    add("--train-priors", default=",".join(spot.PRIORS), type=utils.name_list(spot.PRIORS),
+        help="the priors of the model's other batches (with --tune)")
     add("--train-limit", type=utils.int_at_least(1), default=20000,
         help="the first N training images train the head")
     add("--epochs", type=utils.int_at_least(1), default=3)

@@ -101,8 +101,9 @@ def test_the_command_trains_saves_and_reloads(head_checkpoint, tmp_path, capsys)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert {"val_move@4", "val_isotropic@8", "val_isotropic@16"} <= set(history[-1])
-    head, state = move.load_move(out / "move.pt")
-    assert state["epoch"] == 2 and head.config.width == 16
+    head, tuned = move.load_move(out / "move.pt")
+    state = torch.load(out / "move.pt", weights_only=True)
+    assert state["epoch"] == 2 and head.config.width == 16 and tuned is None
     model, dataset, _ = data.load_model_and_data(state["checkpoint"])
     split = (dataset.val.images, dataset.val.labels)
     for n in (4, 8):
@@ -110,6 +111,14 @@ def test_the_command_trains_saves_and_reloads(head_checkpoint, tmp_path, capsys)
         assert stats.top1(right) == pytest.approx(history[-1][f"val_move@{n}"])
         images = dataset.val.images[:5].float() / 255
         assert torch.equal(move.place(model, head, images, n), moved[:5])
+    tuned_out = tmp_path / "tuned"                           # --tune: the model learns too
+    assert move.main(argv[:-1] + [str(tuned_out), "--tune", "--reuse", "--epochs", "1"]) == 0
+    head, tuned = move.load_move(tuned_out / "move.pt")
+    assert head.config.reuse and tuned is not None
+    assert not torch.equal(tuned.head.weight, model.head.weight)
+    last = json.loads((tuned_out / "metrics.jsonl").read_text().splitlines()[-1])
+    right = move.move_split(tuned, head, split, 8, "cpu", 64)[0]
+    assert stats.top1(right) == pytest.approx(last["val_move@8"])
     with pytest.raises(SystemExit) as used:                  # a folder with a move.pt
         move.main(argv)
     assert used.value.code == 2
@@ -133,7 +142,7 @@ def test_the_frontier_judges_a_learned_move_row(tmp_path, monkeypatch):
     model = spot.load_checkpoint(checkpoint)
     monkeypatch.setattr(oracle.data, "load_dataset", lambda *a, **k: fake_dataset())
     head = move.MoveHead(move.MoveConfig(dim=model.config.dim, width=16))
-    torch.save(move.saved(head, checkpoint, 1), tmp_path / "move.pt")
+    torch.save(move.saved(head, Namespace(checkpoint=checkpoint), 1), tmp_path / "move.pt")
     chooser = ranker.GlanceRanker(model.config.dim, 16, 0.5)
     chooser.add(8, ranker.candidate_pool(model.config, 8, 4, 3))
     args = Namespace(bank=3, pool=3, train_limit=1, epochs=1, lr=1e-3, temperature=0.3, seed=0,
@@ -154,6 +163,18 @@ def test_the_frontier_judges_a_learned_move_row(tmp_path, monkeypatch):
         assert row["top1"] == pytest.approx(point["top1"])
     ranked = [r["budget"] for r in results["rows"] if r["method"] == "glance-and-rank"]
     assert ranked == [8]                                 # the budgets the ranker was trained for
+    tuned = spot.load_checkpoint(checkpoint)                 # a move.pt with a tuned model
+    torch.nn.init.zeros_(tuned.head.bias)
+    torch.nn.init.ones_(tuned.head.weight)
+    torch.save(move.saved(head, Namespace(checkpoint=checkpoint, tune=True), 1, tuned),
+               tmp_path / "tuned.pt")
+    flags = Namespace(glimpses=None, ranker=None, move=str(tmp_path / "tuned.pt"), device="cpu",
+                      checkpoint=checkpoint)
+    evaluated, methods = frontier.load_designs(flags, model)
+    assert torch.equal(evaluated.head.weight, tuned.head.weight) and len(methods) == 1
+    flags.ranker = str(tmp_path / "ranker.pt")               # it replaces what the ranker reads
+    with pytest.raises(ValueError, match="holds a tuned model"):
+        frontier.load_designs(flags, model)
     glimpses_pt = tmp_path / "g.pt"
     glimpses_pt.write_bytes(b"")                         # refused before it is read
     with pytest.raises(SystemExit) as refused:
