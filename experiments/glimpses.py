@@ -131,14 +131,8 @@ def step_loss(model, placer, images, labels, args, generator, step):
     other batch instead reads a prior drawn from --train-priors (train.train_step's draw)."""
     n_tokens = train.pick(args.tokens, generator)
     if args.freeze or step % 2 == 0:
-        logits = glimpse(model, placer, images, n_tokens)[0]
-    else:
-        prior = train.pick(args.train_priors, generator)
-        positions = spot.sample_positions(prior, len(images), n_tokens, model.config.image_size,
-                                          model.config.window, generator=generator,
-                                          images=images)                        # (B, N, 2)
-        logits = model(images, positions)
-    return F.cross_entropy(logits, labels)
+        return F.cross_entropy(glimpse(model, placer, images, n_tokens)[0], labels)
+    return placement.prior_loss(model, images, labels, args.train_priors, n_tokens, generator)
 
 
 def train_glimpses(model, placer, dataset, args, out, log=print):

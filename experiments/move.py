@@ -167,10 +167,7 @@ def step_loss(model, head, images, labels, args, generator, step):
     n_tokens = train.pick(args.tokens, generator)
     if not args.tune or step % 2 == 0:
         return F.cross_entropy(move(model, head, images, n_tokens)[0], labels)
-    prior = train.pick(args.train_priors, generator)
-    positions = spot.sample_positions(prior, len(images), n_tokens, model.config.image_size,
-                                      model.config.window, generator=generator, images=images)
-    return F.cross_entropy(model(images, positions), labels)
+    return placement.prior_loss(model, images, labels, args.train_priors, n_tokens, generator)
 
 
 def train_move(model, head, dataset, args, out, log=print):

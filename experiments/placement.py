@@ -196,6 +196,16 @@ def train_batches(split, args, generator, epoch):
         yield step, images, split.labels[batch].to(args.device)
 
 
+def prior_loss(model, images, labels, priors, n_tokens, generator):
+    """The loss of one batch read through a prior drawn from `priors` (train.train_step's draw):
+    the other batches of a model fine-tuned with a head, so that it keeps reading the priors."""
+    prior = train.pick(priors, generator)
+    positions = spot.sample_positions(prior, len(images), n_tokens, model.config.image_size,
+                                      model.config.window, generator=generator,
+                                      images=images)                            # (B, N, 2)
+    return F.cross_entropy(model(images, positions), labels)
+
+
 def train_placer(model, placer, dataset, args, out, log=print):
     """The head only, with train.py's optimizer (train.make_optimizer: AdamW with decay on its
     matrices, cosine decay of --lr; no warm-up): one budget of --tokens per batch, and each epoch
