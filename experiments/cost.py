@@ -140,8 +140,7 @@ def glimpse_compute(config, placer_config, n_tokens):
     cached keys and values, and the placer head (experiments.placement.GlancePlacer)."""
     g = max(1, min(n_tokens - 1, round(placer_config.glance_fraction * n_tokens)))
     k, d, w = n_tokens - g, config.dim, placer_config.width
-    rows, memory = k + 1, g + 1                            # pass 2's queries, pass 1's keys
-    cross = config.depth * (2 * 2 * rows * memory * d + SOFTMAX * config.heads * rows * memory)
+    memory = g + 1                                         # pass 1's cached keys
     norm = LAYERNORM * d + LAYERNORM_ROW
     placer = {"queries": k * (4 + w // 2 + w) + 2 * k * w * w + k * w,   # sin-cos, Linear
               "keys_values": memory * (norm + 2 * d * 2 * w + 2 * w),
@@ -151,7 +150,17 @@ def glimpse_compute(config, placer_config, n_tokens):
               + sum(mlp_compute([w, 2 * w, 2], rows=k).values()),
               "shift": k * 2 * 3}                        # tanh, the scale, the add to the base
     return {"glance": forward_flops(config, g), "second": forward_flops(config, k),
-            "cross_attention": cross, "placer": sum(placer.values())}
+            "cross_attention": cross_attention(config, k + 1, memory),
+            "placer": sum(placer.values())}
+
+
+def cross_attention(config, queries, cached):
+    """FLOPs of a second pass's attention to a first pass's cached keys and values (as
+    experiments.glimpses.run_blocks reads them), beyond its attention to its own: per block,
+    `queries` rows against `cached` keys -- scores q k^T and the weighted sum of v (2 FLOPs per
+    multiply-add each, all heads: queries x cached x dim) and the softmax of every score."""
+    return config.depth * (2 * 2 * queries * cached * config.dim
+                           + SOFTMAX * config.heads * queries * cached)
 
 
 # -----------------------------------------------------------------------------

@@ -26,8 +26,9 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
     designs     --glimpses PATH: experiments.glimpses' model (its own prior curve: a model
                 fine-tuned for a design is judged against its own priors) and a "glimpses" row
                 at each budget, at cost.glimpse_compute's FLOPs; --ranker PATH: a
-                "glance-and-rank" row (experiments.ranker); --move PATH: a "learned-move" row
-                (experiments.move); both on the checkpoint's frozen model
+                "glance-and-rank" row on the checkpoint's frozen model (experiments.ranker);
+                --move PATH: a "learned-move" row (experiments.move; a model tuned with it is
+                judged alone, as a glimpses model)
     rows        each against the best prior at no more compute: the curve's point of highest
                 top-1 on the validation split (when the run has one) among those whose read
                 costs at most the row's compute rounded up to a whole token's worth, on the same

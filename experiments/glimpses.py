@@ -82,16 +82,24 @@ def run_blocks(model, x, memory=None):
     return x, cache
 
 
+def read(model, images, positions, memory=None):
+    """One pass of two: the class token and the tokens at positions (B, N, 2) through every
+    block, attending to memory too (run_blocks) -> (tokens (B, 1 + N, dim) after the final norm,
+    this pass's (k, v) per block)."""
+    x, cache = run_blocks(model, embed(model, images, positions), memory)
+    return model.norm(x), cache
+
+
 def glimpse(model, placer, images, n_tokens):
     """Glance, place, read on -> (logits (B, classes), positions (B, N, 2): the G glance points,
     then the K placed ones). No label goes in."""
     n_glance = placement.glance_size(n_tokens, placer.config.glance_fraction)
     glance, base = placement.split_lattice(n_tokens, n_glance)            # (G, 2), (K, 2)
     glance = glance.to(images.device).expand(len(images), -1, 2)          # (B, G, 2)
-    first, memory = run_blocks(model, embed(model, images, glance))       # (B, 1 + G, dim)
-    placed = placer(model.norm(first), base.to(images.device))            # (B, K, 2)
-    second, _ = run_blocks(model, embed(model, images, placed), memory)    # (B, 1 + K, dim)
-    logits = model.forward_head(model.norm(second))
+    first, memory = read(model, images, glance)                           # (B, 1 + G, dim)
+    placed = placer(first, base.to(images.device))                        # (B, K, 2)
+    second, _ = read(model, images, placed, memory)                       # (B, 1 + K, dim)
+    logits = model.forward_head(second)
     return logits, torch.cat([glance, placed], dim=1)
 
 

@@ -97,10 +97,10 @@ def move(model, head, images, n_tokens):
         moved = head(first, lattice)
         return model(images, moved), moved
     with first_pass():
-        first, memory = glimpses.run_blocks(model, glimpses.embed(model, images, lattice))
-    moved = head(model.norm(first), lattice)
-    second, _ = glimpses.run_blocks(model, glimpses.embed(model, images, moved), memory)
-    return model.forward_head(model.norm(second)), moved
+        first, memory = glimpses.read(model, images, lattice)               # (B, 1 + N, D)
+    moved = head(first, lattice)
+    second, _ = glimpses.read(model, images, moved, memory)                 # (B, 1 + N, D)
+    return model.forward_head(second), moved
 
 
 @torch.no_grad()
@@ -132,14 +132,14 @@ def move_compute(model_config, head_config, n_tokens):
     """FLOPs of one move on one image at N tokens -> {operation: FLOPs}: pass 1 (its head,
     which move() skips, counted too), the MoveHead (its LayerNorm, MLP, tanh, scale and add),
     pass 2 and, with reuse, pass 2's attention to pass 1's keys and values (N + 1 queries and
-    N + 1 cached keys per block, as cost.glimpse_compute counts it)."""
+    N + 1 cached keys per block: cost.cross_attention)."""
     d, w, t = model_config.dim, head_config.width, n_tokens + 1
-    cross = model_config.depth * (2 * 2 * t * t * d + cost.SOFTMAX * model_config.heads * t * t)
     head = n_tokens * (cost.LAYERNORM * 2 * d + cost.LAYERNORM_ROW + 2 * 3)
     head += sum(cost.mlp_compute([2 * d, w, w, 2], rows=n_tokens).values())
     return {"first": cost.forward_flops(model_config, n_tokens), "head": head,
             "second": cost.forward_flops(model_config, n_tokens),
-            "cross_attention": cross if head_config.reuse else 0}
+            "cross_attention": cost.cross_attention(model_config, t, t) if head_config.reuse
+            else 0}
 
 
 # -----------------------------------------------------------------------------

@@ -238,7 +238,8 @@ def train_placer(model, placer, dataset, args, out, log=print):
 
 # -----------------------------------------------------------------------------
 # The command line, and what every head trained on a frozen model shares with it (this file's,
-# experiments.glimpses' and experiments.ranker's): run.json, the common flags, the checks
+# experiments.glimpses', experiments.ranker's and experiments.move's): run.json, the common
+# flags, the checks
 
 def write_run_json(out, module, argv, args):
     """out/run.json: the command that made the run (python -m `module` and its flags), every

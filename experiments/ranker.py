@@ -73,14 +73,13 @@ def first_pass(model, images, glance):
     """images (B, C, H, W) in [0, 1], glance (G, 2) -> (pass 1's normed class token (B, dim),
     its (k, v) per block)."""
     points = glance.to(images.device).expand(len(images), -1, -1)             # (B, G, 2)
-    first, memory = glimpses.run_blocks(model, glimpses.embed(model, images, points))
-    return model.norm(first)[:, 0], memory
+    first, memory = glimpses.read(model, images, points)                      # (B, 1 + G, dim)
+    return first[:, 0], memory
 
 
 def second_pass(model, images, memory, positions):
     """positions (B, K, 2) read on from pass 1's memory -> logits (B, classes)."""
-    second, _ = glimpses.run_blocks(model, glimpses.embed(model, images, positions), memory)
-    return model.forward_head(model.norm(second))
+    return model.forward_head(glimpses.read(model, images, positions, memory)[0])
 
 
 def scorer(dim, width, bank):
@@ -287,15 +286,13 @@ def ranker_compute(model_config, n_tokens, glance_fraction, width, bank):
     """FLOPs of one ranked read of one image at N = G + K tokens -> {operation: FLOPs}: pass 1
     (its head, which is skipped, counted too), pass 2, pass 2's attention to pass 1's cached keys
     and values (as cost.glimpse_compute), and the ranker (its LayerNorm and MLP)."""
-    g = placement.glance_size(n_tokens, glance_fraction)
-    d, rows, memory = model_config.dim, n_tokens - g + 1, g + 1     # pass 2's queries, 1's keys
-    cross = model_config.depth * (2 * 2 * rows * memory * d
-                                  + cost.SOFTMAX * model_config.heads * rows * memory)
+    g, d = placement.glance_size(n_tokens, glance_fraction), model_config.dim
     norm = cost.LAYERNORM * d + cost.LAYERNORM_ROW
     mlp = sum(cost.mlp_compute([d, width, bank]).values())
     return {"glance": cost.forward_flops(model_config, g),
             "second": cost.forward_flops(model_config, n_tokens - g),
-            "cross_attention": cross, "ranker": norm + mlp}
+            "cross_attention": cost.cross_attention(model_config, n_tokens - g + 1, g + 1),
+            "ranker": norm + mlp}
 
 
 # -----------------------------------------------------------------------------

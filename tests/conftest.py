@@ -36,7 +36,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def head_checkpoint(tmp_path_factory):
     """A tiny SPoT model trained for one epoch with a validation split: the frozen model that the
-    label-free heads' commands (experiments.glimpses, experiments.ranker) start from."""
+    label-free heads' commands (experiments.glimpses, .ranker, .move) start from."""
     import train
     from test_train import TINY
     run = tmp_path_factory.mktemp("head") / "run"
