@@ -39,7 +39,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -119,7 +118,10 @@ def glimpse_split(model, placer, split, n_tokens, device, batch_size):
 
 
 # -----------------------------------------------------------------------------
-# Training: the head alone (--freeze), or the head and the model together
+# Training: the head alone (--freeze), or the head and the model together (args.tune), in
+# placement.train_head, the heads' one loop
+
+FILE = "glimpses.pt"
 
 def validate(model, placer, split, budgets, device, batch_size):
     """Top-1 % of glimpses and of the isotropic prior (one full pass, train.predict) at each
@@ -138,41 +140,12 @@ def step_loss(model, placer, images, labels, args, generator, step):
     """One batch's loss: glimpses at a budget drawn from --tokens; with the model trained, every
     other batch instead reads a prior drawn from --train-priors (train.train_step's draw)."""
     n_tokens = train.pick(args.tokens, generator)
-    if args.freeze or step % 2 == 0:
+    if not args.tune or step % 2 == 0:
         return F.cross_entropy(glimpse(model, placer, images, n_tokens)[0], labels)
     return placement.prior_loss(model, images, labels, args.train_priors, n_tokens, generator)
 
 
-def train_glimpses(model, placer, dataset, args, out, log=print):
-    """AdamW (train.make_optimizer: decay on matrices, warm-up and cosine decay of --lr) on the
-    head, and on the model unless --freeze; each epoch ends with validation, a line of
-    out/metrics.jsonl and an atomic save of out/glimpses.pt. -> the per-epoch metrics."""
-    model.requires_grad_(not args.freeze)
-    trained = placer if args.freeze else nn.ModuleList([model, placer])
-    generator, n_train = torch.Generator().manual_seed(args.seed), len(dataset.train.labels)
-    optimizer, scheduler = train.make_optimizer(trained, args, n_train)
-    steps, history = n_train // args.batch_size, []
-    val = (dataset.val.images, dataset.val.labels)
-    for epoch in range(1, args.epochs + 1):
-        model.train(not args.freeze)
-        placer.train()
-        loss_sum = 0.0
-        for step, images, labels in placement.train_batches(dataset.train, args, generator, epoch):
-            loss = step_loss(model, placer, images, labels, args, generator, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()                       # through the bilinear sampler into the head
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item()
-        accuracy = validate(model, placer, val, args.tokens, args.device, args.batch_size)
-        history.append({"epoch": epoch, "train_loss": loss_sum / steps, **accuracy})
-        utils.log_metrics(out, history[-1], log)
-        utils.write_atomic(out / "glimpses.pt", saved(model, placer, args, epoch))
-    return history
-
-
-def saved(model, placer, args, epoch):
+def saved(placer, args, epoch, model):
     """What glimpses.pt holds: plain tensors and numbers (read back with weights_only=True)."""
     return {"model_config": asdict(model.config), "model": model.state_dict(),
             "placer_config": asdict(placer.config), "placer": placer.state_dict(),
@@ -208,6 +181,8 @@ def parse_args(argv=None):
     add("--width", type=utils.int_at_least(4), default=128, help="the head's width")
     add("--max-shift", type=utils.float_in(0, 1, low_open=True), default=0.5,
         help="largest move of a placed token from its lattice point (image units)")
+    add("--train-limit", type=utils.int_at_least(1),
+        help="the first N training images train the head (none: all)")
     add("--epochs", type=utils.int_at_least(1), default=2)
     add("--warmup-epochs", type=utils.float_in(0), default=0.2)
     add("--batch-size", type=utils.int_at_least(1), default=128)
@@ -234,8 +209,9 @@ def main(argv=None):
     parser, args = parse_args(argv)
     model, placer, dataset = setup(parser, args)
     out = Path(args.out)
+    args.tune = not args.freeze                       # placement.train_head's switch
     placement.write_run_json(out, "experiments.glimpses", argv, args)
-    train_glimpses(model, placer, dataset, args, out)
+    placement.train_head(model, placer, dataset, args, out, sys.modules[__name__])
     print(f"wrote {out / 'glimpses.pt'}")
     return 0
 

@@ -143,7 +143,10 @@ def move_compute(model_config, head_config, n_tokens):
 
 
 # -----------------------------------------------------------------------------
-# Training the head on training images (the model stays frozen), judged on validation
+# Training the head on training images (placement.train_head, the heads' one loop; the model
+# stays frozen unless --tune), judged on validation
+
+FILE = "move.pt"
 
 def validate(model, head, split, budgets, device, batch_size):
     """Top-1 % on the same validation images of the move at each N and of the isotropic prior
@@ -168,36 +171,6 @@ def step_loss(model, head, images, labels, args, generator, step):
     if not args.tune or step % 2 == 0:
         return F.cross_entropy(move(model, head, images, n_tokens)[0], labels)
     return placement.prior_loss(model, images, labels, args.train_priors, n_tokens, generator)
-
-
-def train_move(model, head, dataset, args, out, log=print):
-    """The head, and with --tune the model (train.make_optimizer: AdamW, warm-up and cosine
-    decay of --lr), one budget of --tokens per batch; each epoch ends with validation, a line of
-    out/metrics.jsonl and an atomic save of out/move.pt. -> the per-epoch metrics."""
-    model.requires_grad_(args.tune)
-    trained = nn.ModuleList([model, head]) if args.tune else head
-    part = dataset.train.take(slice(0, args.train_limit))
-    generator, n_train = torch.Generator().manual_seed(args.seed), len(part.labels)
-    optimizer, scheduler = train.make_optimizer(trained, args, n_train)
-    val, history = (dataset.val.images, dataset.val.labels), []
-    for epoch in range(1, args.epochs + 1):
-        trained.train()
-        model.train(args.tune)
-        losses = []
-        for step, images, labels in placement.train_batches(part, args, generator, epoch):
-            loss = step_loss(model, head, images, labels, args, generator, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()                       # through the bilinear sampler into the head
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        model.eval()
-        accuracy = validate(model, head, val, args.tokens, args.device, args.batch_size)
-        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), **accuracy})
-        utils.log_metrics(out, history[-1], log)
-        utils.write_atomic(out / "move.pt", saved(head, args, epoch, model))
-    return history
 
 
 def saved(head, args, epoch, model=None):
@@ -266,7 +239,7 @@ def main(argv=None):
     head = MoveHead(config).to(args.device)
     out = Path(args.out)
     placement.write_run_json(out, "experiments.move", argv, args)
-    train_move(model, head, dataset, args, out)
+    placement.train_head(model, head, dataset, args, out, sys.modules[__name__])
     print(f"wrote {out / 'move.pt'}")
     return 0
 

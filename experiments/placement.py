@@ -236,6 +236,40 @@ def train_placer(model, placer, dataset, args, out, log=print):
     return history
 
 
+def train_head(model, head, dataset, args, out, design, log=print):
+    """The one training loop of the heads that learn through a SPoT model (experiments.glimpses,
+    .move, .sketch; `design` is the head's module), and of the model too with args.tune
+    (retrofitting the design into it): AdamW (train.make_optimizer: decay on matrices, warm-up
+    and cosine decay of --lr) with gradients clipped at norm 1, on the first --train-limit
+    training images (None: all), one budget of --tokens per batch (design.step_loss); each epoch
+    ends with validation (design.validate), a line of out/metrics.jsonl and an atomic save of
+    out/design.FILE (design.saved). -> the per-epoch metrics."""
+    model.requires_grad_(args.tune)
+    trained = nn.ModuleList([model, head]) if args.tune else head
+    part = dataset.train.take(slice(0, args.train_limit))
+    generator, n_train = torch.Generator().manual_seed(args.seed), len(part.labels)
+    optimizer, scheduler = train.make_optimizer(trained, args, n_train)
+    val, history = (dataset.val.images, dataset.val.labels), []
+    for epoch in range(1, args.epochs + 1):
+        trained.train()
+        model.train(args.tune)
+        losses = []
+        for step, images, labels in train_batches(part, args, generator, epoch):
+            loss = design.step_loss(model, head, images, labels, args, generator, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()                       # through the bilinear sampler into the head
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        model.eval()
+        accuracy = design.validate(model, head, val, args.tokens, args.device, args.batch_size)
+        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), **accuracy})
+        utils.log_metrics(out, history[-1], log)
+        utils.write_atomic(out / design.FILE, design.saved(head, args, epoch, model))
+    return history
+
+
 # -----------------------------------------------------------------------------
 # The command line, and what every head trained on a frozen model shares with it (this file's,
 # experiments.glimpses', experiments.ranker's and experiments.move's): run.json, the common

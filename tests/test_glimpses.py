@@ -134,7 +134,7 @@ def test_the_frontier_evaluates_a_glimpses_model(tmp_path, monkeypatch):
     model = spot.load_checkpoint(checkpoint)
     config = placement.PlacerConfig((16, 16), 4, model.config.dim, width=16, glance_fraction=0.5)
     args = Namespace(checkpoint=checkpoint, tokens=[4], freeze=True)
-    torch.save(glimpses.saved(model, placement.GlancePlacer(config), args, 1), tmp_path / "g.pt")
+    torch.save(glimpses.saved(placement.GlancePlacer(config), args, 1, model), tmp_path / "g.pt")
     monkeypatch.setattr(oracle.data, "load_dataset", lambda *a, **k: fake_dataset())
     argv = ["--checkpoint", checkpoint, "--tokens", "2,4,8", "--budgets", "4", "--k", "2",
             "--search-limit", "0", "--no-progress", "--device", "cpu"]
@@ -144,6 +144,6 @@ def test_the_frontier_evaluates_a_glimpses_model(tmp_path, monkeypatch):
     row = next(r for r in rows if r["method"] == "glimpses")
     assert row["label_free"] and row["budget"] == 4 and 4 < row["compute_tokens"] < 7
     other = tiny_model(num_classes=5)
-    torch.save(glimpses.saved(other, placement.GlancePlacer(config), args, 1), tmp_path / "o.pt")
+    torch.save(glimpses.saved(placement.GlancePlacer(config), args, 1, other), tmp_path / "o.pt")
     with pytest.raises(SystemExit):
         frontier.main(argv + ["--glimpses", str(tmp_path / "o.pt"), "--out", str(tmp_path / "x")])
