@@ -16,6 +16,9 @@ path= to also save it: a PNG when the path has no extension):
     plot_training_curves    retrofitting: validation accuracy vs training time of a grid ViT,
                             its retrofit (whose clock starts where the grid ViT's ended) and
                             SPoT trained from scratch
+    plot_frontier           beyond the paper: the label-free frontier, top-1 vs compute in
+                            tokens' worth of every label-free method, control and ceiling
+                            beside the best fixed prior (results/label-free-frontier.json)
     plot_saliency_vs_oracle finding 3: an image's saliency map beside the image, with SPoT-ON's
                             placements on both. Oracle tokens lean only slightly toward salient
                             pixels: where they end up is decided by how they work together
@@ -28,6 +31,7 @@ lists a command's flags):
     python -m experiments.figures training --runs results/cifar10-grid-vit \\
         results/cifar10-retrofit results/cifar10-spot --keys val_acc,val_acc@4,val_acc@16 \\
         --out figures/cifar10_training.png
+    python -m experiments.figures frontier --out figures/label_free_frontier.png
     python -m experiments.figures saliency --checkpoint runs/shapes/checkpoint.pt --tokens 16 \\
         --search-steps 20 --index 0 --out figures/saliency.png
 """
@@ -45,6 +49,7 @@ import oracle
 import spot
 import utils
 import visualize
+from experiments import frontier
 
 METRICS = {"top1": "top-1 accuracy", "knn": "kNN accuracy"}     # results.json fields
 
@@ -256,6 +261,42 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 
 
 # -----------------------------------------------------------------------------
+# The label-free frontier: accuracy vs compute, a panel per dataset
+
+DESIGNS = ("glimpses", "glance-and-rank", "learned-move", "sketch")   # frontier.FAMILIES' designs
+
+
+def plot_frontier(combined, path=None):
+    """results/label-free-frontier.json (experiments.tables gathers it), or its content -> one
+    panel per dataset: the first run's frontier (the best fixed prior at each token count) with
+    every row, and 3 points above it the goal; a later run of the dataset (a model fine-tuned
+    for a design, judged against its own priors) adds its frontier, dashed, and its design's
+    rows only (frontier.draw)."""
+    if not isinstance(combined, dict):
+        combined = json.loads(Path(combined).read_text())
+    rows = combined["rows"]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.5), squeeze=False,
+                             layout="constrained")
+    for ax, dataset in zip(axes[0], datasets):
+        runs = sorted({r["run"] for r in rows if r["dataset"] == dataset})
+        for index, run in enumerate(runs):
+            drawn = [r for r in rows if r["run"] == run
+                     and (index == 0 or frontier.family(r["method"]) in DESIGNS)]
+            label = "best prior" if index == 0 else f"best prior of {run}'s tuned model"
+            front = combined["frontiers"][run]
+            frontier.draw(ax, front, drawn, label, "k-" if index == 0 else "k--")
+            if index == 0:                  # the goal: 3 points above the best prior
+                ax.plot([f["compute_tokens"] for f in front], [f["top1"] + 3 for f in front],
+                        "k:", lw=1, label="best prior + 3 points (the goal)")
+        split = next(r["split"] for r in rows if r["dataset"] == dataset)
+        ax.set_title(f"{dataset}, {split} split: hollow markers read the label; bars: 95 % "
+                     "intervals", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    return visualize._finish(fig, path)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def _cmd_budget(args):
@@ -303,6 +344,11 @@ def build_parser():
     p.add_argument("--runs", required=True, nargs="+", help="run folders (metrics.jsonl, run.json)")
     p.add_argument("--keys", default="val_acc,val_acc@16",
                    help="metrics.jsonl fields, a panel each")
+
+    p = add("frontier", lambda args: plot_frontier(args.results, args.out),
+            "the label-free frontier: top-1 vs compute of every method beside the best prior")
+    p.add_argument("--results", default="results/label-free-frontier.json",
+                   help="label-free-frontier.json (python -m experiments.tables writes it)")
 
     p = add("saliency", _cmd_saliency,
             "finding 3: saliency map vs SPoT-ON placement, on a test image of a checkpoint")

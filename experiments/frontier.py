@@ -27,8 +27,9 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
                 fine-tuned for a design is judged against its own priors) and a "glimpses" row
                 at each budget, at cost.glimpse_compute's FLOPs; --ranker PATH: a
                 "glance-and-rank" row on the checkpoint's frozen model (experiments.ranker);
-                --move PATH: a "learned-move" row (experiments.move; a model tuned with it is
-                judged alone, as a glimpses model)
+                --move PATH: a "learned-move" row (experiments.move), --sketch PATH: a
+                "sketch" row (experiments.sketch); a model tuned with either is judged alone,
+                as a glimpses model
     rows        each against the best prior at no more compute: the curve's point of highest
                 top-1 on the validation split (when the run has one) among those whose read
                 costs at most the row's compute rounded up to a whole token's worth, on the same
@@ -61,7 +62,7 @@ import oracle
 import spot
 import train
 import utils
-from experiments import cost, glimpses, move, ranker, stats
+from experiments import cost, glimpses, move, ranker, sketch, stats
 
 
 # -----------------------------------------------------------------------------
@@ -97,6 +98,8 @@ class FrontierConfig:
                          "each --budgets it was trained for")
     move: str = option(None, "move.pt of experiments.move: a 'learned-move' row at each "
                        "--budgets (two passes of N tokens; a tuned model, as --glimpses)")
+    sketch: str = option(None, "sketch.pt of experiments.sketch: a 'sketch' row at each "
+                         "--budgets (a sketch, then one pass; a tuned model, as --glimpses)")
     batch_size: int = option(128, "images per forward pass", type=oracle.ONE_OR_MORE)
     seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
     progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
@@ -351,6 +354,17 @@ def move_rows(head):
     return rows
 
 
+def sketch_rows(head):
+    """A SketchPlacer of experiments.sketch -> a function for evaluate's `methods`: a label-free
+    "sketch" row at every budget N (the sketch, then one pass of N tokens)."""
+    def rows(model, split, tokens, reference, config):
+        right = sketch.sketch_split(model, head.to(config.device), split, tokens, config.device,
+                                    config.batch_size)[0]
+        flops = sum(sketch.sketch_read_compute(model.config, head.config, tokens).values())
+        return [judge(reference, "sketch", tokens, right, flops, True)]
+    return rows
+
+
 def curve_counts(config):
     """The curve's token counts: --tokens and 2N of every --budgets (the 2N control)."""
     return sorted(set(config.tokens) | {2 * n for n in config.budgets})
@@ -445,6 +459,7 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "glimpses": ("tab:orange", "h", "glimpses (experiments.glimpses)"),
             "glance-and-rank": ("tab:pink", "p", "glance and rank (experiments.ranker)"),
             "learned-move": ("black", "d", "learned move (experiments.move)"),
+            "sketch": ("gold", "8", "placed from a sketch (experiments.sketch)"),
             "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
             "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
 
@@ -454,28 +469,23 @@ def family(method):
     return next(f for f in FAMILIES if f in method)
 
 
-def figure(results, path):
-    """One figure, written to `path` (never a window): top-1 % vs compute in tokens' worth (log
-    x); the frontier (the best prior at each count) as a line with its 95 % band, every row a
-    point with its 95 % interval: filled when label-free, hollow for the ceilings."""
-    from matplotlib.figure import Figure
+def draw(ax, front, rows, label="best prior (the frontier)", style="k-"):
+    """On a matplotlib Axes: a frontier (the best prior at each count) as a line with its 95 %
+    band, and every row a point with its 95 % interval: filled when label-free, hollow for the
+    ceilings. A family already in the Axes' legend gets no second entry."""
     from matplotlib.ticker import FixedLocator, NullFormatter
 
-    fig = Figure(figsize=(8, 5.2), layout="constrained")
-    ax = fig.add_subplot()
-    front = results["frontier"]
     x = [f["compute_tokens"] for f in front]
-    ax.plot(x, [f["top1"] for f in front], "k-", lw=1.5, label="best prior (the frontier)")
+    ax.plot(x, [f["top1"] for f in front], style, lw=1.5, label=label)
     ax.fill_between(x, [f["top1_low"] for f in front], [f["top1_high"] for f in front],
-                    color="k", alpha=0.1, lw=0)
-    seen = set()
-    for r in results["rows"]:
-        name = family(r["method"])
-        color, marker, label = FAMILIES[name]
+                    color=style[0], alpha=0.1, lw=0)
+    seen = set(ax.get_legend_handles_labels()[1])
+    for r in rows:
+        color, marker, name = FAMILIES[family(r["method"])]
         ax.errorbar(r["compute_tokens"], r["top1"], color=color, marker=marker, ms=6,
                     yerr=[[r["top1"] - r["top1_low"]], [r["top1_high"] - r["top1"]]],
                     elinewidth=0.8, alpha=0.85, mfc=color if r["label_free"] else "white",
-                    ls="none", label=None if name in seen else label)
+                    ls="none", label=None if name in seen else name)
         seen.add(name)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator([2 ** i for i in range(-2, 21)]))  # 1, 2, 4, ...
@@ -483,11 +493,21 @@ def figure(results, path):
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("compute per image, tokens' worth (FLOPs / marginal FLOPs per token)")
     ax.set_ylabel("top-1 %")
+    ax.grid(alpha=0.3, which="both")
+
+
+def figure(results, path):
+    """One figure of a run, written to `path` (never a window): top-1 % vs compute in tokens'
+    worth (log x), its frontier and every row (draw)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    draw(ax, results["frontier"], results["rows"])
     s = results["settings"]
     ax.set_title(f"{s['dataset']} ({s['split']}, {s['n_images']} images); hollow markers read "
                  "the label; bars: 95 % intervals", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3, which="both")
     utils.write_atomic(path, fig.savefig)
     return fig
 
@@ -566,28 +586,32 @@ def setup(argv=None):
 
 
 def load_designs(args, model):
-    """--glimpses, --ranker, --move -> (the model to evaluate, evaluate's `methods`). A model
-    fine-tuned for a design (glimpses.pt's, a move.pt trained with --tune) replaces the
-    checkpoint's and is judged alone, against its own priors; the ranker and a frozen move head
+    """--glimpses, --ranker, --move, --sketch -> (the model to evaluate, evaluate's `methods`).
+    A model fine-tuned for a design (glimpses.pt's; a move.pt or sketch.pt trained with --tune)
+    replaces the checkpoint's and is judged alone, against its own priors; the other designs
     read the checkpoint's model. Raises ValueError naming the flag."""
-    if args.glimpses and (args.ranker or args.move):
-        raise ValueError("--glimpses replaces the checkpoint's model, which --ranker and --move "
-                         "read: evaluate them in separate runs")
+    if args.glimpses and (args.ranker or args.move or args.sketch):
+        raise ValueError("--glimpses replaces the checkpoint's model, which --ranker, --move and "
+                         "--sketch read: evaluate them in separate runs")
     if args.glimpses:
         trained, placer = glimpses.load_glimpses(args.glimpses, args.device)
         return tuned(model, trained, "--glimpses", args), (glimpse_rows(placer),)
-    methods = ()
+    designs = []                                     # (flag, rows function, tuned model or None)
     if args.ranker:
-        methods += (rank_rows(ranker.load_ranker(args.ranker)[0]),)
-    if args.move:
-        head, trained = move.load_move(args.move, args.device)
-        if trained is not None and args.ranker:
-            raise ValueError(f"--move: {args.move} holds a tuned model, which replaces the "
-                             "checkpoint's that --ranker reads: evaluate them in separate runs")
+        designs.append(("--ranker", rank_rows(ranker.load_ranker(args.ranker)[0]), None))
+    for flag, module, rows in (("--move", move, move_rows), ("--sketch", sketch, sketch_rows)):
+        path = getattr(args, flag[2:])
+        if path:
+            head, trained = getattr(module, f"load_{flag[2:]}")(path, args.device)
+            designs.append((flag, rows(head), trained))
+    for flag, _, trained in designs:
+        if trained is not None and len(designs) > 1:
+            raise ValueError(f"{flag}: {getattr(args, flag[2:])} holds a tuned model, which "
+                             "replaces the checkpoint's that the other designs read: evaluate "
+                             "them in separate runs")
         if trained is not None:
-            model = tuned(model, trained, "--move", args)
-        methods += (move_rows(head),)
-    return model, methods
+            model = tuned(model, trained, flag, args)
+    return model, tuple(rows for _, rows, _ in designs)
 
 
 def tuned(model, trained, flag, args):
@@ -603,7 +627,9 @@ def main(argv=None):
     args, model, dataset, config = setup(argv)
     name = args.name or (Path(args.data_dir).name if args.data_dir else None)
     results, per_image = evaluate(model, dataset, config, name, args.methods)
-    results["settings"] |= {"out": args.out, "run": utils.run_name(args.checkpoint)}
+    # the thread count and CPU too: experiments.models check recomputes rows bit for bit
+    results["settings"] |= {"out": args.out, "run": utils.run_name(args.checkpoint),
+                            "threads": torch.get_num_threads(), "cpu": utils.cpu_name()}
     out = Path(args.out)
     utils.write_atomic(out / "frontier.json", json.dumps(results, indent=2))
     utils.write_atomic(out / "frontier.md", markdown(results))

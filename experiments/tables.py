@@ -652,8 +652,8 @@ def verdict_table(runs_list):
 
 FRONTIER = "label-free-frontier"
 FRONTIER_FIELDS = ("dataset", "method", "budget", "label_free", "compute_tokens", "flops",
-                   "top1", "n_images", "prior", "prior_tokens", "prior_top1", "diff", "ci", "p",
-                   "test", "verdict")
+                   "top1", "top1_low", "top1_high", "n_images", "prior", "prior_tokens",
+                   "prior_top1", "diff", "ci", "p", "test", "verdict")
 FRONTIER_TEXT = ("Each row: a method at N tokens per pass against the best fixed prior at no more "
                  "compute (tokens' worth of FLOPs, rounded up to a whole token; the prior chosen "
                  "on validation), on the same test images: method − prior in points, its paired "

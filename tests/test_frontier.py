@@ -272,6 +272,20 @@ def test_tables_gather_every_frontier_into_one_file(run, tmp_path, monkeypatch):
     assert "oracle-of-2 (ceiling)" in table and row["verdict"] in table
     assert tables.main(["--check"]) == 1                             # not written yet
     assert tables.main([]) == 0 and tables.main(["--check"]) == 0
+    # the figure of the goal: a panel per dataset, each with its frontier and the goal above it
+    from experiments import figures
+    assert figures.main(["frontier", "--results", str(tree / "label-free-frontier.json"),
+                         "--out", str(tmp_path / "cli.png")]) == 0
+    assert (tmp_path / "cli.png").is_file()
+    for r in combined["rows"]:
+        r["dataset"] = r["run"]
+    fig = figures.plot_frontier(combined, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and len(fig.axes) == 2
+    for ax in fig.axes:
+        goal = next(line for line in ax.lines if "goal" in line.get_label())
+        front = combined["frontiers"][ax.get_title().split(",")[0]]
+        assert list(goal.get_ydata()) == [f["top1"] + 3 for f in front]
+        assert sum(len(c.get_children()) > 0 for c in ax.containers) == len(results["rows"])
     broken = json.loads((out / "frontier.json").read_text())
     del broken["rows"][0]["verdict"]
     (tree / "cifar10-frontier" / "frontier.json").write_text(json.dumps(broken))
