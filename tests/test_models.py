@@ -1,13 +1,16 @@
-"""experiments.models: a finished run exports to a small model.pt (and placer.pt) that loads like a
-checkpoint, with a card; `check` re-evaluates it against its committed per-image results bit for
-bit, catches a tampered weight and a flipped bit, allows a documented tolerance on another
+"""experiments.models: a finished run exports to a small model.pt (and a head's file) that loads
+like a checkpoint, with a card; `check` re-evaluates it against its committed per-image results bit
+for bit, catches a tampered weight and a flipped bit, allows a documented tolerance on another
 machine, and keeps every committed model together under 80 MB.
 
 The fixture is a real pipeline on the built-in shapes data, in a temporary folder: train.py (a
 tiny model), oracle.py (its per-image results), experiments.placement and label_free (a placer
-and its per-image results), then export. The last test checks the committed results/*/model.pt
-on 200 real test images when the data is present."""
+and its per-image results), then export. A second fixture adds the label-free frontier's designs
+(experiments.move, .ranker, .glimpses) and two experiments.frontier runs that used them. The
+committed-models test checks results/*/model.pt on 200 real test images when the data is
+present."""
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -21,7 +24,8 @@ import spot
 import train
 import utils
 from conftest import ROOT, SHARED_DATA
-from experiments import label_free, models, placement
+from experiments import (frontier, glimpses, label_free, models, move, placement, ranker,
+                         sketch)
 from test_train import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
@@ -226,3 +230,141 @@ def test_moved_counts_what_a_retraining_changed(pipeline, tmp_path):
     assert row[5] == f"{100 * 6 / sum(bits[k].numel() for k in cells):.1f} %"
     with pytest.raises(ValueError, match="git show"):
         models.moved(repo, "HEAD~1", ["tiny"])
+
+
+# -----------------------------------------------------------------------------
+# The label-free frontier's designs: exported beside the frontier runs that judged them
+
+DESIGNS = {"move": "metrics.jsonl", "ranker": "metrics.json", "glimpses": "metrics.jsonl",
+           "sketch": "metrics.jsonl"}
+HEAD = ["--tokens", "4", "--batch-size", "32", "--width", "16", "--no-progress", "--threads", "1"]
+FRONTIER = ["--tokens", "4,8", "--budgets", "4", "--k", "2", "--search-limit", "0", "--limit",
+            "40", "--batch-size", "16", "--no-progress", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def designs(pipeline, tmp_path_factory):
+    """A tree laid out as the repository, every path relative to it as rerun.sh gives them: the
+    tiny model committed in results/tiny, each design trained from that model.pt in runs/, two
+    frontier runs in results/ (glimpses replace the model the other two read), the designs
+    exported. -> the tree's root."""
+    _, results = pipeline
+    root = tmp_path_factory.mktemp("designs")
+    shutil.copytree(results / "tiny", root / "results" / "tiny")
+    model = ["--checkpoint", "results/tiny/model.pt"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        assert move.main(model + HEAD + ["--train-limit", "64", "--epochs", "2",
+                                         "--out", "runs/move"]) == 0
+        assert ranker.main(model + HEAD + ["--train-limit", "64", "--epochs", "1", "--bank", "3",
+                                           "--pool", "6", "--out", "runs/ranker"]) == 0
+        assert glimpses.main(model + HEAD + ["--epochs", "1", "--out", "runs/glimpses"]) == 0
+        assert sketch.main(model + HEAD + ["--train-limit", "64", "--epochs", "1", "--size", "8",
+                                           "--channels", "8", "--out", "runs/sketch"]) == 0
+        assert frontier.main(model + FRONTIER + ["--move", "runs/move/move.pt", "--ranker",
+                                                 "runs/ranker/ranker.pt", "--sketch",
+                                                 "runs/sketch/sketch.pt",
+                                                 "--out", "results/frontier-heads"]) == 0
+        assert frontier.main(model + FRONTIER + ["--glimpses", "runs/glimpses/glimpses.pt",
+                                                 "--out", "results/frontier-glimpses"]) == 0
+        for kind in DESIGNS:
+            assert models.main(["export", "--run", f"runs/{kind}", "--to", f"results/{kind}"]) == 0
+    return root
+
+
+def test_export_of_a_design_writes_its_file_its_run_and_a_card(designs):
+    for kind, metrics in DESIGNS.items():
+        run, folder = designs / "runs" / kind, designs / "results" / kind
+        path = folder / f"{kind}.pt"
+        saved = models.tensors(torch.load(path, weights_only=True))
+        original = models.tensors(torch.load(run / path.name, weights_only=True))
+        assert saved.keys() == original.keys() and saved
+        assert all(torch.equal(saved[k], v) for k, v in original.items())
+        assert all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
+        for file in ("run.json", metrics):             # check finds the frontier through them
+            assert (folder / file).read_text() == (run / file).read_text()
+        card = (folder / "MODEL.md").read_text()
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in card
+        assert f"{path.stat().st_size:,} bytes" in card and f"load_{kind}(" in card
+        assert f"- command: `python -m experiments.{kind} --checkpoint results/tiny/" in card
+        assert "`results/tiny/model.pt`" in card.split("- data:")[1].splitlines()[0]
+    cards = {kind: (designs / "results" / kind / "MODEL.md").read_text() for kind in DESIGNS}
+    last = models.read_jsonl(designs / "runs" / "move" / "metrics.jsonl")[-1]
+    assert f"learned move {last['val_move@4']:.2f} % (two passes of 4 tokens)" in cards["move"]
+    assert f"{last['val_isotropic@8']:.2f} % at 8 tokens" in cards["move"]
+    report = json.loads((designs / "runs" / "ranker" / "metrics.json").read_text())
+    assert f"glance and rank {report['budgets']['4']['ranker']:.2f} %" in cards["ranker"]
+    # glimpses' file holds the fine-tuned model beside the placer: the card counts both
+    tuned, placer = glimpses.load_glimpses(designs / "results" / "glimpses" / "glimpses.pt")
+    counts = [sum(p.numel() for p in m.parameters()) for m in (placer, tuned)]
+    line = f"- parameters: {sum(counts):,} = {counts[0]:,} (placer) + {counts[1]:,} (model)"
+    assert line in cards["glimpses"]
+
+
+def test_export_refuses_an_unfinished_design_run(designs, tmp_path, capsys):
+    unfinished = tmp_path / "move"
+    shutil.copytree(designs / "runs" / "move", unfinished)
+    lines = (unfinished / "metrics.jsonl").read_text().splitlines()
+    (unfinished / "metrics.jsonl").write_text(lines[0] + "\n")        # epoch 1 of 2
+    stopped = tmp_path / "ranker"
+    shutil.copytree(designs / "runs" / "ranker", stopped)
+    (stopped / "metrics.json").unlink()             # the ranker writes it once all is trained
+    for run, error in ((unfinished, "metrics.jsonl does not reach epoch 2"),
+                       (stopped, "metrics.json does not exist")):
+        with pytest.raises(SystemExit):
+            models.main(["export", "--run", str(run), "--to", str(tmp_path / "out")])
+        assert f"{run}/{error}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_re_evaluates_each_design_on_its_frontier_run(designs, capsys):
+    results = designs / "results"
+    assert [kind for _, kind in models.committed(results)] == ["model", "glimpses", "move",
+                                                                "ranker", "sketch"]
+    assert check(results) == 0
+    out = capsys.readouterr().out
+    for method in ("glimpses", "learned-move", "glance-and-rank", "sketch"):
+        assert re.search(rf"^    {method} +4: 20/20$", out, re.M), method
+    assert f"against {results}/frontier-heads/per_image.npz" in out
+    assert f"against {results}/frontier-glimpses/per_image.npz" in out
+    assert out.count("recorded on this machine: every bit must agree") == 5
+    assert out.count("evaluated in batches of 16: 32") == 4
+
+
+def test_check_names_a_flipped_design_bit_and_a_design_no_frontier_used(designs, tmp_path,
+                                                                          capsys):
+    copy = tmp_path / "results"             # the model.pt the frontier read is the copy's own
+    shutil.copytree(designs / "results", copy)
+    path = copy / "frontier-heads" / "per_image.npz"
+    bits = {k: torch.as_tensor(v) for k, v in utils.load_per_image(path).items()}
+    bits["top1", "learned-move", 4][5] ^= True
+    utils.save_per_image(path, bits)
+    assert check(copy, "move") == 1
+    error = capsys.readouterr().out.split("error:")[1]
+    assert "1 cell(s) differ" in error and "top1/learned-move/4 (1)" in error
+    assert check(copy, "ranker") == 0                  # its cells of the same file still agree
+    # a frontier run given the committed file, not the run's, is found through it too
+    recorded = copy / "frontier-heads" / "frontier.json"
+    found = json.loads(recorded.read_text())
+    found["settings"]["ranker"] = str(copy / "ranker" / "ranker.pt")
+    recorded.write_text(json.dumps(found))
+    assert check(copy, "ranker") == 0
+    found["settings"]["ranker"] = str(copy / "elsewhere" / "ranker.pt")
+    recorded.write_text(json.dumps(found))
+    assert check(copy, "ranker") == 1
+    shutil.rmtree(copy / "frontier-glimpses")
+    assert check(copy, "glimpses") == 1
+    error = capsys.readouterr().out.split("error:")[1]
+    assert "no frontier.json" in error
+    assert "python -m experiments.frontier --glimpses runs/glimpses/glimpses.pt" in error
+
+
+def test_the_size_limit_counts_the_designs(designs, monkeypatch, capsys):
+    results = designs / "results"
+    sizes = [(results / kind / f"{kind}.pt").stat().st_size for kind in DESIGNS]
+    total = (results / "tiny" / "model.pt").stat().st_size + sum(sizes)
+    monkeypatch.setattr(models, "MAX_TOTAL_BYTES", total)
+    assert check(results, "tiny") == 0
+    monkeypatch.setattr(models, "MAX_TOTAL_BYTES", total - 1)
+    assert check(results, "tiny") == 1
+    assert "the models together are" in capsys.readouterr().out
