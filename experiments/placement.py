@@ -270,6 +270,35 @@ def train_head(model, head, dataset, args, out, design, log=print):
     return history
 
 
+def saved_head(head, args, epoch, model=None):
+    """What a head's file holds (experiments.move's move.pt, experiments.sketch's sketch.pt):
+    plain tensors and numbers, read back with weights_only=True; with --tune, the model too."""
+    state = {"config": asdict(head.config), "head": head.state_dict(), "epoch": epoch,
+             "checkpoint": str(args.checkpoint)}
+    if getattr(args, "tune", False):
+        state |= {"model_config": asdict(model.config), "model": model.state_dict()}
+    return state
+
+
+def load_head(path, make, what, map_location="cpu"):
+    """A file of saved_head -> (the head in eval mode, the tuned SPoTViT in eval mode or None
+    when the model stayed frozen); make: the head's config dict -> the head. Read with
+    weights_only=True (a file someone sends you cannot run code); anything else is a ValueError
+    saying the file is not `what`."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        head = make(state["config"])
+        head.load_state_dict(state["head"])
+        model = None
+        if "model" in state:
+            model = spot.SPoTViT(spot.SPoTConfig(**state["model_config"]))
+            model.load_state_dict(state["model"])
+            model = model.to(map_location).eval()
+    except Exception as error:                 # truncated, another head, another format, ...
+        raise ValueError(f"{path} is not {what} ({type(error).__name__}: {error})") from None
+    return head.to(map_location).eval(), model
+
+
 # -----------------------------------------------------------------------------
 # The command line, and what every head trained on a frozen model shares with it (this file's,
 # experiments.glimpses', experiments.ranker's and experiments.move's): run.json, the common
@@ -282,6 +311,22 @@ def write_run_json(out, module, argv, args):
     run = {"argv": ["python", "-m", module] + flags,
            "args": {**vars(args), "device": str(args.device)}, "cpu": utils.cpu_name()}
     utils.write_atomic(Path(out) / "run.json", json.dumps(run, indent=2))
+
+
+def add_training_flags(parser):
+    """The flags of a head trained by train_head (experiments.move, .sketch): --tune and the
+    priors of the model's other batches, --train-limit, --epochs, --warmup-epochs,
+    --batch-size, --lr."""
+    add = parser.add_argument
+    add("--tune", action="store_true", help="fine-tune the model with the head")
+    add("--train-priors", default=",".join(spot.PRIORS), type=utils.name_list(spot.PRIORS),
+        help="the priors of the model's other batches (with --tune)")
+    add("--train-limit", type=utils.int_at_least(1), default=20000,
+        help="the first N training images train the head")
+    add("--epochs", type=utils.int_at_least(1), default=3)
+    add("--warmup-epochs", type=utils.float_in(0), default=0.1)
+    add("--batch-size", type=utils.int_at_least(1), default=128)
+    add("--lr", type=utils.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr")
 
 
 def add_common_flags(parser, writes):

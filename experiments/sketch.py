@@ -31,7 +31,7 @@ OUT/sketch.pt (plain tensors: load_sketch), OUT/metrics.jsonl and OUT/run.json:
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -161,32 +161,14 @@ def step_loss(model, head, images, labels, args, generator, step):
     return placement.prior_loss(model, images, labels, args.train_priors, n_tokens, generator)
 
 
-def saved(head, args, epoch, model):
-    """What sketch.pt holds: plain tensors and numbers (read back with weights_only=True); with
-    --tune, the tuned model too."""
-    state = {"config": asdict(head.config), "head": head.state_dict(), "epoch": epoch,
-             "checkpoint": str(args.checkpoint)}
-    if args.tune:
-        state |= {"model_config": asdict(model.config), "model": model.state_dict()}
-    return state
+saved = placement.saved_head             # what sketch.pt holds (train_head writes it)
 
 
 def load_sketch(path, map_location="cpu"):
-    """sketch.pt -> (SketchPlacer in eval mode, the tuned SPoTViT in eval mode or None). Read
-    with weights_only=True: a file someone sends you cannot run code."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        head = SketchPlacer(SketchConfig(**state["config"]))
-        head.load_state_dict(state["head"])
-        model = None
-        if "model" in state:
-            model = spot.SPoTViT(spot.SPoTConfig(**state["model_config"]))
-            model.load_state_dict(state["model"])
-            model = model.to(map_location).eval()
-    except Exception as error:                 # truncated, not a sketch placer, ...
-        raise ValueError(f"{path} is not a sketch placer written by experiments.sketch "
-                         f"({type(error).__name__}: {error})") from None
-    return head.to(map_location).eval(), model
+    """sketch.pt -> (SketchPlacer in eval mode, the tuned SPoTViT in eval mode or None when the
+    model stayed frozen), read with weights_only=True (placement.load_head)."""
+    return placement.load_head(path, lambda config: SketchPlacer(SketchConfig(**config)),
+                               "a sketch placer written by experiments.sketch", map_location)
 
 
 # -----------------------------------------------------------------------------
@@ -205,15 +187,7 @@ def parse_args(argv=None):
     add("--width", type=utils.int_at_least(1), default=64, help="the MLP's hidden width")
     add("--max-shift", type=utils.float_in(0, 1, low_open=True), default=0.25,
         help="largest move of a token (image units)")
-    add("--tune", action="store_true", help="fine-tune the model with the placer")
-    add("--train-priors", default=",".join(spot.PRIORS), type=utils.name_list(spot.PRIORS),
-        help="the priors of the model's other batches (with --tune)")
-    add("--train-limit", type=utils.int_at_least(1), default=20000,
-        help="the first N training images train the placer")
-    add("--epochs", type=utils.int_at_least(1), default=3)
-    add("--warmup-epochs", type=utils.float_in(0), default=0.1)
-    add("--batch-size", type=utils.int_at_least(1), default=128)
-    add("--lr", type=utils.float_in(0, low_open=True), default=1e-3, help="peak AdamW lr")
+    placement.add_training_flags(parser)
     placement.add_common_flags(parser, "sketch.pt, metrics.jsonl, run.json")
     return parser, parser.parse_args(argv)
 
