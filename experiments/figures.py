@@ -266,24 +266,25 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 DESIGNS = ("glimpses", "glance-and-rank", "learned-move", "sketch")   # frontier.FAMILIES' designs
 
 
-def plot_frontier(combined, path=None):
+def plot_frontier(combined, path=None, max_compute=40):
     """results/label-free-frontier.json (experiments.tables gathers it), or its content -> one
     panel per dataset: the first run's frontier (the best fixed prior at each token count) with
     every row, and 3 points above it the goal; a later run of the dataset (a model fine-tuned
     for a design, judged against its own priors) adds its frontier, dashed, and its design's
-    rows only (frontier.draw)."""
+    rows only (frontier.draw). Rows costing more than `max_compute` tokens' worth (SPoT-ON and
+    its label-free variant, hundreds) are left to the table, so the goal's range stays legible."""
     if not isinstance(combined, dict):
         combined = json.loads(Path(combined).read_text())
     rows = combined["rows"]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.5), squeeze=False,
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 6.8), squeeze=False,
                              layout="constrained")
     for ax, dataset in zip(axes[0], datasets):
         runs = sorted({r["run"] for r in rows if r["dataset"] == dataset})
         for index, run in enumerate(runs):
-            drawn = [r for r in rows if r["run"] == run
+            drawn = [r for r in rows if r["run"] == run and r["compute_tokens"] <= max_compute
                      and (index == 0 or frontier.family(r["method"]) in DESIGNS)]
-            label = "best prior" if index == 0 else f"best prior of {run}'s tuned model"
+            label = "best prior" if index == 0 else "best prior of a design's tuned model"
             front = combined["frontiers"][run]
             frontier.draw(ax, front, drawn, label, "k-" if index == 0 else "k--")
             if index == 0:                  # the goal: 3 points above the best prior
@@ -291,8 +292,13 @@ def plot_frontier(combined, path=None):
                         "k:", lw=1, label="best prior + 3 points (the goal)")
         split = next(r["split"] for r in rows if r["dataset"] == dataset)
         ax.set_title(f"{dataset}, {split} split: hollow markers read the label; bars: 95 % "
-                     "intervals", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+                     f"intervals; up to {max_compute} tokens' worth", fontsize=10)
+        ax.set_xlim(right=max_compute)
+    legend = {}                        # one entry per label, whichever panel drew it first
+    for ax in axes[0]:
+        legend |= {label: handle for handle, label in zip(*ax.get_legend_handles_labels())
+                   if label not in legend}
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncol=4, fontsize=8)
     return visualize._finish(fig, path)
 
 

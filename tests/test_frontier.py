@@ -285,7 +285,9 @@ def test_tables_gather_every_frontier_into_one_file(run, tmp_path, monkeypatch):
         goal = next(line for line in ax.lines if "goal" in line.get_label())
         front = combined["frontiers"][ax.get_title().split(",")[0]]
         assert list(goal.get_ydata()) == [f["top1"] + 3 for f in front]
-        assert sum(len(c.get_children()) > 0 for c in ax.containers) == len(results["rows"])
+        shown = [r for r in results["rows"] if r["compute_tokens"] <= 40]    # SPoT-ON's: table
+        assert 0 < len(shown) < len(results["rows"])
+        assert sum(len(c.get_children()) > 0 for c in ax.containers) == len(shown)
     broken = json.loads((out / "frontier.json").read_text())
     del broken["rows"][0]["verdict"]
     (tree / "cifar10-frontier" / "frontier.json").write_text(json.dumps(broken))
