@@ -28,8 +28,9 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
                 at each budget, at cost.glimpse_compute's FLOPs; --ranker PATH: a
                 "glance-and-rank" row on the checkpoint's frozen model (experiments.ranker);
                 --move PATH: a "learned-move" row (experiments.move), --sketch PATH: a
-                "sketch" row (experiments.sketch); a model tuned with either is judged alone,
-                as a glimpses model
+                "sketch" row (experiments.sketch) and its "sketch-shuffled" control (another
+                image's placement); a model tuned with either is judged alone, as a glimpses
+                model
     rows        each against the best prior at no more compute: the curve's point of highest
                 top-1 on the validation split (when the run has one) among those whose read
                 costs at most the row's compute rounded up to a whole token's worth, on the same
@@ -356,12 +357,16 @@ def move_rows(head):
 
 def sketch_rows(head):
     """A SketchPlacer of experiments.sketch -> a function for evaluate's `methods`: a label-free
-    "sketch" row at every budget N (the sketch, then one pass of N tokens)."""
+    "sketch" row at every budget N (the sketch, then one pass of N tokens), and its control
+    "sketch-shuffled": image i read at the placement the sketch made for image i - 1, at the
+    same cost. A gain that is per image must lose it; one a fixed layout gives keeps it."""
     def rows(model, split, tokens, reference, config):
-        right = sketch.sketch_split(model, head.to(config.device), split, tokens, config.device,
-                                    config.batch_size)[0]
+        right, placed = sketch.sketch_split(model, head.to(config.device), split, tokens,
+                                            config.device, config.batch_size)
         flops = sum(sketch.sketch_read_compute(model.config, head.config, tokens).values())
-        return [judge(reference, "sketch", tokens, right, flops, True)]
+        shuffled = oracle.hits(model, split, placed.roll(1, 0), config)
+        return [judge(reference, "sketch", tokens, right, flops, True),
+                judge(reference, "sketch-shuffled", tokens, shuffled, flops, True)]
     return rows
 
 
@@ -454,7 +459,7 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "softmax": ("tab:blue", "o", "best of K by max-softmax"),
             "normlogit": ("tab:cyan", "D", "best of K by normalised max-logit"),
             "mean-logits": ("tab:green", "^", "mean logits of 2 prior passes"),
-            "shuffled": ("tab:brown", "v", "SPoT-ON's positions of another image"),
+            "shuffled": ("tab:brown", "v", "positions found for another image"),
             "spot-on-self": ("tab:olive", "X", "SPoT-ON toward its own first answer"),
             "glimpses": ("tab:orange", "h", "glimpses (experiments.glimpses)"),
             "glance-and-rank": ("tab:pink", "p", "glance and rank (experiments.ranker)"),

@@ -157,6 +157,10 @@ def test_the_frontier_judges_a_sketch_row(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "frontier.json").read_text())
     rows = [r for r in results["rows"] if r["method"] == "sketch"]
     assert [r["budget"] for r in rows] == [3, 4] and all(r["label_free"] for r in rows)
+    # an untrained placer places every image alike: another image's placement reads the same
+    control = [r for r in results["rows"] if r["method"] == "sketch-shuffled"]
+    assert [(r["top1"], r["compute_tokens"]) for r in control] == [
+        (r["top1"], r["compute_tokens"]) for r in rows]
     for row in rows:
         point = next(p for p in results["curve"]
                      if p["prior"] == "isotropic" and p["tokens"] == row["budget"])
