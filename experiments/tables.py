@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -661,6 +662,13 @@ FRONTIER_TEXT = ("Each row: a method at N tokens per pass against the best fixed
                  "the label. Made from {sources}.")
 
 
+def normal(p):
+    """A p-value, at least the smallest normal float: below it a float is denormal, and a process
+    that flushes denormals to zero (train.py sets it, for Adam's speed) reads 5e-315 as 0, so
+    the file would depend on what ran before. None stays None."""
+    return None if p is None else max(p, sys.float_info.min)
+
+
 def frontier_file(runs):
     """The frontier.json of each of results/RUN -> results/label-free-frontier.json's content:
     the sources, each run's frontier (the best prior per token count: the curve to rise above)
@@ -672,8 +680,8 @@ def frontier_file(runs):
         found = load_json(path)
         with reading(path):
             split = found["settings"]["split"]
-            rows += [{"run": run, "split": split, **{key: row[key] for key in FRONTIER_FIELDS}}
-                     for row in found["rows"]]
+            rows += [{"run": run, "split": split, **{key: row[key] for key in FRONTIER_FIELDS},
+                      "p": normal(row["p"])} for row in found["rows"]]
             curves[run] = [{key: point[key] for key in ("tokens", "prior", "compute_tokens",
                                                          "top1", "top1_low", "top1_high")}
                            for point in found["frontier"]]

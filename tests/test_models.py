@@ -1,7 +1,7 @@
 """experiments.models: a finished run exports to a small model.pt (and a head's file) that loads
 like a checkpoint, with a card; `check` re-evaluates it against its committed per-image results bit
 for bit, catches a tampered weight and a flipped bit, allows a documented tolerance on another
-machine, and keeps every committed model together under 80 MB.
+machine, and keeps every committed model together under 100 MB.
 
 The fixture is a real pipeline on the built-in shapes data, in a temporary folder: train.py (a
 tiny model), oracle.py (its per-image results), experiments.placement and label_free (a placer

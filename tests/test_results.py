@@ -84,13 +84,20 @@ def test_the_lr_and_cost_sentences_are_what_the_results_record():
 
 
 def test_committed_intervals_are_recomputed_from_the_per_image_files():
-    """Every results/*/per_image.npz gives back its results.json: each row's accuracy and 95 %
-    interval (utils.bootstrap_interval, as oracle.py's) from the committed 0/1 correctness, no
-    checkpoint needed."""
+    """Every results/*/per_image.npz gives back its results.json (or frontier.json): each row's
+    accuracy and 95 % interval (utils.bootstrap_interval, as oracle.py's) from the committed 0/1
+    correctness, no checkpoint needed."""
     folders = sorted(path.parent for path in (ROOT / "results").glob("*/per_image.npz"))
     assert folders, "no per-image results committed"
     for folder in folders:
         bits = utils.load_per_image(folder / "per_image.npz")
+        if (folder / "frontier.json").is_file():     # experiments.frontier's: a cell per row
+            rows = json.loads((folder / "frontier.json").read_text())["rows"]
+            for row in rows[:: max(1, len(rows) // 6)]:
+                correct = torch.from_numpy(bits["top1", row["method"], row["budget"]])
+                expected = (row["top1"], row["top1_low"], row["top1_high"])
+                assert utils.bootstrap_interval(correct, seed=0) == expected, (folder.name, row)
+            continue
         rows = [r for r in json.loads((folder / "results.json").read_text())["rows"]
                 if r["top1"] is not None]
         assert rows
