@@ -14,15 +14,16 @@ low-resolution copy of the whole image, far cheaper than one token of the model:
              (tanh; its last layer starts at zero, so an untrained placer is the lattice)
     read     the model reads the N placed tokens once, and answers
 
-One pass at N tokens plus the sketch (sketch_compute: about a fifth of a token's worth at the
-defaults on CIFAR-10's model), so the design at N competes with the priors at N, where a glance or
-a second pass would have bought more tokens instead. The placer learns end to end through the
-frozen model and the bilinear sampler (subpixel tokens: positions are differentiable) with the
-classification loss on the first --train-limit training images; with --tune the model learns
-too (every other batch a training prior, as experiments.move --tune), and the tuned model's own
-prior curve is then the baseline. Every epoch ends with validation (the sketch placement, the
-isotropic prior at N and at N + 1, the same images); the test split is never read here. Writes
-OUT/sketch.pt (plain tensors: load_sketch), OUT/metrics.jsonl and OUT/run.json:
+One pass at N tokens plus the sketch (sketch_compute: about a third of a token's worth at the
+defaults, on CIFAR-10's model and on Imagenette's), so the design at N competes with the priors
+at N, where a glance or a second pass would have bought more tokens instead. The placer learns
+end to end through the frozen model and the bilinear sampler (subpixel tokens: positions are
+differentiable) with the classification loss on the first --train-limit training images; with
+--tune the model learns too (every other batch a training prior, as experiments.move --tune),
+and the tuned model's own prior curve is then the baseline. Every epoch ends with validation
+(the sketch placement, the isotropic prior at N and at N + 1, the same images); the test split
+is never read here. Writes OUT/sketch.pt (plain tensors: load_sketch), OUT/metrics.jsonl and
+OUT/run.json:
 
     python -m experiments.sketch --checkpoint results/cifar10-spot/model.pt --tokens 7,15 \\
         --train-limit 45000 --epochs 5 --out runs/c10-sketch
