@@ -9,7 +9,9 @@ repository root as modules:
                                                  # accuracy-vs-compute curve (costs: cost.py)
     python -m experiments.ranker --help          # its designs: glance and rank,
     python -m experiments.move --help            # label-free SPoT-ON as a learned move,
-    python -m experiments.glimpses --help        # sequential glimpses
+    python -m experiments.glimpses --help        # sequential glimpses,
+    python -m experiments.sketch --help          # tokens placed from a sketch of the image,
+    python -m experiments.layouts --help         # learned fixed layouts (a prior) and a bank
     python -m experiments.tables                 # RESULTS.md's tables from results/
 
 NOTES.md is the lab notebook: what was tried, measured and kept.

@@ -133,6 +133,20 @@ def mlp_compute(widths, rows=1, activation=GELU):
             "activation": rows * activation * sum(widths[1:-1])}
 
 
+def sketch_compute(size, channels, image_size):
+    """FLOPs of placement.sketch_net on one image's sketch and of its feature map's mean ->
+    {operation: FLOPs}: the area downsampling to size x size (one add per input pixel and
+    channel, one scale per output), the convolutions (2 FLOPs per multiply-add, bias and GELU
+    per output), the mean."""
+    c, (h, w) = channels, utils.to_hw(image_size)
+    convs, side = 0, size
+    for c_in, c_out, stride in ((3, c // 2, 1), (c // 2, c, 2), (c, c, 2)):
+        side = math.ceil(side / stride)
+        convs += side * side * c_out * (2 * c_in * 9 + 1 + GELU)
+    return {"downsample": 3 * (h * w + size * size), "convolutions": convs,
+            "mean": c * side * side}
+
+
 def glimpse_compute(config, placer_config, n_tokens):
     """FLOPs of experiments.glimpses.glimpse on one image at N = G + K tokens -> {operation:
     FLOPs}: pass 1 (the class token and G glance tokens; its head, which glimpse skips, is

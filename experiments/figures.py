@@ -263,7 +263,8 @@ def plot_saliency_vs_oracle(image, positions, start_positions=None, window=None,
 # -----------------------------------------------------------------------------
 # The label-free frontier: accuracy vs compute, a panel per dataset
 
-DESIGNS = ("glimpses", "glance-and-rank", "learned-move", "sketch")   # frontier.FAMILIES' designs
+DESIGNS = ("glimpses", "glance-and-rank", "learned-move", "sketch",
+           "layout-bank")                                 # frontier.FAMILIES' designs
 
 
 def plot_frontier(combined, path=None, max_compute=40):

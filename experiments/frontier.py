@@ -14,7 +14,10 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
                 saliency_compute (spot.saliency_map), mlp_compute (a small head);
                 compute_tokens(flops, config): FLOPs in tokens' worth (see token_fit)
     the curve   every prior's top-1 at every token count (--tokens), per image, read by
-                train.predict through train.draw_positions (the project's one evaluation loop)
+                train.predict through train.draw_positions (the project's one evaluation loop);
+                with --learned PATH, layouts learned once for all images (experiments.layouts)
+                are a prior too, "learned", at the counts they were learned for, and each is
+                also a "learned-layout" row against the other priors (what learning gains)
     controls    at each per-pass budget N (--budgets), label-free unless marked: the best prior
                 at 2N tokens; the best of K placements by max-softmax and by a normalised
                 max-logit; the mean of two prior passes' logits; SPoT-ON's positions found for
@@ -30,7 +33,8 @@ compute?": the prior's accuracy-vs-compute curve is the frontier a method must r
                 --move PATH: a "learned-move" row (experiments.move), --sketch PATH: a
                 "sketch" row (experiments.sketch) and its "sketch-shuffled" control (another
                 image's placement); a model tuned with either is judged alone, as a glimpses
-                model
+                model; --bank PATH: a "layout-bank" row (experiments.layouts: a sketch picks
+                one of M learned layouts) and its "bank-shuffled" control
     rows        each against the best prior at no more compute: the curve's point of highest
                 top-1 on the validation split (when the run has one) among those whose read
                 costs at most the row's compute rounded up to a whole token's worth, on the same
@@ -51,7 +55,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +67,7 @@ import oracle
 import spot
 import train
 import utils
-from experiments import cost, glimpses, move, ranker, sketch, stats
+from experiments import cost, glimpses, layouts, move, ranker, sketch, stats
 
 
 # -----------------------------------------------------------------------------
@@ -101,6 +105,10 @@ class FrontierConfig:
                        "--budgets (two passes of N tokens; a tuned model, as --glimpses)")
     sketch: str = option(None, "sketch.pt of experiments.sketch: a 'sketch' row at each "
                          "--budgets (a sketch, then one pass; a tuned model, as --glimpses)")
+    learned: str = option(None, "learned.pt of experiments.layouts (--choices 1): its learned "
+                          "fixed layouts join the curve as the prior 'learned' at their counts")
+    bank: str = option(None, "bank.pt of experiments.layouts (--choices M > 1): a "
+                       "'layout-bank' row at each --budgets it holds, and its shuffled control")
     batch_size: int = option(128, "images per forward pass", type=oracle.ONE_OR_MORE)
     seed: int = option(0, "seed of the position draws and the bootstrap", type=int)
     progress: bool = option(True, "tqdm bars", action=argparse.BooleanOptionalAction)
@@ -133,6 +141,12 @@ def prior_curve(model, split, counts, config, desc="curve"):
         positions = train.draw_positions(prior, split[0], tokens, model.config.window, seed,
                                          config.device)
         curve[prior, tokens] = oracle.hits(model, split, positions, config)
+    if config.learned:              # a layout learned once for all images is a prior too
+        learned = layouts.load_bank(config.learned)[0]
+        for tokens in learned.config.tokens:
+            curve["learned", tokens] = layouts.learned_split(model, learned, split, tokens,
+                                                             config.device, config.batch_size,
+                                                             config.bf16)
     return curve
 
 
@@ -370,6 +384,37 @@ def sketch_rows(head):
     return rows
 
 
+def bank_rows(head):
+    """A LayoutBank of experiments.layouts -> a function for evaluate's `methods`: a label-free
+    "layout-bank" row at every budget N it holds (the sketch picks one of its M layouts, then
+    one pass of N tokens), and its control "bank-shuffled": image i read at the layout chosen
+    for image i - 1, at the same cost."""
+    def rows(model, split, tokens, reference, config):
+        if tokens not in head.config.tokens:
+            return []
+        right, chosen = layouts.bank_split(model, head.to(config.device), split, tokens,
+                                           config.device, config.batch_size)
+        flops = sum(layouts.bank_read_compute(model.config, head.config, tokens).values())
+        index = torch.arange(len(chosen))                     # image i <- image i - 1's choice
+        return [judge(reference, "layout-bank", tokens, right[index, chosen], flops, True),
+                judge(reference, "bank-shuffled", tokens, right[index, chosen.roll(1)], flops,
+                      True)]
+    return rows
+
+
+def learned_rows(reference):
+    """Each learned layout of the curve as a method: a "learned-layout" row at its count, one
+    pass, judged against the best of the other priors at no more compute (the curve less the
+    learned layouts): what learning a fixed layout gains over the paper's priors."""
+    learned = sorted(n for prior, n in reference.curve if prior == "learned")
+    others = {key: v for key, v in reference.curve.items() if key[0] != "learned"}
+    fixed = replace(reference, curve=others)           # its own per_image, from `others`
+    rows = [judge(fixed, "learned-layout", n, reference.curve["learned", n],
+                  prior_cost(reference.model_config, "learned", n), True) for n in learned]
+    reference.per_image |= {key: v for key, v in fixed.per_image.items() if key[1] != "prior"}
+    return rows
+
+
 def curve_counts(config):
     """The curve's token counts: --tokens and 2N of every --budgets (the 2N control)."""
     return sorted(set(config.tokens) | {2 * n for n in config.budgets})
@@ -401,6 +446,7 @@ def evaluate(model, dataset, config, name=None, methods=()):
         rows += budget_rows(model, evaluated, tokens, reference, config)
         for method in methods:
             rows += method(model, evaluated, tokens, reference, config)
+    rows += learned_rows(reference)
     reference.per_image |= {("val-top1", "prior", p, n): v for (p, n), v in val_curve.items()}
     a, b = cost.token_fit(model.config)
     curve_rows = [{"prior": p, "tokens": n, "compute_tokens": reference.cost(p, n),
@@ -465,6 +511,10 @@ FAMILIES = {"best-prior": ("tab:gray", "s", "best prior at 2N"),
             "glance-and-rank": ("tab:pink", "p", "glance and rank (experiments.ranker)"),
             "learned-move": ("black", "d", "learned move (experiments.move)"),
             "sketch": ("gold", "8", "placed from a sketch (experiments.sketch)"),
+            "layout-bank": ("teal", "H", "a layout of a bank, picked from a sketch "
+                            "(experiments.layouts)"),
+            "learned-layout": ("darkgreen", "s", "a learned fixed layout (a prior; "
+                               "experiments.layouts)"),
             "oracle-of": ("tab:red", "P", "oracle of K (ceiling)"),
             "spot-on": ("tab:purple", "*", "SPoT-ON (ceiling)")}
 
@@ -595,15 +645,23 @@ def load_designs(args, model):
     A model fine-tuned for a design (glimpses.pt's; a move.pt or sketch.pt trained with --tune)
     replaces the checkpoint's and is judged alone, against its own priors; the other designs
     read the checkpoint's model. Raises ValueError naming the flag."""
-    if args.glimpses and (args.ranker or args.move or args.sketch):
-        raise ValueError("--glimpses replaces the checkpoint's model, which --ranker, --move and "
-                         "--sketch read: evaluate them in separate runs")
+    if args.glimpses and (args.ranker or args.move or args.sketch or args.learned or args.bank):
+        raise ValueError("--glimpses replaces the checkpoint's model, which --ranker, --move, "
+                         "--sketch, --learned and --bank read: evaluate them in separate runs")
     if args.glimpses:
         trained, placer = glimpses.load_glimpses(args.glimpses, args.device)
         return tuned(model, trained, "--glimpses", args), (glimpse_rows(placer),)
     designs = []                                     # (flag, rows function, tuned model or None)
     if args.ranker:
         designs.append(("--ranker", rank_rows(ranker.load_ranker(args.ranker)[0]), None))
+    for flag, single in (("--learned", True), ("--bank", False)):
+        path = getattr(args, flag[2:])
+        if path and (layouts.load_bank(path)[0].config.choices == 1) != single:
+            raise ValueError(f"{flag}: {path} holds " + ("a bank of several layouts per count: "
+                             "pass it as --bank" if single else "one layout per count, a prior: "
+                             "pass it as --learned"))
+    if args.bank:
+        designs.append(("--bank", bank_rows(layouts.load_bank(args.bank)[0]), None))
     for flag, module, rows in (("--move", move, move_rows), ("--sketch", sketch, sketch_rows)):
         path = getattr(args, flag[2:])
         if path:

@@ -69,13 +69,13 @@ import data
 import spot
 import train
 import utils
-from experiments import glimpses, move, placement, ranker, sketch
+from experiments import glimpses, layouts, move, placement, ranker, sketch
 
 MAX_TOTAL_BYTES = 100 * 10**6       # every exported file of FILES in results/ together
 DATA_ARGS = ("dataset", "data_dir", "seed", "val_size", "crop_pct", "image_size")
 FILES = {"model": "model.pt", "placer": "placer.pt",            # what export writes, per kind
          "glimpses": "glimpses.pt", "move": "move.pt", "ranker": "ranker.pt",
-         "sketch": "sketch.pt"}
+         "sketch": "sketch.pt", "learned": "learned.pt", "bank": "bank.pt"}
 
 
 # -----------------------------------------------------------------------------
@@ -90,6 +90,7 @@ class Evaluation(NamedTuple):
 
 LABEL_FREE = Evaluation("results.json", "python -m experiments.label_free evaluate", "tokens")
 FRONTIER = Evaluation("frontier.json", "python -m experiments.frontier", "budgets")
+CURVE = Evaluation("frontier.json", "python -m experiments.frontier", "curve_tokens")
 
 
 class Head(NamedTuple):
@@ -160,6 +161,19 @@ HEADS = {
         load=sketch.load_sketch, evaluate=sketch.sketch_split, entry="head",
         row=("top1", "sketch"), evaluation=FRONTIER,
         keep=("config", "head", "model_config", "model")),
+    "learned": Head(
+        module="experiments.layouts", about="Learned fixed layouts, a prior on the label-free "
+        "frontier's curve (experiments.frontier --learned): one placement per token count, "
+        "learned once for all images through the frozen SPoT model (experiments.layouts).",
+        load=layouts.load_learned, evaluate=lambda *read: (layouts.learned_split(*read),),
+        entry="head", row=("top1", "prior", "learned"), evaluation=CURVE,
+        keep=("config", "head")),
+    "bank": Head(
+        module="experiments.layouts", about="A bank of learned layouts and a sketch that picks "
+        "one per image, a design of the label-free frontier (experiments.frontier --bank; "
+        "experiments.layouts).",
+        load=layouts.load_bank, evaluate=layouts.chosen_split, entry="head",
+        row=("top1", "layout-bank"), evaluation=FRONTIER, keep=("config", "head")),
 }
 
 

@@ -156,9 +156,9 @@ def validate(model, head, split, budgets, device, batch_size):
         right = move_split(model, head, split, n, device, batch_size)[0]
         accuracy[f"val_move@{n}"] = stats.top1(right)
         for tokens in (n, 2 * n):
-            lattice = spot.isotropic_positions(tokens).expand(len(split[1]), tokens, 2)
-            logits = train.predict(model, split[0], lattice, device, batch_size)[0]
-            accuracy[f"val_isotropic@{tokens}"] = stats.top1(logits.argmax(1) == split[1])
+            right = placement.read_at(model, split, spot.isotropic_positions(tokens), device,
+                                      batch_size)
+            accuracy[f"val_isotropic@{tokens}"] = stats.top1(right)
         flops = sum(move_compute(model.config, head.config, n).values())
         accuracy[f"compute_tokens@{n}"] = cost.compute_tokens(flops, model.config)
     return accuracy

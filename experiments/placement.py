@@ -167,6 +167,32 @@ def check_fits(placer, model):
                          "(its image size, window or width differ)")
 
 
+def read_at(model, split, layout, device, batch_size, bf16=False):
+    """A split (uint8 images, labels) read at one layout (N, 2) for every image, as a prior is
+    read (train.predict, the one evaluation loop) -> right/wrong (n,) bool."""
+    positions = layout.detach().expand(len(split[1]), -1, -1)                 # (n, N, 2)
+    logits = train.predict(model, split[0], positions, device, batch_size, bf16=bf16)[0]
+    return logits.argmax(1) == split[1]
+
+
+# -----------------------------------------------------------------------------
+# A sketch of the whole image, what experiments.sketch places from and experiments.layouts
+# chooses from: far cheaper than one token of the model
+
+def sketch_net(channels):
+    """Three 3x3 convolutions (the last two stride 2): the sketch (B, 3, s, s) -> a feature map
+    (B, c, s/4, s/4), with c = channels (the first convolution has half)."""
+    c = channels
+    return nn.Sequential(nn.Conv2d(3, c // 2, 3, padding=1), nn.GELU(),
+                         nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.GELU(),
+                         nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU())
+
+
+def downsample(images, size):
+    """images (B, C, H, W) -> the sketch (B, 3, size, size): each pixel the mean of its area."""
+    return F.interpolate(images[:, :3], size=(size, size), mode="area")
+
+
 # -----------------------------------------------------------------------------
 # Training the head on the training split (the backbone stays frozen)
 

@@ -20,9 +20,11 @@ at N, where a glance or a second pass would have bought more tokens instead. The
 end to end through the frozen model and the bilinear sampler (subpixel tokens: positions are
 differentiable) with the classification loss on the first --train-limit training images; with
 --tune the model learns too (every other batch a training prior, as experiments.move --tune),
-and the tuned model's own prior curve is then the baseline. Every epoch ends with validation
-(the sketch placement, the isotropic prior at N and at N + 1, the same images); the test split
-is never read here. Writes OUT/sketch.pt (plain tensors: load_sketch), OUT/metrics.jsonl and
+and the tuned model's own prior curve is then the baseline. With --start LEARNED.PT the points
+start from a layout learned for all images (experiments.layouts) instead of the lattice: what
+the placer then gains can only be per image. Every epoch ends with validation (the sketch
+placement, the isotropic prior at N and at N + 1, the start layout, the same images); the test
+split is never read here. Writes OUT/sketch.pt (plain tensors: load_sketch), OUT/metrics.jsonl and
 OUT/run.json:
 
     python -m experiments.sketch --checkpoint results/cifar10-spot/model.pt --tokens 7,15 \\
@@ -30,7 +32,6 @@ OUT/run.json:
 """
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ import data
 import spot
 import train
 import utils
-from experiments import cost, placement, stats
+from experiments import cost, layouts, placement, stats
 
 
 @dataclass
@@ -53,6 +54,8 @@ class SketchConfig:
     channels: int = 32         # the feature map's channels (the first convolution has half)
     width: int = 64            # the MLP's hidden width
     max_shift: float = 0.25    # largest move of a token (image units: the image is [0, 1]^2)
+    start: dict = None         # {"N": [[y, x], ...]}: a learned layout to move from (None: the
+                               # isotropic lattice), kept as plain numbers in the saved config
 
 
 class SketchPlacer(nn.Module):
@@ -62,9 +65,7 @@ class SketchPlacer(nn.Module):
         super().__init__()
         self.config = config
         c = config.channels
-        self.features = nn.Sequential(nn.Conv2d(3, c // 2, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.GELU(),
-                                      nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU())
+        self.features = placement.sketch_net(c)
         self.mlp = nn.Sequential(nn.Linear(2 * c + 2, config.width), nn.GELU(),
                                  nn.Linear(config.width, 2))
         nn.init.zeros_(self.mlp[-1].weight)            # an untrained placer moves nothing
@@ -72,10 +73,8 @@ class SketchPlacer(nn.Module):
 
     def forward(self, images, n_tokens):
         """images (B, C, H, W) in [0, 1] -> positions (B, N, 2), (y, x) in [0, 1]."""
-        s = self.config.size
-        sketch = F.interpolate(images[:, :3], size=(s, s), mode="area")        # (B, 3, s, s)
-        maps = self.features(sketch)                                           # (B, c, s/4, s/4)
-        lattice = spot.isotropic_positions(n_tokens).to(images.device)         # (N, 2) (y, x)
+        maps = self.features(placement.downsample(images, self.config.size))    # (B, c, s/4, s/4)
+        lattice = self.start_positions(n_tokens).to(images.device)             # (N, 2) (y, x)
         lattice = lattice.expand(len(images), n_tokens, 2)                     # (B, N, 2)
         # grid_sample reads at (x, y) in [-1, 1] (align_corners=False: -1 is the image's edge,
         # as 0 is for our positions): each lattice point reads the map where it lies
@@ -87,20 +86,21 @@ class SketchPlacer(nn.Module):
         return (lattice + shift).clamp(0, 1)
 
 
+    def start_positions(self, n_tokens):
+        """Where the N points start, (N, 2): the learned layout of --start, or the lattice."""
+        if self.config.start:
+            return torch.tensor(self.config.start[str(n_tokens)])
+        return spot.isotropic_positions(n_tokens)
+
+
 def sketch_compute(head_config, image_size, n_tokens):
     """FLOPs of the sketch and the placement of N tokens on one image -> {operation: FLOPs}:
-    the area downsampling (one add per input pixel and channel, one scale per output), the
-    convolutions (2 FLOPs per multiply-add, bias and GELU per output), the bilinear reads (4
-    weights per channel and point), the mean, the MLP, the tanh, scale and add."""
-    s, c, (h, w) = head_config.size, head_config.channels, utils.to_hw(image_size)
-    convs, side = 0, s
-    for c_in, c_out, stride in ((3, c // 2, 1), (c // 2, c, 2), (c, c, 2)):
-        side = math.ceil(side / stride)
-        convs += side * side * c_out * (2 * c_in * 9 + 1 + cost.GELU)
+    cost.sketch_compute, the bilinear reads (4 weights per channel and point), the MLP, the tanh,
+    scale and add."""
+    c = head_config.channels
     mlp = cost.mlp_compute([2 * c + 2, head_config.width, 2], rows=n_tokens)
-    return {"downsample": 3 * (h * w + s * s), "convolutions": convs,
-            "reads": n_tokens * c * 2 * 4, "mean": c * side * side,
-            "mlp": sum(mlp.values()), "place": n_tokens * 2 * 3}
+    return {**cost.sketch_compute(head_config.size, c, image_size),
+            "reads": n_tokens * c * 2 * 4, "mlp": sum(mlp.values()), "place": n_tokens * 2 * 3}
 
 
 def sketch_read_compute(model_config, head_config, n_tokens):
@@ -138,16 +138,19 @@ def place(model, head, images, n_tokens):
 FILE = "sketch.pt"
 
 def validate(model, head, split, budgets, device, batch_size):
-    """Top-1 % on the same validation images of the sketch placement at each N and of the
-    isotropic prior at N and N + 1, with the design's tokens' worth -> dict."""
+    """Top-1 % on the same validation images of the sketch placement at each N, of the
+    isotropic prior at N and N + 1 and of the --start layout (if any), with the design's tokens'
+    worth -> dict."""
     accuracy = {}
     for n in budgets:
         accuracy[f"val_sketch@{n}"] = stats.top1(sketch_split(model, head, split, n, device,
                                                               batch_size)[0])
-        for tokens in (n, n + 1):
-            lattice = spot.isotropic_positions(tokens).expand(len(split[1]), tokens, 2)
-            logits = train.predict(model, split[0], lattice, device, batch_size)[0]
-            accuracy[f"val_isotropic@{tokens}"] = stats.top1(logits.argmax(1) == split[1])
+        starts = {f"isotropic@{t}": spot.isotropic_positions(t) for t in (n, n + 1)}
+        if head.config.start:
+            starts[f"start@{n}"] = head.start_positions(n)
+        for name, layout in starts.items():
+            right = placement.read_at(model, split, layout, device, batch_size)
+            accuracy[f"val_{name}"] = stats.top1(right)
         flops = sum(sketch_read_compute(model.config, head.config, n).values())
         accuracy[f"compute_tokens@{n}"] = cost.compute_tokens(flops, model.config)
     return accuracy
@@ -188,9 +191,22 @@ def parse_args(argv=None):
     add("--width", type=utils.int_at_least(1), default=64, help="the MLP's hidden width")
     add("--max-shift", type=utils.float_in(0, 1, low_open=True), default=0.25,
         help="largest move of a token (image units)")
+    add("--start", help="learned.pt of experiments.layouts: move from its layouts (none: the "
+        "isotropic lattice)")
     placement.add_training_flags(parser)
     placement.add_common_flags(parser, "sketch.pt, metrics.jsonl, run.json")
     return parser, parser.parse_args(argv)
+
+
+def start_layouts(path, counts):
+    """--start: a learned.pt -> {"N": its layout of N points as [[y, x], ...]} for each count;
+    ValueError naming the flag when it is a bank or lacks a count."""
+    learned = layouts.load_learned(path)[0]
+    if learned.config.choices != 1 or not set(counts) <= set(learned.config.tokens):
+        raise ValueError(f"--start: {path} holds {learned.config.choices} layout(s) per count "
+                         f"for {learned.config.tokens}; one per count of --tokens {counts} is "
+                         "needed (experiments.layouts --choices 1)")
+    return {str(n): learned.bank(n)[0].tolist() for n in counts}
 
 
 def main(argv=None):
@@ -200,10 +216,11 @@ def main(argv=None):
                      f"{args.channels}")
     try:
         model, dataset = placement.load_frozen(args, "sketch.pt")
+        start = args.start and start_layouts(args.start, args.tokens)
     except (ValueError, data.DataError) as error:
         parser.error(str(error))
     torch.manual_seed(args.seed)                                   # the placer's initial weights
-    config = SketchConfig(args.size, args.channels, args.width, args.max_shift)
+    config = SketchConfig(args.size, args.channels, args.width, args.max_shift, start)
     head = SketchPlacer(config).to(args.device)
     out = Path(args.out)
     placement.write_run_json(out, "experiments.sketch", argv, args)

@@ -24,8 +24,8 @@ import spot
 import train
 import utils
 from conftest import ROOT, SHARED_DATA
-from experiments import (frontier, glimpses, label_free, models, move, placement, ranker,
-                         sketch)
+from experiments import (frontier, glimpses, label_free, layouts, models, move, placement,
+                         ranker, sketch)
 from test_train import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
@@ -236,7 +236,9 @@ def test_moved_counts_what_a_retraining_changed(pipeline, tmp_path):
 # The label-free frontier's designs: exported beside the frontier runs that judged them
 
 DESIGNS = {"move": "metrics.jsonl", "ranker": "metrics.json", "glimpses": "metrics.jsonl",
-           "sketch": "metrics.jsonl"}
+           "sketch": "metrics.jsonl", "learned": "metrics.jsonl", "bank": "metrics.jsonl"}
+LAYOUTS = ["--train-limit", "64", "--epochs", "1", "--batch-size", "32", "--no-progress",
+           "--threads", "1"]
 HEAD = ["--tokens", "4", "--batch-size", "32", "--width", "16", "--no-progress", "--threads", "1"]
 FRONTIER = ["--tokens", "4,8", "--budgets", "4", "--k", "2", "--search-limit", "0", "--limit",
             "40", "--batch-size", "16", "--no-progress", "--device", "cpu", "--threads", "1"]
@@ -261,9 +263,14 @@ def designs(pipeline, tmp_path_factory):
         assert glimpses.main(model + HEAD + ["--epochs", "1", "--out", "runs/glimpses"]) == 0
         assert sketch.main(model + HEAD + ["--train-limit", "64", "--epochs", "1", "--size", "8",
                                            "--channels", "8", "--out", "runs/sketch"]) == 0
+        assert layouts.main(model + LAYOUTS + ["--tokens", "4,8", "--out", "runs/learned"]) == 0
+        assert layouts.main(model + LAYOUTS + ["--tokens", "4", "--choices", "2", "--size", "8",
+                                               "--channels", "8", "--out", "runs/bank"]) == 0
         assert frontier.main(model + FRONTIER + ["--move", "runs/move/move.pt", "--ranker",
                                                  "runs/ranker/ranker.pt", "--sketch",
-                                                 "runs/sketch/sketch.pt",
+                                                 "runs/sketch/sketch.pt", "--learned",
+                                                 "runs/learned/learned.pt", "--bank",
+                                                 "runs/bank/bank.pt",
                                                  "--out", "results/frontier-heads"]) == 0
         assert frontier.main(model + FRONTIER + ["--glimpses", "runs/glimpses/glimpses.pt",
                                                  "--out", "results/frontier-glimpses"]) == 0
@@ -286,7 +293,8 @@ def test_export_of_a_design_writes_its_file_its_run_and_a_card(designs):
         card = (folder / "MODEL.md").read_text()
         assert hashlib.sha256(path.read_bytes()).hexdigest() in card
         assert f"{path.stat().st_size:,} bytes" in card and f"load_{kind}(" in card
-        assert f"- command: `python -m experiments.{kind} --checkpoint results/tiny/" in card
+        module = models.HEADS[kind].module                 # learned and bank: .layouts
+        assert f"- command: `python -m {module} --checkpoint results/tiny/" in card
         assert "`results/tiny/model.pt`" in card.split("- data:")[1].splitlines()[0]
     cards = {kind: (designs / "results" / kind / "MODEL.md").read_text() for kind in DESIGNS}
     last = models.read_jsonl(designs / "runs" / "move" / "metrics.jsonl")[-1]
@@ -320,15 +328,17 @@ def test_export_refuses_an_unfinished_design_run(designs, tmp_path, capsys):
 def test_check_re_evaluates_each_design_on_its_frontier_run(designs, capsys):
     results = designs / "results"
     assert [kind for _, kind in models.committed(results)] == ["model", "glimpses", "move",
-                                                                "ranker", "sketch"]
+                                                                "ranker", "sketch", "learned",
+                                                                "bank"]
     assert check(results) == 0
     out = capsys.readouterr().out
-    for method in ("glimpses", "learned-move", "glance-and-rank", "sketch"):
+    for method in ("glimpses", "learned-move", "glance-and-rank", "sketch", "layout-bank"):
         assert re.search(rf"^    {method} +4: 20/20$", out, re.M), method
+    assert re.search(r"^    prior learned +4: 20/20  8: 20/20$", out, re.M)   # on the curve
     assert f"against {results}/frontier-heads/per_image.npz" in out
     assert f"against {results}/frontier-glimpses/per_image.npz" in out
-    assert out.count("recorded on this machine: every bit must agree") == 5
-    assert out.count("evaluated in batches of 16: 32") == 4
+    assert out.count("recorded on this machine: every bit must agree") == 7
+    assert out.count("evaluated in batches of 16: 32") == 6
 
 
 def test_check_names_a_flipped_design_bit_and_a_design_no_frontier_used(designs, tmp_path,

@@ -169,7 +169,7 @@ def test_the_frontier_judges_a_learned_move_row(tmp_path, monkeypatch):
     torch.save(move.saved(head, Namespace(checkpoint=checkpoint, tune=True), 1, tuned),
                tmp_path / "tuned.pt")
     flags = Namespace(glimpses=None, ranker=None, move=str(tmp_path / "tuned.pt"), sketch=None,
-                      device="cpu", checkpoint=checkpoint)
+                      learned=None, bank=None, device="cpu", checkpoint=checkpoint)
     evaluated, methods = frontier.load_designs(flags, model)
     assert torch.equal(evaluated.head.weight, tuned.head.weight) and len(methods) == 1
     flags.ranker = str(tmp_path / "ranker.pt")               # it replaces what the ranker reads

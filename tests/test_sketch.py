@@ -174,9 +174,48 @@ def test_the_frontier_judges_a_sketch_row(tmp_path, monkeypatch):
     torch.save(sketch.saved(head, Namespace(checkpoint=checkpoint, tune=True), 1, tuned),
                tmp_path / "tuned.pt")
     flags = Namespace(glimpses=None, ranker=None, move=None, sketch=str(tmp_path / "tuned.pt"),
-                      device="cpu", checkpoint=checkpoint)
+                      learned=None, bank=None, device="cpu", checkpoint=checkpoint)
     evaluated, methods = frontier.load_designs(flags, model)
     assert torch.equal(evaluated.head.bias, tuned.head.bias) and len(methods) == 1
     flags.move = str(tmp_path / "sketch.pt")               # not a move head: named in the error
     with pytest.raises(ValueError, match="sketch.pt is not a move head"):
         frontier.load_designs(flags, model)
+
+
+def test_a_placer_can_start_from_learned_layouts(head_checkpoint, tmp_path):
+    """--start LEARNED.PT: an untrained placer places every image at the learned layout (its
+    config keeps the layout as plain numbers, so sketch.pt alone rebuilds it); validation reads
+    the start layout beside the sketch; a bank, or a learned.pt lacking a count, is refused."""
+    from argparse import Namespace
+    from experiments import layouts
+    args = Namespace(checkpoint=str(head_checkpoint), tune=False)
+    learned = layouts.LayoutBank(layouts.BankConfig(tokens=(4, 7)))
+    torch.nn.init.uniform_(learned.offsets["7"], -0.1, 0.1)
+    torch.save(layouts.saved(learned, args, 1), tmp_path / "learned.pt")
+    bank = layouts.LayoutBank(layouts.BankConfig(tokens=(4, 7), choices=2))
+    torch.save(layouts.saved(bank, args, 1), tmp_path / "bank.pt")
+    start = sketch.start_layouts(tmp_path / "learned.pt", [7])
+    head = sketch.SketchPlacer(sketch.SketchConfig(size=8, channels=8, width=16, start=start))
+    images = torch.rand(3, 3, 16, 16)
+    assert torch.equal(head(images, 7), learned.bank(7).detach()[0].expand(3, 7, 2))
+    assert not torch.equal(head(images, 7)[0], spot.isotropic_positions(7))
+    for path, counts in (("bank.pt", [7]), ("learned.pt", [5])):
+        with pytest.raises(ValueError, match="--start: .* one per count of --tokens"):
+            sketch.start_layouts(tmp_path / path, counts)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(head_checkpoint), "--tokens", "7", "--train-limit", "64",
+            "--epochs", "1", "--size", "8", "--channels", "8", "--width", "16",
+            "--batch-size", "32", "--threads", "1", "--device", "cpu", "--no-progress",
+            "--start", str(tmp_path / "learned.pt"), "--out", str(out)]
+    assert sketch.main(argv) == 0
+    history = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    model, dataset, _ = data.load_model_and_data(str(head_checkpoint))
+    split = (dataset.val.images, dataset.val.labels)
+    right = layouts.learned_split(model, learned, split, 7, "cpu", 32)
+    assert history["val_start@7"] == pytest.approx(stats.top1(right))
+    loaded = sketch.load_sketch(out / "sketch.pt")[0]
+    assert torch.equal(loaded.start_positions(7), learned.bank(7).detach()[0])
+    with pytest.raises(SystemExit) as refused:
+        sketch.main(argv[:-3] + ["--start", str(tmp_path / "bank.pt"), "--out",
+                                 str(tmp_path / "other")])
+    assert refused.value.code == 2
