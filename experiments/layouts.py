@@ -240,9 +240,7 @@ def parse_args(argv=None):
     add("--tokens", default="7,15", help="token counts N (utils.parse_tokens; each >= 2)")
     add("--choices", type=utils.int_at_least(1), default=1,
         help="layouts per count (1: a learned fixed layout; more: a bank and its selector)")
-    add("--size", type=utils.int_at_least(4), default=16,
-        help="the selector's sketch side in pixels (a multiple of 4)")
-    add("--channels", type=utils.int_at_least(2), default=32, help="the selector's channels")
+    placement.add_sketch_flags(parser, "the selector's")
     add("--spread", type=utils.float_in(0), default=0.5,
         help="the layouts' initial jitter (lattice cells; layout 0 is the lattice)")
     placement.add_training_flags(parser)
@@ -253,9 +251,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    if args.size % 4 or args.channels % 2:
-        parser.error(f"--size must be a multiple of 4 and --channels even, got {args.size} and "
-                     f"{args.channels}")
+    placement.check_sketch_flags(parser, args)
     if args.tune:
         parser.error("--tune: a layout is learned for a frozen model (a tuned model would need "
                      "its own prior curve); leave it out")

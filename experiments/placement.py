@@ -188,6 +188,23 @@ def sketch_net(channels):
                          nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GELU())
 
 
+def add_sketch_flags(parser, whose):
+    """--size and --channels of the sketch network (experiments.sketch, .layouts); `whose`
+    names it in --help. check_sketch_flags checks them."""
+    add = parser.add_argument
+    add("--size", type=utils.int_at_least(4), default=16,
+        help=f"{whose} sketch side in pixels (a multiple of 4)")
+    add("--channels", type=utils.int_at_least(2), default=32, help=f"{whose} feature channels")
+
+
+def check_sketch_flags(parser, args):
+    """A usage error unless --size is a multiple of 4 (two stride-2 convolutions) and
+    --channels even (the first convolution has half)."""
+    if args.size % 4 or args.channels % 2:
+        parser.error(f"--size must be a multiple of 4 and --channels even, got {args.size} and "
+                     f"{args.channels}")
+
+
 def downsample(images, size):
     """images (B, C, H, W) -> the sketch (B, 3, size, size): each pixel the mean of its area."""
     return F.interpolate(images[:, :3], size=(size, size), mode="area")

@@ -185,9 +185,7 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--checkpoint", required=True, help="the frozen SPoT model (train.py's, with --val-size)")
     add("--tokens", default="7,15", help="tokens N (utils.parse_tokens; each >= 2)")
-    add("--size", type=utils.int_at_least(4), default=16,
-        help="the sketch's side in pixels (a multiple of 4)")
-    add("--channels", type=utils.int_at_least(2), default=32, help="the feature map's channels")
+    placement.add_sketch_flags(parser, "the placer's")
     add("--width", type=utils.int_at_least(1), default=64, help="the MLP's hidden width")
     add("--max-shift", type=utils.float_in(0, 1, low_open=True), default=0.25,
         help="largest move of a token (image units)")
@@ -211,9 +209,7 @@ def start_layouts(path, counts):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    if args.size % 4 or args.channels % 2:
-        parser.error(f"--size must be a multiple of 4 and --channels even, got {args.size} and "
-                     f"{args.channels}")
+    placement.check_sketch_flags(parser, args)
     try:
         model, dataset = placement.load_frozen(args, "sketch.pt")
         start = args.start and start_layouts(args.start, args.tokens)
