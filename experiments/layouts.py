@@ -107,8 +107,8 @@ class LayoutBank(nn.Module):
 
 def bank_compute(bank_config, image_size):
     """FLOPs of choosing a layout for one image -> {operation: FLOPs}: nothing for a single
-    layout; else the sketch's features (cost.sketch_compute) and the linear
-    layer over the M layouts of one count."""
+    layout; else the sketch's features (cost.sketch_compute) and the linear layer over the M
+    layouts of one count."""
     if bank_config.choices == 1:
         return {}
     c, m = bank_config.channels, bank_config.choices
