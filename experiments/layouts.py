@@ -138,7 +138,8 @@ def bank_split(model, head, split, n_tokens, device, batch_size):
         hits = [model(images, layout.expand(len(images), -1, -1)).argmax(1) == labels
                 for layout in bank]
         right.append(torch.stack(hits, 1).cpu())
-        pick = head.scores(images, n_tokens).argmax(1) if len(bank) > 1 else labels * 0
+        pick = (head.scores(images, n_tokens).argmax(1) if len(bank) > 1
+                else torch.zeros_like(labels))                 # one layout: always layout 0
         chosen.append(pick.cpu())
     return torch.cat(right), torch.cat(chosen)
 

@@ -9,9 +9,10 @@ low-resolution copy of the whole image, far cheaper than one token of the model:
 
     sketch   the image, area-downsampled to --size x --size pixels (B, 3, s, s)
     features three 3x3 convolutions (the last two stride 2) -> a feature map (B, C, s/4, s/4)
-    place    each point of the N-point isotropic lattice reads the map where it lies (bilinear)
-             beside the map's mean, and an MLP moves it by at most --max-shift of the image
-             (tanh; its last layer starts at zero, so an untrained placer is the lattice)
+    place    each point of the N-point isotropic lattice (or of the --start layout) reads the
+             map where it lies (bilinear) beside the map's mean, and an MLP moves it by at most
+             --max-shift of the image (tanh; its last layer starts at zero, so an untrained
+             placer is its start)
     read     the model reads the N placed tokens once, and answers
 
 One pass at N tokens plus the sketch (sketch_compute: about a third of a token's worth at the
@@ -74,7 +75,7 @@ class SketchPlacer(nn.Module):
     def forward(self, images, n_tokens):
         """images (B, C, H, W) in [0, 1] -> positions (B, N, 2), (y, x) in [0, 1]."""
         maps = self.features(placement.downsample(images, self.config.size))    # (B, c, s/4, s/4)
-        lattice = self.start_positions(n_tokens).to(images.device)             # (N, 2) (y, x)
+        lattice = self.start_positions(n_tokens).to(images.device)    # (N, 2) (y, x): the start
         lattice = lattice.expand(len(images), n_tokens, 2)                     # (B, N, 2)
         # grid_sample reads at (x, y) in [-1, 1] (align_corners=False: -1 is the image's edge,
         # as 0 is for our positions): each lattice point reads the map where it lies

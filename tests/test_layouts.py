@@ -14,14 +14,9 @@ import data
 import spot
 import utils
 from experiments import cost, frontier, layouts, stats
+from test_sketch import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    config = spot.SPoTConfig(image_size=16, window=4, num_classes=3, dim=32, depth=2, heads=2)
-    return spot.SPoTViT(config).eval()
 
 
 def test_a_bank_starts_at_the_lattice_and_picks_per_image():
